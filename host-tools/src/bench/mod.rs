@@ -1,0 +1,4 @@
+//! `unipeer bench ...`: benchmarks that print a table, with ratios against a baseline run in
+//! the same invocation.
+
+pub mod overlay;

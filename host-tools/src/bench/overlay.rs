@@ -1,0 +1,1 @@
+//! `unipeer bench overlay`: simulated overlay hops, consistency and upkeep (overlay issue).

@@ -1,0 +1,5 @@
+//! unipeer's host side: image build, the one QEMU launcher, local cluster networking,
+//! benchmarks. The `unipeer` binary is a thin clap front over this library.
+
+pub mod bench;
+pub mod net;

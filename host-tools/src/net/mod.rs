@@ -1,0 +1,1 @@
+//! Local cluster networking: the user-space L2 switch with fault injection (cluster issue).

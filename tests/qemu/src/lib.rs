@@ -1,0 +1,1 @@
+//! QEMU tests live in `tests/`; see the README for how they run.
