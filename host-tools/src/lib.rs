@@ -2,4 +2,9 @@
 //! benchmarks. The `unipeer` binary is a thin clap front over this library.
 
 pub mod bench;
+pub mod diag;
+pub mod hostinfo;
+pub mod image;
 pub mod net;
+pub mod qemu;
+pub mod vm;

@@ -1,3 +1,283 @@
-fn main() {
-    println!("unipeer: work in progress");
+//! `unipeer`: build node images, launch VMs, run benchmarks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use unipeer::hostinfo::{self, AccelChoice};
+use unipeer::qemu::Machine;
+use unipeer::{bench, diag, image, vm};
+use unipeer_node::launch::{GuestExit, LogLevel};
+
+#[derive(Parser)]
+#[command(
+    name = "unipeer",
+    version,
+    about = "unipeer: a fault-tolerant P2P overlay of unikernel VMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build and inspect node images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Run and probe single VMs.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Benchmarks: each prints a table with ratios against a baseline run in the same invocation.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the kernel and write images/<name>/ (kernel.elf + manifest.toml).
+    Build {
+        /// Optimised build (what clusters, tests and benchmarks use).
+        #[arg(long)]
+        release: bool,
+        /// Image name.
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct LaunchArgs {
+    /// Image name under images/.
+    #[arg(long, default_value = "default")]
+    image: String,
+    /// Machine type.
+    #[arg(long, value_enum, default_value_t = Machine::Microvm)]
+    machine: Machine,
+    /// Accelerator: auto takes KVM only when it is hardware-backed.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// QEMU CPU model (e.g. max).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = vm::DEFAULT_MEMORY_MIB)]
+    memory: u32,
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Boot one VM under QEMU, reachable from the host on forwarded ports; runs until the VM
+    /// exits or Ctrl-C.
+    Run {
+        #[command(flatten)]
+        launch: LaunchArgs,
+        /// Node name.
+        #[arg(long, default_value = "node-0")]
+        name: String,
+        /// Guest log level (off, error, warn, info, debug, trace).
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Leave as soon as the guest is ready (a boot check).
+        #[arg(long)]
+        exit_after_ready: bool,
+        /// Print the VM's addresses as JSON once it is ready.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a node's diagnostic service for its report.
+    Probe {
+        /// Address of the diagnostic port (host:port).
+        addr: SocketAddr,
+        /// Use the TCP port instead of UDP.
+        #[arg(long)]
+        tcp: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Boot time, image size, memory, idle CPU and host<->VM round trips.
+    Boot(bench::boot::BootBenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn parse_level(s: &str) -> anyhow::Result<LogLevel> {
+    LogLevel::parse(s)
+        .with_context(|| format!("unknown log level {s:?} (off, error, warn, info, debug, trace)"))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Image {
+            command:
+                ImageCommand::Build {
+                    release,
+                    name,
+                    json,
+                },
+        } => {
+            let m = image::build(&name, release, false)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                println!(
+                    "built image {} ({} profile): {} bytes, sha256 {}\n  {}",
+                    m.name,
+                    m.profile,
+                    m.size_bytes,
+                    m.sha256,
+                    image::image_dir(&name).display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vm {
+            command:
+                VmCommand::Run {
+                    launch,
+                    name,
+                    log_level,
+                    exit_after_ready,
+                    json,
+                },
+        } => vm_run(
+            launch,
+            name,
+            parse_level(&log_level)?,
+            exit_after_ready,
+            json,
+        ),
+        Command::Vm {
+            command: VmCommand::Probe { addr, tcp, json },
+        } => {
+            let timeout = Duration::from_secs(5);
+            let report = if tcp {
+                diag::query_tcp(addr, timeout)?
+            } else {
+                diag::query_udp(addr, timeout)?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.fields)?);
+            } else {
+                for (k, v) in &report.fields {
+                    println!("{k:>24}  {v}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Boot(args),
+        } => {
+            bench::boot::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn vm_run(
+    launch: LaunchArgs,
+    name: String,
+    log_level: LogLevel,
+    exit_after_ready: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let img = image::open(&launch.image)?;
+    let accel = hostinfo::choose_accel(launch.accel);
+    let run_dir: PathBuf = image::repo_root().join("run").join("vm").join(&name);
+    let mut opts = vm::VmOptions::new(&name, run_dir, launch.machine, accel.accel);
+    opts.cpu = launch.cpu;
+    opts.memory_mib = launch.memory;
+    opts.log_level = log_level;
+    opts.exit_after_ready = exit_after_ready;
+    if !json {
+        eprintln!(
+            "unipeer: {} on {} ({}), {} MiB, image {} ({})",
+            name,
+            launch.machine,
+            accel.reason,
+            launch.memory,
+            img.manifest.name,
+            img.manifest.profile
+        );
+    }
+    let mut ready = vm::launch_ready(&img, &opts)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": name,
+                "accel": accel.accel,
+                "machine": launch.machine,
+                "pid": ready.vm.pid(),
+                "ports": ready.ports,
+                "serial_log": ready.vm.serial_path,
+                "qmp": ready.vm.qmp_path,
+                "launch_to_ready_ms": ready.launch_to_ready.as_secs_f64() * 1000.0,
+                "guest_entry_to_ready_us": ready.guest_entry_to_ready_us(),
+            })
+        );
+    } else {
+        println!("{}", ready.ready_line);
+        println!(
+            "ready in {:.1} ms (QEMU launch -> ready line); guest entry -> network ready {} us",
+            ready.launch_to_ready.as_secs_f64() * 1000.0,
+            ready
+                .guest_entry_to_ready_us()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "?".into())
+        );
+        if !exit_after_ready {
+            println!(
+                "  diagnostics (UDP): echo stats | nc -u -w1 127.0.0.1 {}",
+                ready.ports.diag_udp
+            );
+            println!("  diagnostics (TCP): nc 127.0.0.1 {}", ready.ports.diag_tcp);
+            println!("  UDP echo:          nc -u 127.0.0.1 {}", ready.ports.echo);
+            println!("  serial log:        {}", ready.vm.serial_path.display());
+            println!("  QMP:               {}", ready.vm.qmp_path.display());
+            println!(
+                "  stop:              Ctrl-C, or: echo shutdown | nc 127.0.0.1 {}",
+                ready.ports.diag_tcp
+            );
+        }
+    }
+    if !exit_after_ready && let Ok(report) = vm::wait_for_diag(&ready.ports, Duration::from_secs(5))
+    {
+        vm::learn_tsc(&report);
+    }
+    let status = ready.vm.wait_forever()?;
+    match status.code().and_then(GuestExit::from_qemu_status) {
+        Some(GuestExit::Success) => {
+            if !json {
+                eprintln!("unipeer: {name} shut down cleanly");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => bail!("{name} exited: {} (QEMU status {status})", other.describe()),
+        None => bail!("{name}: QEMU exited with {status}"),
+    }
 }

@@ -1,4 +1,5 @@
 //! `unipeer bench ...`: benchmarks that print a table, with ratios against a baseline run in
 //! the same invocation.
 
+pub mod boot;
 pub mod overlay;

@@ -1,0 +1,282 @@
+//! `unipeer bench boot`: over K boots, QEMU launch → ready (host clock) and guest entry →
+//! network ready (guest TSC); image size; guest RAM and heap high-water; idle host CPU of a
+//! running VM; host↔VM UDP echo round trips. Every figure names the accelerator and machine.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::diag;
+use crate::hostinfo::{self, AccelChoice};
+use crate::image;
+use crate::qemu::Machine;
+use crate::vm::{self, VmOptions};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BootBenchArgs {
+    /// Number of boots to time.
+    #[arg(long, default_value_t = 10)]
+    pub boots: usize,
+    /// Image name under images/.
+    #[arg(long, default_value = "default")]
+    pub image: String,
+    #[arg(long, value_enum, default_value_t = Machine::Microvm)]
+    pub machine: Machine,
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pub accel: AccelChoice,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = vm::DEFAULT_MEMORY_MIB)]
+    pub memory: u32,
+    /// UDP echo probes for the round-trip figures.
+    #[arg(long, default_value_t = 2000)]
+    pub rtt_probes: usize,
+    /// Seconds of idle to measure the VM's host CPU over.
+    #[arg(long, default_value_t = 10)]
+    pub idle_secs: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Summary statistics of a series, in the series' unit.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub min: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+pub fn stats(mut v: Vec<f64>) -> Stats {
+    if v.is_empty() {
+        return Stats::default();
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
+    Stats {
+        min: v[0],
+        p50: at(0.5),
+        p99: at(0.99),
+        max: v[v.len() - 1],
+        n: v.len(),
+    }
+}
+
+/// CPU time (user + system) of a process in clock ticks, from /proc.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Resident and proportional set size of a process in KiB.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let read = |file: &str, key: &str| -> u64 {
+        fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    (read("status", "VmRSS:"), read("smaps_rollup", "Pss:"))
+}
+
+/// Clock ticks per second for /proc CPU times (USER_HZ, 100 on Linux x86_64).
+const USER_HZ: f64 = 100.0;
+
+#[derive(Debug, serde::Serialize)]
+pub struct BootBenchResult {
+    pub accel: String,
+    pub accel_reason: String,
+    pub machine: String,
+    pub image_bytes: u64,
+    pub memory_mib: u32,
+    pub launch_to_ready_ms: Stats,
+    pub entry_to_ready_ms: Stats,
+    pub heap_high_water_bytes: u64,
+    pub heap_size_bytes: u64,
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+    pub idle_cpu_percent: f64,
+    pub idle_secs: u64,
+    pub idle_timer_irqs: u64,
+    pub rtt_us: Stats,
+    pub rtt_lost: usize,
+}
+
+pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
+    let img = image::open(&args.image)?;
+    let accel = hostinfo::choose_accel(args.accel);
+    let run_dir = image::repo_root().join("run").join("bench-boot");
+    let mut launch = Vec::new();
+    let mut entry = Vec::new();
+    for i in 0..args.boots {
+        let mut opts = VmOptions::new(
+            &format!("bench-{i}"),
+            run_dir.clone(),
+            args.machine,
+            accel.accel,
+        );
+        opts.memory_mib = args.memory;
+        opts.exit_after_ready = true;
+        let mut ready = vm::launch_ready(&img, &opts).context("timed boot")?;
+        launch.push(ready.launch_to_ready.as_secs_f64() * 1000.0);
+        if let Some(us) = ready.guest_entry_to_ready_us() {
+            entry.push(us as f64 / 1000.0);
+        }
+        ready.vm.wait_exit(Duration::from_secs(10))?;
+    }
+
+    // One VM that stays up: memory, idle CPU, round trips.
+    let mut opts = VmOptions::new("bench-live", run_dir, args.machine, accel.accel);
+    opts.memory_mib = args.memory;
+    let mut live = vm::launch_ready(&img, &opts).context("live boot")?;
+    let report = vm::wait_for_diag(&live.ports, Duration::from_secs(10))?;
+    let pid = live.vm.pid().context("VM pid")?;
+
+    let (rtts, lost) = diag::echo_rtts(
+        live.ports.echo_addr(),
+        args.rtt_probes,
+        64,
+        Duration::from_millis(500),
+    )?;
+    let rtt_us = stats(rtts.iter().map(|d| d.as_secs_f64() * 1e6).collect());
+
+    // Idle: let the guest settle, then measure its CPU over the window.
+    let before_report = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5))?;
+    let t0 = cpu_ticks(pid).unwrap_or(0);
+    let w0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(args.idle_secs));
+    let t1 = cpu_ticks(pid).unwrap_or(0);
+    let idle_wall = w0.elapsed().as_secs_f64();
+    let after_report = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5))?;
+    let idle_cpu_percent = (t1.saturating_sub(t0)) as f64 / USER_HZ / idle_wall * 100.0;
+    let (rss_kib, pss_kib) = memory_kib(pid);
+    let final_report = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5))?;
+    let _ = diag::tcp_command(
+        live.ports.diag_tcp_addr(),
+        "shutdown",
+        Duration::from_secs(5),
+    );
+    let _ = live.vm.wait_exit(Duration::from_secs(10));
+
+    Ok(BootBenchResult {
+        accel: accel.accel.to_string(),
+        accel_reason: accel.reason,
+        machine: args.machine.to_string(),
+        image_bytes: img.manifest.size_bytes,
+        memory_mib: args.memory,
+        launch_to_ready_ms: stats(launch),
+        entry_to_ready_ms: stats(entry),
+        heap_high_water_bytes: final_report
+            .num("heap_high_water")
+            .max(report.num("heap_high_water")),
+        heap_size_bytes: report.num("heap_size"),
+        rss_kib,
+        pss_kib,
+        idle_cpu_percent,
+        idle_secs: args.idle_secs,
+        idle_timer_irqs: after_report
+            .num("irq_timer")
+            .saturating_sub(before_report.num("irq_timer")),
+        rtt_us,
+        rtt_lost: lost,
+    })
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
+    let r = measure(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "unipeer bench boot — {} on {} ({}), {} boots, image {}",
+        r.machine, r.accel, r.accel_reason, args.boots, args.image
+    );
+    println!(
+        "{:<38} {:>14} {:>14} {:>10} {:>8}",
+        "metric", "p50", "p99/max", "target", ""
+    );
+    let row = |name: &str, p50: String, p99: String, target: &str, ok: Option<bool>| {
+        println!(
+            "{:<38} {:>14} {:>14} {:>10} {:>8}",
+            name,
+            p50,
+            p99,
+            target,
+            ok.map(verdict).unwrap_or("")
+        );
+    };
+    row(
+        "QEMU launch -> ready (ms)",
+        format!("{:.1}", r.launch_to_ready_ms.p50),
+        format!("{:.1}", r.launch_to_ready_ms.max),
+        "<= 60",
+        Some(r.launch_to_ready_ms.p50 <= 60.0),
+    );
+    let entry_target = if r.accel == "tcg" { 5.0 } else { 1.0 };
+    row(
+        "guest entry -> network ready (ms)",
+        format!("{:.2}", r.entry_to_ready_ms.p50),
+        format!("{:.2}", r.entry_to_ready_ms.max),
+        &format!("<= {entry_target}"),
+        Some(r.entry_to_ready_ms.p50 <= entry_target),
+    );
+    row(
+        "image size (KiB)",
+        format!("{:.1}", r.image_bytes as f64 / 1024.0),
+        String::new(),
+        "<= 1024",
+        Some(r.image_bytes <= 1024 * 1024),
+    );
+    row(
+        "guest RAM given (MiB)",
+        r.memory_mib.to_string(),
+        String::new(),
+        "16",
+        Some(r.memory_mib <= 16),
+    );
+    row(
+        "heap high-water (KiB)",
+        format!("{:.1}", r.heap_high_water_bytes as f64 / 1024.0),
+        format!("of {:.0}", r.heap_size_bytes as f64 / 1024.0),
+        "",
+        None,
+    );
+    row(
+        "QEMU resident / proportional (MiB)",
+        format!("{:.1}", r.rss_kib as f64 / 1024.0),
+        format!("{:.1}", r.pss_kib as f64 / 1024.0),
+        "",
+        None,
+    );
+    row(
+        &format!("idle host CPU over {} s (%)", r.idle_secs),
+        format!("{:.3}", r.idle_cpu_percent),
+        format!("{} timer irqs", r.idle_timer_irqs),
+        "<= 0.1",
+        Some(r.idle_cpu_percent <= 0.1),
+    );
+    row(
+        &format!("host<->VM UDP echo RTT (us), {} lost", r.rtt_lost),
+        format!("{:.0}", r.rtt_us.p50),
+        format!("{:.0}", r.rtt_us.p99),
+        "",
+        None,
+    );
+    Ok(())
+}

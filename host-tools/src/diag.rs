@@ -1,0 +1,241 @@
+//! Client of a node's diagnostic service: the report over UDP or TCP, and UDP echo round trips.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+/// A parsed diagnostic report (`key=value` lines).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Why a probe failed.
+#[derive(Debug)]
+pub enum ProbeError {
+    Io(std::io::Error),
+    /// No (complete) answer before the deadline.
+    Timeout,
+    /// The answer was not a report.
+    Malformed(String),
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Io(e) => write!(f, "probe failed: {e}"),
+            ProbeError::Timeout => write!(f, "probe timed out"),
+            ProbeError::Malformed(s) => write!(f, "not a diagnostic report: {s:?}"),
+        }
+    }
+}
+
+impl std::error::Error for ProbeError {}
+
+impl From<std::io::Error> for ProbeError {
+    fn from(e: std::io::Error) -> Self {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            ProbeError::Timeout
+        } else {
+            ProbeError::Io(e)
+        }
+    }
+}
+
+impl Report {
+    /// Parses the text a node sends; requires the header and the `end` line.
+    pub fn parse(text: &str) -> Result<Report, ProbeError> {
+        let mut lines = text.lines();
+        if lines.next() != Some("unipeer-node diag v1") {
+            return Err(ProbeError::Malformed(text.chars().take(80).collect()));
+        }
+        let mut fields = BTreeMap::new();
+        for line in lines {
+            if line == "end" {
+                return Ok(Report { fields });
+            }
+            if let Some((k, v)) = line.split_once('=') {
+                fields.insert(k.to_string(), v.to_string());
+            }
+        }
+        Err(ProbeError::Malformed("no end line".into()))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+
+    /// A numeric field (0 when absent or not a number).
+    pub fn num(&self, key: &str) -> u64 {
+        self.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// Asks the UDP diagnostic port, retrying every `retry` until `timeout`.
+pub fn query_udp(addr: SocketAddr, timeout: Duration) -> Result<Report, ProbeError> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    let start = Instant::now();
+    let retry = Duration::from_millis(200);
+    let mut buf = [0u8; 2048];
+    while start.elapsed() < timeout {
+        socket.send_to(b"stats\n", addr)?;
+        socket.set_read_timeout(Some(
+            retry.min(
+                timeout
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_millis(1)),
+            ),
+        ))?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) if from == addr => {
+                return Report::parse(&String::from_utf8_lossy(&buf[..n]));
+            }
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ProbeError::Timeout)
+}
+
+/// Connects to the TCP diagnostic port and reads the greeting report.
+pub fn query_tcp(addr: SocketAddr, timeout: Duration) -> Result<Report, ProbeError> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let text = read_until_end(&mut stream, timeout)?;
+    let _ = stream.write_all(b"quit\n");
+    Report::parse(&text)
+}
+
+fn read_until_end(stream: &mut TcpStream, timeout: Duration) -> Result<String, ProbeError> {
+    let start = Instant::now();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 2048];
+    while start.elapsed() < timeout {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+        if text.ends_with(b"\nend\n") {
+            break;
+        }
+        if text.len() > 64 * 1024 {
+            return Err(ProbeError::Malformed("report too long".into()));
+        }
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Sends one command line over TCP (after the greeting) and returns the reply text read until
+/// the server closes or `timeout` passes.
+pub fn tcp_command(
+    addr: SocketAddr,
+    command: &str,
+    timeout: Duration,
+) -> Result<String, ProbeError> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let _greeting = read_until_end(&mut stream, timeout)?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while start.elapsed() < timeout {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if out.ends_with(b"\n") && command != "stats" {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Round trips of `count` UDP echo requests of `size` bytes, one at a time; lost probes (no
+/// answer within `per_probe`) are counted, not timed.
+pub fn echo_rtts(
+    addr: SocketAddr,
+    count: usize,
+    size: usize,
+    per_probe: Duration,
+) -> std::io::Result<(Vec<Duration>, usize)> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(per_probe))?;
+    let mut rtts = Vec::with_capacity(count);
+    let mut lost = 0;
+    let mut payload = vec![0u8; size.clamp(8, 1200)];
+    let mut buf = [0u8; 1500];
+    for seq in 0..count as u64 {
+        payload[..8].copy_from_slice(&seq.to_le_bytes());
+        let t0 = Instant::now();
+        socket.send_to(&payload, addr)?;
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, _)) if n >= 8 && buf[..8] == seq.to_le_bytes() => {
+                    rtts.push(t0.elapsed());
+                    break;
+                }
+                Ok(_) => continue, // a late answer to an earlier probe
+                Err(_) => {
+                    lost += 1;
+                    break;
+                }
+            }
+        }
+    }
+    Ok((rtts, lost))
+}
+
+/// The `p`-th percentile (0..=100) of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_report_and_rejects_others() {
+        let r = Report::parse("unipeer-node diag v1\nname=n1\nirq_nic=5\nend\n").unwrap();
+        assert_eq!(r.get("name"), Some("n1"));
+        assert_eq!(r.num("irq_nic"), 5);
+        assert_eq!(r.num("missing"), 0);
+        assert!(Report::parse("hello\nend\n").is_err());
+        assert!(Report::parse("unipeer-node diag v1\nname=n1\n").is_err());
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile(&v, 50.0), Duration::from_micros(51));
+        assert_eq!(percentile(&v, 99.0), Duration::from_micros(99));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+}

@@ -1,0 +1,84 @@
+//! The event loop: poll the stack and the services, then sleep in `hlt` until the NIC's
+//! interrupt or the one-shot timer armed for the earliest deadline. No periodic tick.
+
+use unipeer_node::launch::{GuestExit, LaunchConfig, READY_MARKER};
+
+use crate::arch::{self, apic, cpu};
+use crate::diag::Diag;
+use crate::net::Stack;
+use crate::net::virtio::Nic;
+use crate::{BootFacts, clock, console};
+
+/// Longest sleep without a deadline: the timer is re-armed after it (the counter's range is
+/// about a minute at the rates seen).
+const MAX_SLEEP_US: u64 = 30_000_000;
+/// Bound on waiting for replies to flush before a requested shutdown.
+const SHUTDOWN_FLUSH_US: u64 = 200_000;
+
+pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
+    let nic = match Nic::bring_up(cmdline) {
+        Ok(nic) => nic,
+        Err(e) => {
+            log::error!("boot: no network device: {e:?}");
+            arch::exit(GuestExit::NoNetwork);
+        }
+    };
+    facts.transport = nic.kind;
+    let mut stack = Stack::new(&config, nic, clock::now_us());
+    let mut diag = Diag::new(&mut stack, &config);
+    facts.ready_tsc = cpu::rdtsc();
+    let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
+    let ip = config.net.ipv4;
+    console::println(format_args!(
+        "{READY_MARKER} name={} ip={}.{}.{}.{} diag_udp={} diag_tcp={} echo={} entry_to_ready_us={}",
+        config.node_name,
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        config.net.diag_udp_port,
+        config.net.diag_tcp_port,
+        config.net.echo_port,
+        entry_to_ready_us
+    ));
+    if config.extra("exit_after_ready").is_some() {
+        log::info!("exit_after_ready set: leaving");
+        arch::exit(GuestExit::Success);
+    }
+
+    let mut shutdown_at: Option<u64> = None;
+    loop {
+        let now = clock::now_us();
+        stack.poll(now);
+        diag.service(now, &mut stack, &facts, &config);
+        // Replies queued by the services go out in the same wake-up.
+        stack.poll(now);
+
+        if diag.shutdown_requested {
+            let since = *shutdown_at.get_or_insert(now);
+            if diag.flushed(&stack) || now - since > SHUTDOWN_FLUSH_US {
+                log::info!("shutting down");
+                arch::exit(GuestExit::Success);
+            }
+        }
+
+        // Sleep until the earliest deadline, unless work is already waiting.
+        if stack.phy.nic.rx_pending() {
+            continue;
+        }
+        let now = clock::now_us();
+        let mut delay = stack.poll_delay_us(now).unwrap_or(MAX_SLEEP_US);
+        if let Some(at) = diag.next_deadline_us(&stack) {
+            delay = delay.min(at.saturating_sub(now));
+        }
+        if shutdown_at.is_some() {
+            delay = delay.min(1_000);
+        }
+        if delay == 0 {
+            continue;
+        }
+        apic::arm_oneshot_us(delay.min(MAX_SLEEP_US));
+        cpu::wait_for_interrupt();
+        diag.counters.wakeups += 1;
+    }
+}
