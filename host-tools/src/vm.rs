@@ -36,6 +36,8 @@ pub struct VmOptions {
     pub exit_after_ready: bool,
     pub run_dir: PathBuf,
     pub die_with_parent: bool,
+    /// Extra named settings for the guest (`LaunchConfig::extra`).
+    pub extra: Vec<(String, Vec<u8>)>,
 }
 
 impl VmOptions {
@@ -51,6 +53,7 @@ impl VmOptions {
             exit_after_ready: false,
             run_dir,
             die_with_parent: true,
+            extra: Vec::new(),
         }
     }
 }
@@ -117,7 +120,7 @@ pub fn unix_ms() -> u64 {
 
 /// The launch config for a VM behind QEMU user networking (10.0.2.15, gateway 10.0.2.2).
 pub fn user_net_config(opts: &VmOptions) -> LaunchConfig {
-    let mut extra = Vec::new();
+    let mut extra = opts.extra.clone();
     if opts.exit_after_ready {
         extra.push(("exit_after_ready".to_string(), vec![1]));
     }

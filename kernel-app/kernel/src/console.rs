@@ -34,7 +34,15 @@ struct Logger;
 
 impl log::Log for Logger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
+        // Driver crates chat at info; only their warnings matter unless debugging.
+        let driver = metadata.target().starts_with("virtio_drivers")
+            || metadata.target().starts_with("smoltcp");
+        let limit = if driver && log::max_level() < log::LevelFilter::Debug {
+            log::LevelFilter::Warn
+        } else {
+            log::max_level()
+        };
+        metadata.level() <= limit
     }
 
     fn log(&self, record: &log::Record<'_>) {

@@ -25,7 +25,8 @@ use crate::{clock, heap};
 
 /// TCP connections served at once.
 pub const TCP_SESSIONS: usize = 12;
-/// A TCP client that sends nothing for this long is disconnected.
+/// A TCP client that sends nothing for this long is disconnected (the launch config's
+/// `diag_idle_ms` extra setting overrides it).
 pub const TCP_IDLE_US: u64 = 10_000_000;
 /// Longest accepted command line.
 const LINE_MAX: usize = 128;
@@ -41,6 +42,10 @@ pub struct DiagCounters {
     pub tcp_idle_closed: u64,
     pub bad_requests: u64,
     pub wakeups: u64,
+    /// Loop passes that found work waiting or a deadline already due, and so did not sleep.
+    pub busy_polls: u64,
+    /// Busy streaks cut short by a nap (should stay near 0).
+    pub busy_naps: u64,
 }
 
 struct Session {
@@ -58,6 +63,7 @@ pub struct Diag {
     echo: SocketHandle,
     sessions: Vec<Session>,
     tcp_port: u16,
+    idle_us: u64,
     pub counters: DiagCounters,
     /// Set by the `shutdown` command; the event loop exits once replies are flushed.
     pub shutdown_requested: bool,
@@ -103,6 +109,12 @@ impl Diag {
             echo,
             sessions,
             tcp_port: config.net.diag_tcp_port,
+            idle_us: config
+                .extra("diag_idle_ms")
+                .and_then(|v| v.try_into().ok())
+                .map(|b: [u8; 4]| u64::from(u32::from_le_bytes(b)) * 1000)
+                .filter(|&us| us > 0)
+                .unwrap_or(TCP_IDLE_US),
             counters: DiagCounters::default(),
             shutdown_requested: false,
         };
@@ -233,7 +245,7 @@ impl Diag {
         }
         let s = &self.sessions[i];
         let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
-        if s.greeted && now_us.saturating_sub(s.last_activity_us) > TCP_IDLE_US {
+        if s.greeted && now_us.saturating_sub(s.last_activity_us) > self.idle_us {
             self.counters.tcp_idle_closed += 1;
             socket.abort();
         } else if !socket.may_recv() && socket.state() == tcp::State::CloseWait {
@@ -291,7 +303,7 @@ impl Diag {
                 s.greeted
                     && stack.sockets.get::<tcp::Socket>(s.handle).state() != tcp::State::Closed
             })
-            .map(|s| s.last_activity_us + TCP_IDLE_US + 1)
+            .map(|s| s.last_activity_us + self.idle_us + 1)
             .min()
     }
 
@@ -326,8 +338,9 @@ impl Diag {
              tsc_khz={}\nclock={:?}\napic_ticks_per_ms={}\nsimd={}\n\
              ram_bytes={}\nheap_size={}\nheap_in_use={}\nheap_high_water={}\n\
              rx_frames={}\ntx_frames={}\nrx_bytes={}\ntx_bytes={}\nrx_errors={}\ntx_queue_full={}\n\
-             irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\n\
+             irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\nbusy_polls={}\nbusy_naps={}\n\
              udp_requests={}\necho_packets={}\ntcp_sessions={}\ntcp_idle_closed={}\nbad_requests={}\n\
+             boot_phases_us={}\n\
              end\n",
             config.node_name,
             config.server_id,
@@ -356,12 +369,30 @@ impl Diag {
             IRQS.spurious.load(Ordering::Relaxed),
             IRQS.other.load(Ordering::Relaxed),
             c.wakeups,
+            c.busy_polls,
+            c.busy_naps,
             c.udp_requests,
             c.echo_packets,
             c.tcp_sessions,
             c.tcp_idle_closed,
             c.bad_requests,
+            PhaseList(facts),
         );
         out
+    }
+}
+
+/// `name:us,name:us,...`: microseconds from entry at the end of each boot phase.
+struct PhaseList<'a>(&'a BootFacts);
+
+impl core::fmt::Display for PhaseList<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, (name, tsc)) in self.0.phases.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{name}:{}", clock::tsc_delta_us(tsc.wrapping_sub(clock::boot_tsc())))?;
+        }
+        Ok(())
     }
 }

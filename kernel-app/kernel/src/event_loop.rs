@@ -12,6 +12,10 @@ use crate::{BootFacts, clock, console};
 /// Longest sleep without a deadline: the timer is re-armed after it (the counter's range is
 /// about a minute at the rates seen).
 const MAX_SLEEP_US: u64 = 30_000_000;
+/// Passes in a row without sleeping before the loop naps for `BUSY_NAP_US`.
+const BUSY_STREAK_MAX: u32 = 256;
+/// Shortest sleep: also the nap that ends a busy streak.
+const BUSY_NAP_US: u64 = 50;
 /// Bound on waiting for replies to flush before a requested shutdown.
 const SHUTDOWN_FLUSH_US: u64 = 200_000;
 
@@ -24,9 +28,11 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         }
     };
     facts.transport = nic.kind;
+    let _ = facts.phases.push(("nic", cpu::rdtsc()));
     let mut stack = Stack::new(&config, nic, clock::now_us());
     let mut diag = Diag::new(&mut stack, &config);
     facts.ready_tsc = cpu::rdtsc();
+    let _ = facts.phases.push(("stack", facts.ready_tsc));
     let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
     let ip = config.net.ipv4;
     console::println(format_args!(
@@ -41,12 +47,30 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         config.net.echo_port,
         entry_to_ready_us
     ));
+    // Details go out after the ready line: the serial port is slow under emulation.
+    log::info!(
+        "booted {} on {}: tsc {} kHz ({:?}, PIT check {} kHz), apic {} ticks/ms, {}, ram {} KiB, heap {} KiB, nic {} mac {:02x?}",
+        config.node_name,
+        config.server_id,
+        facts.calibration.tsc_khz,
+        facts.calibration.source,
+        facts.calibration.checked_khz,
+        facts.apic_ticks_per_ms,
+        facts.simd,
+        facts.ram_bytes / 1024,
+        facts.heap_bytes / 1024,
+        facts.transport,
+        stack.phy.nic.mac,
+    );
     if config.extra("exit_after_ready").is_some() {
         log::info!("exit_after_ready set: leaving");
         arch::exit(GuestExit::Success);
     }
 
     let mut shutdown_at: Option<u64> = None;
+    // Consecutive passes that did not sleep; a long run means a deadline that keeps being due
+    // (e.g. a frame smoltcp cannot send yet), and then the loop naps instead of spinning.
+    let mut busy_streak = 0u32;
     loop {
         let now = clock::now_us();
         stack.poll(now);
@@ -63,7 +87,9 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         }
 
         // Sleep until the earliest deadline, unless work is already waiting.
-        if stack.phy.nic.rx_pending() {
+        if stack.phy.nic.rx_pending() && busy_streak < BUSY_STREAK_MAX {
+            diag.counters.busy_polls += 1;
+            busy_streak += 1;
             continue;
         }
         let now = clock::now_us();
@@ -74,10 +100,16 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         if shutdown_at.is_some() {
             delay = delay.min(1_000);
         }
-        if delay == 0 {
+        if delay == 0 && busy_streak < BUSY_STREAK_MAX {
+            diag.counters.busy_polls += 1;
+            busy_streak += 1;
             continue;
         }
-        apic::arm_oneshot_us(delay.min(MAX_SLEEP_US));
+        if busy_streak >= BUSY_STREAK_MAX {
+            diag.counters.busy_naps += 1;
+        }
+        busy_streak = 0;
+        apic::arm_oneshot_us(delay.clamp(BUSY_NAP_US, MAX_SLEEP_US));
         cpu::wait_for_interrupt();
         diag.counters.wakeups += 1;
     }

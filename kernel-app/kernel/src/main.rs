@@ -33,16 +33,21 @@ pub struct BootFacts {
     pub transport: &'static str,
     /// TSC at the moment the network was ready.
     pub ready_tsc: u64,
+    pub calibration: clock::Calibration,
+    /// TSC at the end of each boot phase, for the report.
+    pub phases: heapless::Vec<(&'static str, u64), 12>,
 }
 
 #[unsafe(no_mangle)]
 extern "C" fn kernel_main(start_info: u32) -> ! {
+    let mut phases = heapless::Vec::<(&'static str, u64), 12>::new();
     console::init(log::LevelFilter::Info);
     idt::init();
     let simd = cpu::enable_simd();
     pit::disable_8259();
     ioapic::mask_all();
     apic::init();
+    let _ = phases.push(("cpu", cpu::rdtsc()));
 
     let boot = match pvh::parse(start_info) {
         Ok(b) => b,
@@ -56,6 +61,7 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         arch::exit(GuestExit::BadConfig);
     };
 
+    let _ = phases.push(("pvh", cpu::rdtsc()));
     let Some((heap_start, heap_end)) = boot.heap_range() else {
         log::error!("boot: no RAM for the heap");
         arch::exit(GuestExit::NoMemory);
@@ -64,6 +70,7 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     // nothing else uses that RAM.
     unsafe { heap::init(heap_start as usize, (heap_end - heap_start) as usize) };
 
+    let _ = phases.push(("heap", cpu::rdtsc()));
     let config = match LaunchConfig::decode(blob) {
         Ok(c) => c,
         Err(e) => {
@@ -72,6 +79,8 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         }
     };
     log::set_max_level(config.log_level.to_filter());
+    let _ = phases.push(("config", cpu::rdtsc()));
+
 
     let calibration = match clock::calibrate(config.tsc_khz_hint) {
         Ok(c) => c,
@@ -81,22 +90,10 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         }
     };
     // 0.5 ms of TSC to measure the APIC timer against.
+    let _ = phases.push(("tsc", cpu::rdtsc()));
     let apic_ticks_per_ms = apic::calibrate(calibration.tsc_khz, calibration.tsc_khz / 2);
+    let _ = phases.push(("apic", cpu::rdtsc()));
     let ram_bytes: u64 = boot.ram.iter().map(|(s, e)| e - s).sum();
-    log::info!(
-        "booted {} on {}: tsc {} kHz ({:?}, check {} kHz), apic {} ticks/ms, {}, ram {} KiB, heap {} KiB, cmdline {:?}",
-        config.node_name,
-        config.server_id,
-        calibration.tsc_khz,
-        calibration.source,
-        calibration.checked_khz,
-        apic_ticks_per_ms,
-        simd,
-        ram_bytes / 1024,
-        (heap_end - heap_start) / 1024,
-        boot.cmdline,
-    );
-
     let facts = BootFacts {
         tsc_khz: calibration.tsc_khz,
         clock_source: calibration.source,
@@ -106,6 +103,8 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         ram_bytes,
         transport: "",
         ready_tsc: 0,
+        phases,
+        calibration,
     };
     event_loop::run(config, boot.cmdline, facts)
 }

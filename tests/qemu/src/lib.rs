@@ -1,1 +1,68 @@
-//! QEMU tests live in `tests/`; see the README for how they run.
+//! Shared fixture of the QEMU tests: the image is built once per test run, VMs are started
+//! through the CLI's one launcher, one at a time, with deadlines scaled to the accelerator.
+//! A failing test prints the QEMU command line and the tail of the serial log.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use unipeer::hostinfo::{self, Accel};
+use unipeer::image::{self, Image};
+use unipeer::qemu::{self, Machine};
+use unipeer::vm::VmOptions;
+
+/// Name of the image the tests build and boot.
+pub const TEST_IMAGE: &str = "test";
+
+static IMAGE: OnceLock<Result<Image, String>> = OnceLock::new();
+static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Serialises QEMU tests inside a test binary (the test harness runs tests on threads).
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    ONE_VM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The release image, built on first use (`UNIPEER_TEST_IMAGE_PREBUILT=1` reuses
+/// images/test as it is, as the test script does after building it once).
+pub fn image() -> &'static Image {
+    let result = IMAGE.get_or_init(|| {
+        assert!(
+            qemu::qemu_available(),
+            "{} is required for the QEMU tests: apt-get install -y qemu-system-x86 (scripts/setup.sh does it)",
+            qemu::QEMU
+        );
+        if std::env::var_os("UNIPEER_TEST_IMAGE_PREBUILT").is_some()
+            && let Ok(img) = image::open(TEST_IMAGE)
+        {
+            return Ok(img);
+        }
+        image::build(TEST_IMAGE, true, true)
+            .and_then(|_| image::open(TEST_IMAGE))
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(img) => img,
+        Err(e) => panic!("cannot build the test image: {e}"),
+    }
+}
+
+/// The accelerator tests run on (auto: TCG unless KVM is hardware-backed).
+pub fn accel() -> Accel {
+    hostinfo::choose_accel(hostinfo::AccelChoice::Auto).accel
+}
+
+/// A fresh run directory for one test.
+pub fn run_dir(test: &str) -> PathBuf {
+    let dir = image::repo_root()
+        .join("run")
+        .join("tests")
+        .join(format!("{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Options for a test VM.
+pub fn options(test: &str, machine: Machine) -> VmOptions {
+    VmOptions::new(test, run_dir(test), machine, accel())
+}

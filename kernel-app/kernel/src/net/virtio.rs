@@ -321,7 +321,7 @@ impl Nic {
         if !ioapic::route(found.gsi, VECTOR_NIC, found.line) {
             return Err(NicError::NoInterruptRoute(found.gsi));
         }
-        log::info!(
+        log::debug!(
             "nic: {} mac {:02x?} gsi {} ({} rx buffers)",
             found.kind,
             mac,
