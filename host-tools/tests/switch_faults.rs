@@ -392,3 +392,42 @@ fn forwarding_bench_measures_rate_and_rtt() {
     assert!(r.frames_per_s > 1_000.0, "{r:?}");
     println!("{r:?}");
 }
+
+#[test]
+fn removed_port_is_gone_and_frames_delayed_to_a_cut_port_are_dropped() {
+    let mut lab = Lab::new("remove", 1);
+    let v = lab.vms(&["a", "b", "c"]);
+    lab.client.remove_port("c").unwrap();
+    let expected: BTreeSet<_> = [(0, 1), (1, 0)].into();
+    assert_eq!(reachability(&v[..2], 0), expected);
+    assert!(v[2].recv_frame(Instant::now() + QUIET).is_none());
+    assert!(lab.client.stats().unwrap().port("c").is_none());
+    // The name is free again.
+    let c2 = FakeVm::attach(&lab.client.add_port("c", None).unwrap(), vm_mac(9)).unwrap();
+    v[0].send_to(MacAddr::BROADCAST, b"again").unwrap();
+    assert!(c2.recv_tagged(b"again", Instant::now() + ARRIVE).is_some());
+
+    lab.client.delay("b", Duration::from_millis(100)).unwrap();
+    v[0].send_to(MacAddr::BROADCAST, b"late").unwrap();
+    // Wait until the frame sits in the delay queue, then cut b before its deadline.
+    let deadline = Instant::now() + ARRIVE;
+    while lab.client.stats().unwrap().queued_frames == 0 && Instant::now() < deadline {}
+    lab.client.cut("b").unwrap();
+    assert!(
+        v[1].recv_tagged(b"late", Instant::now() + Duration::from_millis(300))
+            .is_none()
+    );
+    let st = lab.client.stats().unwrap();
+    assert_eq!(st.queued_frames, 0);
+    assert_eq!(st.port("b").unwrap().counters.dropped.link_down, 1);
+}
+
+/// The full-size figures for the closing note: `cargo test --release -p unipeer --test
+/// switch_faults switch_bench_full -- --ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark, run by hand"]
+fn switch_bench_full() {
+    let r = net::measure_forwarding(&net::ForwardingBench::default()).unwrap();
+    println!("{r:#?}");
+    assert_eq!(r.lost, 0);
+}

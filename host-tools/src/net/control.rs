@@ -430,3 +430,68 @@ impl SwitchClient {
         self.call(&Request::Shutdown).map(drop)
     }
 }
+
+/// Parses a delay as a user types it: `20ms`, `1.5ms`, `500us`, `2s`, or `0`.
+pub fn parse_delay(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let (num, unit_us) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1_000.0)
+    } else if let Some(n) = t.strip_suffix("us").or_else(|| t.strip_suffix("µs")) {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        return Err(format!(
+            "delay {text:?} needs a unit: us, ms or s (e.g. 20ms)"
+        ));
+    };
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("delay {text:?} is not a number with a unit (e.g. 20ms)"))?;
+    let us = x * unit_us;
+    if !us.is_finite() || us < 0.0 || us > super::fabric::DELAY_US_MAX as f64 {
+        return Err(format!(
+            "delay {text:?} is outside 0..={} s",
+            super::fabric::DELAY_US_MAX / 1_000_000
+        ));
+    }
+    Ok(Duration::from_micros(us.round() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_parse_with_units() {
+        assert_eq!(parse_delay("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(parse_delay("1.5ms"), Ok(Duration::from_micros(1500)));
+        assert_eq!(parse_delay("500us"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_delay("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_delay("0"), Ok(Duration::ZERO));
+        for bad in ["20", "ms", "-1ms", "1h", "999s", "NaNms"] {
+            assert!(parse_delay(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_have_a_stable_json_form() {
+        let r: Request = serde_json::from_str(r#"{"op":"loss","fraction":0.1}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Loss {
+                port: None,
+                fraction: 0.1
+            }
+        );
+        let s = serde_json::to_string(&Request::Partition {
+            groups: vec![vec!["a".into()], vec!["b".into()]],
+        })
+        .unwrap();
+        assert_eq!(s, r#"{"op":"partition","groups":[["a"],["b"]]}"#);
+    }
+}

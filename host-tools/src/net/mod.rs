@@ -58,7 +58,9 @@ mod switch;
 mod uplink;
 
 pub use bench::{ForwardingBench, ForwardingReport, measure_forwarding};
-pub use control::{CONTROL_TIMEOUT, ControlError, Request, Response, SOCKET_NAME, SwitchClient};
+pub use control::{
+    CONTROL_TIMEOUT, ControlError, Request, Response, SOCKET_NAME, SwitchClient, parse_delay,
+};
 pub use fabric::{DELAY_RULES_MAX, DELAY_US_MAX, FaultError, PORTS_MAX};
 pub use frame::{ETHERNET_HEADER_LEN, MacAddr, frame_addrs};
 pub use stats::{
