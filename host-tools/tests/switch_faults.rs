@@ -165,6 +165,8 @@ fn partition_gives_the_exact_matrix_and_heal_restores_it() {
     assert_eq!(st.port("a").unwrap().partition_group, Some(0));
     assert_eq!(st.port("d").unwrap().partition_group, Some(1));
     assert_eq!(st.port("e").unwrap().partition_group, Some(2));
+    let table = st.to_string();
+    assert!(table.contains("partition: a,b | c,d | (rest)"), "{table}");
     lab.client.heal().unwrap();
     assert_eq!(reachability(&v, 2), full_matrix(5));
     assert!(lab.client.stats().unwrap().partition.is_none());
@@ -194,8 +196,16 @@ fn loss_run(seed: u64) -> (usize, u64) {
     v[1].send_to(v[0].mac, b"hi").unwrap();
     assert!(v[0].recv_tagged(b"hi", Instant::now() + ARRIVE).is_some());
     lab.client.loss(None, 0.1).unwrap();
-    let got = send_counted(&v[0], &v[1], 2000);
-    let st = lab.client.stats().unwrap();
+    let mut got = send_counted(&v[0], &v[1], 2000);
+    let mut st = lab.client.stats().unwrap();
+    // A frame may still be on its way under load: collect stragglers, with a deadline.
+    let deadline = Instant::now() + ARRIVE;
+    while (got as u64) < st.port("b").unwrap().counters.tx_frames && Instant::now() < deadline {
+        if v[1].recv_tagged(b"L", Instant::now() + QUIET).is_some() {
+            got += 1;
+        }
+        st = lab.client.stats().unwrap();
+    }
     let b = st.port("b").unwrap().counters;
     assert_eq!(st.global_loss, 0.1);
     // Every frame is accounted for: delivered (and received) or dropped for loss.

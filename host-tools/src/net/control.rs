@@ -324,10 +324,20 @@ impl SwitchClient {
     /// Adds a VM port; the answer carries the QEMU netdev argument via
     /// [`PortInfo::qemu_netdev_arg`].
     pub fn add_port(&mut self, name: &str, server: Option<&str>) -> Result<PortInfo, ControlError> {
+        self.add_port_at(name, server, None)
+    }
+
+    /// Adds a VM port whose QEMU binds loopback UDP port `vm_port` (a free one if `None`).
+    pub fn add_port_at(
+        &mut self,
+        name: &str,
+        server: Option<&str>,
+        vm_port: Option<u16>,
+    ) -> Result<PortInfo, ControlError> {
         self.call_for(&Request::AddPort {
             name: name.into(),
             server: server.map(Into::into),
-            vm_port: None,
+            vm_port,
         })
     }
 

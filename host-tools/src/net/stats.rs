@@ -143,3 +143,69 @@ impl SwitchStats {
         self.ports.iter().find(|p| p.info.name == name)
     }
 }
+
+impl std::fmt::Display for SwitchStats {
+    /// A human table: one line per port, then the faults in force.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.uplink {
+            UplinkStatus::Up {
+                ifname,
+                address,
+                prefix_len,
+            } => writeln!(f, "uplink: {ifname} {address}/{prefix_len}")?,
+            UplinkStatus::Off { reason } => writeln!(f, "uplink: off ({reason})")?,
+        }
+        writeln!(
+            f,
+            "{:<12} {:<8} {:<5} {:>6} {:>9} {:>10} {:>9} {:>10} {:>8}",
+            "PORT", "SERVER", "LINK", "GROUP", "RX", "RX_BYTES", "TX", "TX_BYTES", "DROPPED"
+        )?;
+        for p in &self.ports {
+            let c = &p.counters;
+            writeln!(
+                f,
+                "{:<12} {:<8} {:<5} {:>6} {:>9} {:>10} {:>9} {:>10} {:>8}",
+                p.info.name,
+                p.info.server.as_deref().unwrap_or("-"),
+                if p.link_up { "up" } else { "CUT" },
+                p.partition_group.map_or("-".into(), |g| g.to_string()),
+                c.rx_frames,
+                c.rx_bytes,
+                c.tx_frames,
+                c.tx_bytes,
+                c.dropped.total()
+            )?;
+        }
+        if let Some(groups) = &self.partition {
+            let g: Vec<String> = groups.iter().map(|g| g.join(",")).collect();
+            writeln!(f, "partition: {} | (rest)", g.join(" | "))?;
+        }
+        if self.global_loss > 0.0 {
+            writeln!(f, "loss (global): {}", self.global_loss)?;
+        }
+        for p in self.ports.iter().filter(|p| p.loss > 0.0 || p.delay_us > 0) {
+            writeln!(
+                f,
+                "link {}: loss {} delay {} us",
+                p.info.name, p.loss, p.delay_us
+            )?;
+        }
+        for r in &self.delay_between {
+            writeln!(
+                f,
+                "delay {} <-> {}: {} us",
+                r.a.join(","),
+                r.b.join(","),
+                r.delay_us
+            )?;
+        }
+        if self.server_delay_us > 0 {
+            writeln!(f, "delay between servers: {} us", self.server_delay_us)?;
+        }
+        write!(
+            f,
+            "seed {}, {} MAC entries, {} frames delayed",
+            self.seed, self.mac_entries, self.queued_frames
+        )
+    }
+}

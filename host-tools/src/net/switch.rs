@@ -306,16 +306,13 @@ impl Forwarder {
                 log::error!("switch: poll failed, stopping: {e}");
                 break;
             }
-            let mut calls = false;
             for ev in events.iter() {
-                match ev.token() {
-                    WAKER => calls = true,
-                    Token(i) => self.mark_ready(i),
+                if ev.token() != WAKER {
+                    self.mark_ready(ev.token().0);
                 }
             }
-            if calls {
-                self.handle_calls();
-            }
+            // Every turn, not only on the waker's event: a call never waits for another.
+            self.handle_calls();
             self.drain_ready(&mut buf, &mut hops);
             self.flush_due();
         }
@@ -432,8 +429,9 @@ impl Forwarder {
         let Some(calls) = self.calls.take() else {
             return;
         };
-        // Bounded: calls arriving while we work wait for the next wake-up (the waker fired).
-        for _ in 0..256 {
+        // Bounded: at most one call per control connection is outstanding; any left over are
+        // taken on the next turn.
+        for _ in 0..1024 {
             let Ok(call) = calls.try_recv() else { break };
             let response = match self.execute(call.request) {
                 Ok(result) => Response::success(result),
@@ -444,7 +442,6 @@ impl Forwarder {
                 break;
             }
         }
-        // More may be queued: make sure we come back.
         self.calls = Some(calls);
     }
 
