@@ -209,3 +209,57 @@ fn ipv4_udp(dst: [u8; 4], dport: [u8; 2], payload: &[u8]) -> Vec<u8> {
     p.extend_from_slice(payload);
     p
 }
+
+const NOROOT_ENV: &str = "UNIPEER_SWITCH_UPLINK_NOROOT";
+
+#[test]
+fn without_root_the_uplink_is_off_and_vms_still_connect() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+    let has_setpriv = Command::new("setpriv").arg("--version").output().is_ok();
+    if !root || !has_setpriv {
+        eprintln!("skipped: needs root and setpriv to drop to an unprivileged user");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "inner_without_root", "--ignored", "--nocapture"])
+        .env(NOROOT_ENV, "1")
+        .env("TMPDIR", "/tmp")
+        .output()
+        .expect("runs the inner test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "inner test failed:\n{text}");
+    assert!(text.contains("1 passed"), "inner test did not run:\n{text}");
+}
+
+/// Runs only as an unprivileged user, through the test above.
+#[test]
+#[ignore = "run by without_root_the_uplink_is_off_and_vms_still_connect as user nobody"]
+fn inner_without_root() {
+    assert_eq!(std::env::var(NOROOT_ENV).as_deref(), Ok("1"));
+    let dir = std::env::temp_dir().join(format!("unipeer-switch-noroot-{}", std::process::id()));
+    let switch = net::start(SwitchConfig::new(&dir)).expect("starts without root");
+    let UplinkStatus::Off { reason } = switch.uplink().clone() else {
+        panic!("uplink up without root: {:?}", switch.uplink());
+    };
+    assert!(reason.contains("not root"), "{reason}");
+    let mut c = SwitchClient::connect(&dir).unwrap();
+    let a = FakeVm::attach(&c.add_port("a", None).unwrap(), vm_mac(1)).unwrap();
+    let b = FakeVm::attach(&c.add_port("b", None).unwrap(), vm_mac(2)).unwrap();
+    a.send_to(b.mac, b"no-root").unwrap();
+    assert!(
+        b.recv_tagged(b"no-root", Instant::now() + Duration::from_secs(2))
+            .is_some()
+    );
+    let st = c.stats().unwrap();
+    assert!(st.port(net::UPLINK_PORT).is_none());
+    assert!(st.to_string().contains("uplink: off"));
+    switch.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -30,10 +30,16 @@
 //! c.delay("n0", Duration::from_millis(5))?;
 //! c.delay_between(&["n0", "n1"], &["n2"], Duration::from_millis(20))?;
 //! c.servers(&[("s1", vec!["n0", "n1"]), ("s2", vec!["n2", "n3"])], Duration::from_millis(20))?;
-//! let stats = c.stats()?; // per-port counters, faults, uplink state; Serialize for --json
+//! let stats = c.stats()?; // Display: a human table; Serialize: --json
+//! c.delay("n1", net::parse_delay("1.5ms")?)?; // what the CLI's `20ms`-style arguments parse with
 //! c.shutdown()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! A VM restarted with `vm restart` keeps its port (and so its netdev argument); to pin the
+//! VM end yourself use [`SwitchClient::add_port_at`]. `unipeer bench cluster` takes the switch
+//! figures from [`measure_forwarding`] (fake VMs, no QEMU). Tests and benchmarks drive ports
+//! with [`fake::FakeVm`].
 //!
 //! Semantics worth knowing:
 //! - Delays are one way and apply in each direction; they add up (link of sender + link of
