@@ -91,14 +91,17 @@ fn run(switch: &super::SwitchHandle, b: &ForwardingBench) -> Result<ForwardingRe
     let echo_stop = stop.clone();
     let echoer = thread::spawn(move || {
         // Swap the addresses and send the frame back.
+        let mut buf = vec![0u8; 65_536];
         while !echo_stop.load(Ordering::Relaxed) && Instant::now() < end {
-            let Some(mut f) = echo.recv_frame(Instant::now() + Duration::from_millis(50)) else {
+            let Some(n) = echo.recv_into(&mut buf, Instant::now() + Duration::from_millis(50))
+            else {
                 continue;
             };
-            if let Some((dst, src)) = frame_addrs(&f) {
+            let f = &mut buf[..n];
+            if let Some((dst, src)) = frame_addrs(f) {
                 f[0..6].copy_from_slice(&src.0);
                 f[6..12].copy_from_slice(&dst.0);
-                let _ = echo.send_frame(&f);
+                let _ = echo.send_frame(f);
             }
         }
     });
@@ -117,6 +120,7 @@ fn run(switch: &super::SwitchHandle, b: &ForwardingBench) -> Result<ForwardingRe
         let _ = echoer.join();
         return Err("no echo through the switch within 2 s".into());
     }
+    let mut buf = vec![0u8; 65_536];
     let mut rtts = Vec::with_capacity(b.rtt_samples);
     for i in 0..b.rtt_samples as u64 {
         if Instant::now() >= end {
@@ -124,7 +128,7 @@ fn run(switch: &super::SwitchHandle, b: &ForwardingBench) -> Result<ForwardingRe
         }
         let t0 = Instant::now();
         let _ = a.send_frame(&frame(i));
-        match a.recv_frame(t0 + Duration::from_millis(500)) {
+        match a.recv_into(&mut buf, t0 + Duration::from_millis(500)) {
             Some(_) => rtts.push(t0.elapsed().as_secs_f64() * 1e6),
             None => lost += 1,
         }
@@ -139,7 +143,7 @@ fn run(switch: &super::SwitchHandle, b: &ForwardingBench) -> Result<ForwardingRe
         sent += 1;
     }
     while back < b.frames && Instant::now() < end {
-        match a.recv_frame(Instant::now() + Duration::from_millis(200)) {
+        match a.recv_into(&mut buf, Instant::now() + Duration::from_millis(200)) {
             Some(_) => {
                 back += 1;
                 if sent < b.frames {

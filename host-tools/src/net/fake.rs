@@ -69,6 +69,13 @@ impl FakeVm {
     /// The next frame received before `deadline` (or already queued at it), or `None`.
     pub fn recv_frame(&self, deadline: Instant) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; 65_536];
+        let n = self.recv_into(&mut buf, deadline)?;
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    /// Like [`FakeVm::recv_frame`], into `buf`; answers the frame's length.
+    pub fn recv_into(&self, buf: &mut [u8], deadline: Instant) -> Option<usize> {
         // Bounded: each turn either returns or waits for the time left (at least 50 us).
         for turn in 0..1_000_000u32 {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -80,8 +87,8 @@ impl FakeVm {
             self.sock
                 .set_read_timeout(Some(left.max(Duration::from_micros(50))))
                 .ok()?;
-            match self.sock.recv(&mut buf) {
-                Ok(n) => return Some(buf[..n].to_vec()),
+            match self.sock.recv(buf) {
+                Ok(n) => return Some(n),
                 Err(e)
                     if matches!(
                         e.kind(),
