@@ -30,6 +30,12 @@ pub const TCP_SESSIONS: usize = 12;
 pub const TCP_IDLE_US: u64 = 10_000_000;
 /// Longest accepted command line.
 const LINE_MAX: usize = 128;
+/// Local port of the probe client socket.
+const PROBE_CLIENT_PORT: u16 = 7100;
+/// How long a probe waits for each answer.
+const PROBE_TIMEOUT_US: u64 = 500_000;
+/// Most echo round trips one probe may ask for.
+const PROBE_COUNT_MAX: u32 = 1000;
 /// Largest UDP payload this node sends.
 pub const UDP_PAYLOAD_MAX: usize = 1200;
 
@@ -48,6 +54,31 @@ pub struct DiagCounters {
     pub busy_naps: u64,
 }
 
+/// A running `probe`: first the peer's name from its diagnostic port, then `count` echo round
+/// trips, one at a time; the result goes back to the TCP session that asked.
+struct ProbeJob {
+    session: SocketHandle,
+    target: [u8; 4],
+    count: u32,
+    /// 0 while asking for the name; then the echo sequence number outstanding.
+    step: u32,
+    name_tries: u32,
+    name: Option<String>,
+    received: u32,
+    rtts_us: Vec<u32>,
+    /// When the outstanding request went out (0: nothing outstanding yet).
+    sent_at_us: u64,
+}
+
+fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = s.split('.');
+    for b in out.iter_mut() {
+        *b = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 struct Session {
     handle: SocketHandle,
     /// Set once the connection is established and the greeting sent.
@@ -61,6 +92,11 @@ struct Session {
 pub struct Diag {
     udp: SocketHandle,
     echo: SocketHandle,
+    /// Client socket for `probe` (asks peers' diagnostic and echo ports).
+    prober: SocketHandle,
+    probe: Option<ProbeJob>,
+    peer_diag_port: u16,
+    peer_echo_port: u16,
     sessions: Vec<Session>,
     tcp_port: u16,
     idle_us: u64,
@@ -95,6 +131,7 @@ impl Diag {
     pub fn new(stack: &mut Stack, config: &LaunchConfig) -> Diag {
         let udp = udp_socket(stack, config.net.diag_udp_port);
         let echo = udp_socket(stack, config.net.echo_port);
+        let prober = udp_socket(stack, PROBE_CLIENT_PORT);
         let sessions = (0..TCP_SESSIONS)
             .map(|_| Session {
                 handle: tcp_socket(stack),
@@ -107,6 +144,10 @@ impl Diag {
         let mut diag = Diag {
             udp,
             echo,
+            prober,
+            probe: None,
+            peer_diag_port: config.net.diag_udp_port,
+            peer_echo_port: config.net.echo_port,
             sessions,
             tcp_port: config.net.diag_tcp_port,
             idle_us: config
@@ -179,6 +220,7 @@ impl Diag {
         for i in 0..self.sessions.len() {
             self.service_session(i, now_us, stack, facts, config);
         }
+        self.service_probe(now_us, stack);
         self.relisten(stack);
     }
 
@@ -268,7 +310,16 @@ impl Diag {
         let reply: String = match text.trim() {
             "" | "stats" => self.report(now_us, stack, facts, config),
             "ping" => String::from("pong\n"),
-            "help" => String::from("commands: stats, ping, quit, shutdown, help\n"),
+            "help" => String::from(
+                "commands: stats, ping, probe <ipv4> [count], quit, shutdown, help\n",
+            ),
+            cmd if cmd.starts_with("probe") => match self.start_probe(cmd, handle, now_us) {
+                Ok(()) => return true,
+                Err(e) => {
+                    self.counters.bad_requests += 1;
+                    alloc::format!("probe error={e}\n")
+                }
+            },
             "quit" => {
                 let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
                 let _ = socket.send_slice(b"bye\n");
@@ -295,8 +346,9 @@ impl Diag {
         true
     }
 
-    /// Earliest time a session needs attention (its idle deadline).
+    /// Earliest time a session or the running probe needs attention.
     pub fn next_deadline_us(&self, stack: &Stack) -> Option<u64> {
+        let probe = self.probe.as_ref().map(|p| p.sent_at_us + PROBE_TIMEOUT_US);
         self.sessions
             .iter()
             .filter(|s| {
@@ -304,7 +356,140 @@ impl Diag {
                     && stack.sockets.get::<tcp::Socket>(s.handle).state() != tcp::State::Closed
             })
             .map(|s| s.last_activity_us + self.idle_us + 1)
+            .chain(probe)
             .min()
+    }
+
+    fn start_probe(&mut self, cmd: &str, session: SocketHandle, _now_us: u64) -> Result<(), &'static str> {
+        if self.probe.is_some() {
+            return Err("busy");
+        }
+        let mut words = cmd.split_ascii_whitespace().skip(1);
+        let target = words.next().and_then(parse_ipv4).ok_or("usage: probe <ipv4> [count]")?;
+        let count = match words.next() {
+            Some(c) => c.parse::<u32>().map_err(|_| "count must be a number")?,
+            None => 10,
+        };
+        if count == 0 || count > PROBE_COUNT_MAX || words.next().is_some() {
+            return Err("count must be 1..=1000");
+        }
+        self.probe = Some(ProbeJob {
+            session,
+            target,
+            count,
+            step: 0,
+            name_tries: 0,
+            name: None,
+            received: 0,
+            rtts_us: Vec::with_capacity(count as usize),
+            sent_at_us: 0,
+        });
+        Ok(())
+    }
+
+    fn service_probe(&mut self, now_us: u64, stack: &mut Stack) {
+        let Some(job) = self.probe.as_mut() else {
+            return;
+        };
+        let endpoint = |port| {
+            smoltcp::wire::IpEndpoint::new(
+                IpAddress::from(smoltcp::wire::Ipv4Address::from(job.target)),
+                port,
+            )
+        };
+        let diag_ep = endpoint(self.peer_diag_port);
+        let echo_ep = endpoint(self.peer_echo_port);
+        let socket = stack.sockets.get_mut::<udp::Socket>(self.prober);
+        // Answers.
+        let mut buf = [0u8; UDP_PAYLOAD_MAX];
+        while let Ok((n, meta)) = socket.recv_slice(&mut buf) {
+            if meta.endpoint.addr != diag_ep.addr || job.sent_at_us == 0 {
+                continue;
+            }
+            if job.step == 0 && meta.endpoint.port == diag_ep.port {
+                let text = core::str::from_utf8(&buf[..n]).unwrap_or("");
+                let name = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("name="))
+                    .unwrap_or("?");
+                job.name = Some(String::from(name));
+                job.step = 1;
+                job.sent_at_us = 0;
+            } else if job.step >= 1
+                && meta.endpoint.port == echo_ep.port
+                && n >= 4
+                && u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) == job.step
+            {
+                job.received += 1;
+                job.rtts_us.push(now_us.saturating_sub(job.sent_at_us) as u32);
+                job.step += 1;
+                job.sent_at_us = 0;
+            }
+        }
+        // Timeouts.
+        if job.sent_at_us != 0 && now_us.saturating_sub(job.sent_at_us) > PROBE_TIMEOUT_US {
+            job.sent_at_us = 0;
+            if job.step == 0 {
+                job.name_tries += 1;
+            } else {
+                job.step += 1;
+            }
+        }
+        // Finished?
+        let unreachable = job.step == 0 && job.name_tries >= 3;
+        let done = job.step > job.count;
+        if unreachable || done {
+            let ip = job.target;
+            let line = if unreachable {
+                alloc::format!(
+                    "probe ip={}.{}.{}.{} error=timeout\n",
+                    ip[0], ip[1], ip[2], ip[3]
+                )
+            } else {
+                let rtts = &mut job.rtts_us;
+                rtts.sort_unstable();
+                let pick = |p: usize| {
+                    if rtts.is_empty() {
+                        0
+                    } else {
+                        rtts[((rtts.len() - 1) * p).div_ceil(100)]
+                    }
+                };
+                alloc::format!(
+                    "probe ip={}.{}.{}.{} name={} sent={} received={} rtt_us_p50={} rtt_us_p99={} rtt_us_max={}\n",
+                    ip[0],
+                    ip[1],
+                    ip[2],
+                    ip[3],
+                    job.name.as_deref().unwrap_or("?"),
+                    job.count,
+                    job.received,
+                    pick(50),
+                    pick(99),
+                    rtts.last().copied().unwrap_or(0),
+                )
+            };
+            let session = job.session;
+            self.probe = None;
+            let tcp = stack.sockets.get_mut::<tcp::Socket>(session);
+            if tcp.may_send() {
+                let _ = tcp.send_slice(line.as_bytes());
+            }
+            return;
+        }
+        // Send the next request.
+        if job.sent_at_us == 0 && socket.can_send() {
+            let sent = if job.step == 0 {
+                socket.send_slice(b"stats\n", diag_ep)
+            } else {
+                let mut payload = [0u8; 64];
+                payload[..4].copy_from_slice(&job.step.to_le_bytes());
+                socket.send_slice(&payload, echo_ep)
+            };
+            if sent.is_ok() {
+                job.sent_at_us = now_us.max(1);
+            }
+        }
     }
 
     /// Whether every TCP reply has left (used before a requested shutdown).
