@@ -310,9 +310,9 @@ impl Diag {
         let reply: String = match text.trim() {
             "" | "stats" => self.report(now_us, stack, facts, config),
             "ping" => String::from("pong\n"),
-            "help" => String::from(
-                "commands: stats, ping, probe <ipv4> [count], quit, shutdown, help\n",
-            ),
+            "help" => {
+                String::from("commands: stats, ping, probe <ipv4> [count], quit, shutdown, help\n")
+            }
             cmd if cmd.starts_with("probe") => match self.start_probe(cmd, handle, now_us) {
                 Ok(()) => return true,
                 Err(e) => {
@@ -360,12 +360,20 @@ impl Diag {
             .min()
     }
 
-    fn start_probe(&mut self, cmd: &str, session: SocketHandle, _now_us: u64) -> Result<(), &'static str> {
+    fn start_probe(
+        &mut self,
+        cmd: &str,
+        session: SocketHandle,
+        _now_us: u64,
+    ) -> Result<(), &'static str> {
         if self.probe.is_some() {
             return Err("busy");
         }
         let mut words = cmd.split_ascii_whitespace().skip(1);
-        let target = words.next().and_then(parse_ipv4).ok_or("usage: probe <ipv4> [count]")?;
+        let target = words
+            .next()
+            .and_then(parse_ipv4)
+            .ok_or("usage: probe <ipv4> [count]")?;
         let count = match words.next() {
             Some(c) => c.parse::<u32>().map_err(|_| "count must be a number")?,
             None => 10,
@@ -421,7 +429,8 @@ impl Diag {
                 && u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) == job.step
             {
                 job.received += 1;
-                job.rtts_us.push(now_us.saturating_sub(job.sent_at_us) as u32);
+                job.rtts_us
+                    .push(now_us.saturating_sub(job.sent_at_us) as u32);
                 job.step += 1;
                 job.sent_at_us = 0;
             }
@@ -443,7 +452,10 @@ impl Diag {
             let line = if unreachable {
                 alloc::format!(
                     "probe ip={}.{}.{}.{} error=timeout\n",
-                    ip[0], ip[1], ip[2], ip[3]
+                    ip[0],
+                    ip[1],
+                    ip[2],
+                    ip[3]
                 )
             } else {
                 let rtts = &mut job.rtts_us;
@@ -576,7 +588,11 @@ impl core::fmt::Display for PhaseList<'_> {
             if i > 0 {
                 f.write_str(",")?;
             }
-            write!(f, "{name}:{}", clock::tsc_delta_us(tsc.wrapping_sub(clock::boot_tsc())))?;
+            write!(
+                f,
+                "{name}:{}",
+                clock::tsc_delta_us(tsc.wrapping_sub(clock::boot_tsc()))
+            )?;
         }
         Ok(())
     }

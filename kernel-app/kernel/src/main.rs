@@ -81,7 +81,6 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     log::set_max_level(config.log_level.to_filter());
     let _ = phases.push(("config", cpu::rdtsc()));
 
-
     let calibration = match clock::calibrate(config.tsc_khz_hint) {
         Ok(c) => c,
         Err(e) => {

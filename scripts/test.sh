@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test: style, unit, simulator and QEMU tests (boot tests included). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+echo "== style"
+cargo fmt --all --check
+cargo clippy -q --all-targets -- -D warnings
+cargo clippy -q -p unipeer-kernel --target x86_64-unknown-none --release -- -D warnings
+
+echo "== build the test image once"
+cargo build -q -p unipeer
+./target/debug/unipeer image build --release --name test
+
+echo "== tests"
+# QEMU tests serialise themselves; the image above is reused by every one of them.
+UNIPEER_TEST_IMAGE_PREBUILT=1 cargo test 2>&1 | tee target/test.log
