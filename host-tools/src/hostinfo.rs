@@ -65,6 +65,51 @@ pub fn kvm_unusable_reason() -> Option<String> {
     None
 }
 
+/// Starts QEMU with KVM and no machine, then quits it over QMP: `None` when KVM initialises,
+/// else why not. Only asked when the hardware checks pass.
+fn kvm_start_failure() -> Option<String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new(crate::qemu::QEMU)
+        .args([
+            "-machine",
+            "none",
+            "-accel",
+            "kvm",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-qmp",
+            "stdio",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return Some(format!("cannot run {}: {e}", crate::qemu::QEMU)),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(
+            b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
+        );
+    }
+    let out = match child.wait_with_output() {
+        Ok(o) => o,
+        Err(e) => return Some(format!("KVM probe failed: {e}")),
+    };
+    if out.status.success() {
+        None
+    } else {
+        Some(format!(
+            "QEMU could not start with KVM: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Resolves `--accel`.
 pub fn choose_accel(choice: AccelChoice) -> AccelDecision {
     match choice {
@@ -76,7 +121,7 @@ pub fn choose_accel(choice: AccelChoice) -> AccelDecision {
             accel: Accel::Tcg,
             reason: "forced with --accel tcg".into(),
         },
-        AccelChoice::Auto => match kvm_unusable_reason() {
+        AccelChoice::Auto => match kvm_unusable_reason().or_else(kvm_start_failure) {
             None => AccelDecision {
                 accel: Accel::Kvm,
                 reason: "hardware-backed KVM".into(),
