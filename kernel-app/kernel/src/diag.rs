@@ -522,6 +522,7 @@ impl Diag {
     ) -> String {
         let (heap_in_use, heap_high, heap_size) = heap::usage();
         let nic = &stack.phy.nic.stats;
+        let arp = &stack.phy.neighbours.stats;
         let c = &self.counters;
         let ip = IpAddress::from(smoltcp::wire::Ipv4Address::from(config.net.ipv4));
         let entry_to_ready_us =
@@ -534,7 +535,8 @@ impl Diag {
              boot_entry_to_ready_us={}\nboot_entry_tsc={}\nboot_ready_tsc={}\n\
              tsc_khz={}\nclock={:?}\napic_ticks_per_ms={}\nsimd={}\n\
              ram_bytes={}\nheap_size={}\nheap_in_use={}\nheap_high_water={}\n\
-             rx_frames={}\ntx_frames={}\nrx_bytes={}\ntx_bytes={}\nrx_errors={}\ntx_queue_full={}\n\
+             rx_frames={}\ntx_frames={}\nrx_bytes={}\ntx_bytes={}\nrx_errors={}\ntx_queue_full={}\nrx_ignored={}\n\
+             arp_neighbours={}\narp_requests={}\narp_replies={}\narp_queued={}\narp_dropped={}\n\
              irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\nbusy_polls={}\nbusy_naps={}\n\
              udp_requests={}\necho_packets={}\ntcp_sessions={}\ntcp_idle_closed={}\nbad_requests={}\n\
              boot_phases_us={}\n\
@@ -561,6 +563,12 @@ impl Diag {
             nic.tx_bytes,
             nic.rx_errors,
             nic.tx_queue_full,
+            stack.phy.rx_ignored,
+            stack.phy.neighbours.len(),
+            arp.requests_sent,
+            arp.replies_sent,
+            arp.queued,
+            arp.dropped_unresolved + arp.dropped_malformed,
             IRQS.timer.load(Ordering::Relaxed),
             IRQS.nic.load(Ordering::Relaxed),
             IRQS.spurious.load(Ordering::Relaxed),

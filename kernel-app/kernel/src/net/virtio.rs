@@ -393,18 +393,27 @@ impl Nic {
         self.raw.can_send()
     }
 
-    /// Queues a frame of `len` bytes, written by `fill`, without waiting for the device.
-    pub fn send_with<R>(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+    /// Queues a frame of `len` bytes written by `fill`, without waiting for the device.
+    /// `fill` returns false to abandon the frame. Returns whether the frame was queued; when no
+    /// transmit buffer is free, `fill` is not called (counted in `tx_queue_full`).
+    pub fn send_frame(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> bool {
         self.reap_tx();
+        if !self.raw.can_send() {
+            self.stats.tx_queue_full += 1;
+            return false;
+        }
         let mut buf = self
             .tx_free
             .pop()
             .unwrap_or_else(|| vec![0u8; BUF_LEN].into_boxed_slice());
-        let hdr = self.raw.fill_buffer_header(&mut buf).ok()?;
-        if hdr + len > buf.len() {
-            return None;
+        let Ok(hdr) = self.raw.fill_buffer_header(&mut buf) else {
+            self.tx_free.push(buf);
+            return false;
+        };
+        if hdr + len > buf.len() || !fill(&mut buf[hdr..hdr + len]) {
+            self.tx_free.push(buf);
+            return false;
         }
-        let result = fill(&mut buf[hdr..hdr + len]);
         let frame_len = hdr + len;
         // SAFETY: the buffer is parked in `tx_inflight` until `reap_tx` sees its token come
         // back; nothing touches it meanwhile and boxed memory does not move.
@@ -413,12 +422,12 @@ impl Nic {
                 self.tx_inflight[usize::from(token)] = Some((buf, frame_len));
                 self.stats.tx_frames += 1;
                 self.stats.tx_bytes += len as u64;
-                Some(result)
+                true
             }
             Err(_) => {
                 self.stats.tx_queue_full += 1;
                 self.tx_free.push(buf);
-                None
+                false
             }
         }
     }
