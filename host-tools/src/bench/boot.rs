@@ -223,15 +223,23 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
+    let linux_prepared = if args.baseline_linux {
+        Some(linux_baseline::prepare().context("preparing the Linux baseline")?)
+    } else {
+        None
+    };
     let mut r = measure(args)?;
-    if args.baseline_linux {
-        let linux = linux_baseline::measure(&linux_baseline::LinuxBaselineParams {
-            machine: args.machine,
-            accel: hostinfo::choose_accel(args.accel).accel,
-            boots: args.linux_boots,
-            memory_mib: args.linux_memory,
-            rtt_probes: args.rtt_probes,
-        })
+    if let Some(prepared) = linux_prepared {
+        let linux = linux_baseline::measure(
+            prepared,
+            &linux_baseline::LinuxBaselineParams {
+                machine: args.machine,
+                accel: hostinfo::choose_accel(args.accel).accel,
+                boots: args.linux_boots,
+                memory_mib: args.linux_memory,
+                rtt_probes: args.rtt_probes,
+            },
+        )
         .context("Linux baseline")?;
         let ratio = |ours: f64, theirs: f64| {
             if theirs > 0.0 {

@@ -495,11 +495,36 @@ fn linux_deadline(accel: Accel) -> Duration {
     vm::ready_timeout(accel).mul_f64(6.0)
 }
 
-/// Boots the Linux guest `params.boots` times and measures; the round trips are taken on the
-/// last boot.
-pub fn measure(params: &LinuxBaselineParams) -> anyhow::Result<LinuxBaselineResult> {
+/// The kernel and initramfs, ready to boot.
+pub struct Prepared {
+    pub kernel: DebianKernel,
+    pub initramfs: Vec<u8>,
+    pub modules: Vec<String>,
+}
+
+/// Fetches (or reuses) the kernel, builds the init and the initramfs. Done before any timing,
+/// so a missing tool fails the bench at once.
+pub fn prepare() -> anyhow::Result<Prepared> {
     let kernel = fetch_kernel()?;
     let (initramfs, modules) = build_initramfs(&kernel)?;
+    Ok(Prepared {
+        kernel,
+        initramfs,
+        modules,
+    })
+}
+
+/// Boots the Linux guest `params.boots` times and measures; the round trips are taken on the
+/// last boot.
+pub fn measure(
+    prepared: Prepared,
+    params: &LinuxBaselineParams,
+) -> anyhow::Result<LinuxBaselineResult> {
+    let Prepared {
+        kernel,
+        initramfs,
+        modules,
+    } = prepared;
     let (machine, machine_note) = linux_machine(params.machine);
     let mut append = String::from("console=ttyS0 quiet panic=-1 tsc=reliable");
     let hint = hostinfo::tsc_khz_hint();
