@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::bench::linux_baseline;
 use crate::diag;
 use crate::hostinfo::{self, AccelChoice};
 use crate::image;
@@ -36,6 +37,16 @@ pub struct BootBenchArgs {
     pub idle_secs: u64,
     #[arg(long)]
     pub json: bool,
+    /// Also boot a stock Debian kernel (fetched with apt-get download, cached) with a tiny
+    /// static init on the same QEMU and accelerator, and print the ratios.
+    #[arg(long)]
+    pub baseline_linux: bool,
+    /// Boots of the Linux baseline (seconds each under TCG).
+    #[arg(long, default_value_t = linux_baseline::DEFAULT_LINUX_BOOTS)]
+    pub linux_boots: usize,
+    /// Guest RAM in MiB for the Linux baseline.
+    #[arg(long, default_value_t = linux_baseline::DEFAULT_LINUX_MEMORY_MIB)]
+    pub linux_memory: u32,
 }
 
 /// Summary statistics of a series, in the series' unit.
@@ -111,6 +122,19 @@ pub struct BootBenchResult {
     pub idle_timer_irqs: u64,
     pub rtt_us: Stats,
     pub rtt_lost: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linux_baseline: Option<LinuxComparison>,
+}
+
+/// The Linux baseline and our figures divided by its.
+#[derive(Debug, serde::Serialize)]
+pub struct LinuxComparison {
+    pub linux: linux_baseline::LinuxBaselineResult,
+    /// Our launch → ready p50 over Linux's launch → user space p50.
+    pub launch_ratio_p50: f64,
+    /// Our echo RTT p50 over Linux's (target <= 0.5).
+    pub rtt_ratio_p50: f64,
+    pub rtt_ratio_p99: f64,
 }
 
 pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
@@ -190,6 +214,7 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
             .saturating_sub(before_report.num("irq_timer")),
         rtt_us,
         rtt_lost: lost,
+        linux_baseline: None,
     })
 }
 
@@ -198,7 +223,38 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
-    let r = measure(args)?;
+    let linux_prepared = if args.baseline_linux {
+        Some(linux_baseline::prepare().context("preparing the Linux baseline")?)
+    } else {
+        None
+    };
+    let mut r = measure(args)?;
+    if let Some(prepared) = linux_prepared {
+        let linux = linux_baseline::measure(
+            prepared,
+            &linux_baseline::LinuxBaselineParams {
+                machine: args.machine,
+                accel: hostinfo::choose_accel(args.accel).accel,
+                boots: args.linux_boots,
+                memory_mib: args.linux_memory,
+                rtt_probes: args.rtt_probes,
+            },
+        )
+        .context("Linux baseline")?;
+        let ratio = |ours: f64, theirs: f64| {
+            if theirs > 0.0 {
+                ours / theirs
+            } else {
+                f64::NAN
+            }
+        };
+        r.linux_baseline = Some(LinuxComparison {
+            launch_ratio_p50: ratio(r.launch_to_ready_ms.p50, linux.launch_to_user_ms.p50),
+            rtt_ratio_p50: ratio(r.rtt_us.p50, linux.rtt_us.p50),
+            rtt_ratio_p99: ratio(r.rtt_us.p99, linux.rtt_us.p99),
+            linux,
+        });
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -278,5 +334,57 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         "",
         None,
     );
+    if let Some(c) = &r.linux_baseline {
+        let l = &c.linux;
+        println!(
+            "Linux baseline — {} ({}) on {} ({}), {} MiB, {} boots; ours on {} ({})",
+            l.package,
+            l.kernel_release,
+            l.machine,
+            l.accel,
+            l.memory_mib,
+            l.boots,
+            r.machine,
+            r.accel
+        );
+        if let Some(note) = &l.machine_note {
+            println!("  note: {note}");
+        }
+        row(
+            &format!("Linux launch -> user space (ms) [{}]", l.machine),
+            format!("{:.0}", l.launch_to_user_ms.p50),
+            format!("{:.0}", l.launch_to_user_ms.max),
+            "",
+            None,
+        );
+        row(
+            &format!("Linux launch -> echo listening (ms) [{}]", l.machine),
+            format!("{:.0}", l.launch_to_echo_ms.p50),
+            format!("{:.0}", l.launch_to_echo_ms.max),
+            "",
+            None,
+        );
+        row(
+            "ours launch->ready / Linux launch->user",
+            format!("{:.4}", c.launch_ratio_p50),
+            format!("{:.4}", r.launch_to_ready_ms.max / l.launch_to_user_ms.max),
+            "",
+            None,
+        );
+        row(
+            &format!("Linux UDP echo RTT (us), {} lost", l.rtt_lost),
+            format!("{:.0}", l.rtt_us.p50),
+            format!("{:.0}", l.rtt_us.p99),
+            "",
+            None,
+        );
+        row(
+            "ours / Linux echo RTT (ratio)",
+            format!("{:.2}", c.rtt_ratio_p50),
+            format!("{:.2}", c.rtt_ratio_p99),
+            "<= 0.5",
+            Some(c.rtt_ratio_p50 <= 0.5),
+        );
+    }
     Ok(())
 }

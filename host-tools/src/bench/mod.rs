@@ -2,4 +2,5 @@
 //! the same invocation.
 
 pub mod boot;
+pub mod linux_baseline;
 pub mod overlay;
