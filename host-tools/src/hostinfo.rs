@@ -92,9 +92,7 @@ fn kvm_start_failure() -> Option<String> {
         Err(e) => return Some(format!("cannot run {}: {e}", crate::qemu::QEMU)),
     };
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(
-            b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
-        );
+        let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
     }
     let out = match child.wait_with_output() {
         Ok(o) => o,

@@ -77,6 +77,9 @@ pub struct VmSpec {
     /// Kill QEMU when the launching thread exits (off for VMs owned by a daemon that outlives
     /// the command).
     pub die_with_parent: bool,
+    /// Replaces the pinned `-M` flags (for guests other than ours, e.g. the Linux baseline,
+    /// which needs ACPI on microvm). `None` for every unipeer node.
+    pub machine_flags: Option<String>,
 }
 
 /// Why a VM could not be started or waited for.
@@ -176,14 +179,22 @@ impl VmSpec {
     pub fn qemu_args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &str| a.push(s.to_string());
-        match self.machine {
+        match (self.machine, &self.machine_flags) {
+            (_, Some(flags)) => {
+                push("-M");
+                push(flags);
+                if self.machine == Machine::Q35 {
+                    push("-bios");
+                    push("qboot.rom");
+                }
+            }
             // Pinned: the kernel relies on acpi=off (one IOAPIC, NIC announced on the command
             // line), no PIC, a PIT for calibration and no RTC.
-            Machine::Microvm => {
+            (Machine::Microvm, None) => {
                 push("-M");
                 push("microvm,acpi=off,pic=off,pit=on,rtc=off,isa-serial=on");
             }
-            Machine::Q35 => {
+            (Machine::Q35, None) => {
                 push("-M");
                 push("q35");
                 push("-bios");

@@ -234,6 +234,7 @@ pub fn user_net_spec(
         tb_size_mib: Some(32),
         append: None,
         die_with_parent: opts.die_with_parent,
+        machine_flags: None,
     };
     Ok((spec, ports, config))
 }

@@ -74,15 +74,15 @@ pub fn stats(mut v: Vec<f64>) -> Stats {
     }
 }
 
-/// CPU time (user + system) of a process in clock ticks, from /proc.
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some(utime + stime)
+/// CPU time of all of a process's threads in nanoseconds (scheduler statistics: finer than
+/// the 10 ms ticks of /proc/PID/stat).
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let stat = fs::read_to_string(task.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// Resident and proportional set size of a process in KiB.
@@ -100,9 +100,6 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
     };
     (read("status", "VmRSS:"), read("smaps_rollup", "Pss:"))
 }
-
-/// Clock ticks per second for /proc CPU times (USER_HZ, 100 on Linux x86_64).
-const USER_HZ: f64 = 100.0;
 
 #[derive(Debug, serde::Serialize)]
 pub struct BootBenchResult {
@@ -177,13 +174,13 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
 
     // Idle: let the guest settle, then measure its CPU over the window.
     let before_report = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5))?;
-    let t0 = cpu_ticks(pid).unwrap_or(0);
+    let t0 = cpu_ns(pid).context("reading the VM's CPU time")?;
     let w0 = Instant::now();
     std::thread::sleep(Duration::from_secs(args.idle_secs));
-    let t1 = cpu_ticks(pid).unwrap_or(0);
+    let t1 = cpu_ns(pid).context("reading the VM's CPU time")?;
     let idle_wall = w0.elapsed().as_secs_f64();
     let after_report = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5))?;
-    let idle_cpu_percent = (t1.saturating_sub(t0)) as f64 / USER_HZ / idle_wall * 100.0;
+    let idle_cpu_percent = t1.saturating_sub(t0) as f64 / 1e9 / idle_wall * 100.0;
     let (rss_kib, pss_kib) = memory_kib(pid);
     let final_report = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5))?;
     let _ = diag::tcp_command(

@@ -164,7 +164,12 @@ impl Neighbours {
         }
         if self.table.len() >= TABLE_MAX && !self.table.contains_key(&ip) {
             // Forget the stalest entry.
-            if let Some(old) = self.table.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
+            if let Some(old) = self
+                .table
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| *k)
+            {
                 self.table.remove(&old);
             }
         }
@@ -207,7 +212,11 @@ impl Neighbours {
         self.learn(now_us, sender_ip, sender_mac, out);
         if op == 1 && target_ip == self.ip && sender_mac[0] & 1 == 0 {
             self.stats.replies_sent += 1;
-            out.push((sender_mac, ETHERTYPE_ARP, self.arp_packet(2, sender_mac, sender_ip)));
+            out.push((
+                sender_mac,
+                ETHERTYPE_ARP,
+                self.arp_packet(2, sender_mac, sender_ip),
+            ));
         }
     }
 

@@ -124,12 +124,14 @@ impl phy::Device for Phy {
             let for_us = frame[..6] == self.nic.mac || frame[0] & 1 == 1;
             match ethertype {
                 ETHERTYPE_ARP => {
-                    self.neighbours.handle_arp(now, &frame[ETH_HLEN..], &mut out);
+                    self.neighbours
+                        .handle_arp(now, &frame[ETH_HLEN..], &mut out);
                     self.returned.push(buf);
                     send_outgoing(&mut self.nic, &mut out);
                 }
                 ETHERTYPE_IPV4 if for_us => {
-                    self.neighbours.learn_ipv4(now, src, &frame[ETH_HLEN..], &mut out);
+                    self.neighbours
+                        .learn_ipv4(now, src, &frame[ETH_HLEN..], &mut out);
                     send_outgoing(&mut self.nic, &mut out);
                     return Some((
                         RxTok {
