@@ -150,12 +150,20 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::TooShort { len } => {
-                write!(f, "launch config is {len} bytes, shorter than its {CONFIG_HEADER_LEN}-byte header")
+                write!(
+                    f,
+                    "launch config is {len} bytes, shorter than its {CONFIG_HEADER_LEN}-byte header"
+                )
             }
             ConfigError::TooLong { len } => {
-                write!(f, "launch config is {len} bytes, over the {CONFIG_MAX_LEN}-byte limit")
+                write!(
+                    f,
+                    "launch config is {len} bytes, over the {CONFIG_MAX_LEN}-byte limit"
+                )
             }
-            ConfigError::BadMagic => write!(f, "launch config has a bad magic (not a unipeer config)"),
+            ConfigError::BadMagic => {
+                write!(f, "launch config has a bad magic (not a unipeer config)")
+            }
             ConfigError::UnsupportedVersion { found } => write!(
                 f,
                 "launch config version {found} is not supported (this build reads {CONFIG_VERSION})"
@@ -186,7 +194,8 @@ impl LaunchConfig {
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= NAME_MAX_LEN
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         };
         if !name_ok(&self.node_name) {
             return Err(ConfigError::Invalid(
@@ -203,12 +212,21 @@ impl LaunchConfig {
             return Err(ConfigError::Invalid("prefix length must be 1..=32"));
         }
         if n.ipv4 == [0; 4] || n.ipv4[0] >= 224 {
-            return Err(ConfigError::Invalid("IPv4 address must be a unicast address"));
+            return Err(ConfigError::Invalid(
+                "IPv4 address must be a unicast address",
+            ));
         }
         if n.mac[0] & 1 != 0 || n.mac == [0; 6] {
-            return Err(ConfigError::Invalid("MAC address must be a non-zero unicast address"));
+            return Err(ConfigError::Invalid(
+                "MAC address must be a non-zero unicast address",
+            ));
         }
-        let ports = [n.overlay_port, n.diag_udp_port, n.diag_tcp_port, n.echo_port];
+        let ports = [
+            n.overlay_port,
+            n.diag_udp_port,
+            n.diag_tcp_port,
+            n.echo_port,
+        ];
         if ports.contains(&0) {
             return Err(ConfigError::Invalid("ports must be non-zero"));
         }
@@ -219,8 +237,14 @@ impl LaunchConfig {
         if self.bootstrap.len() > BOOTSTRAP_MAX {
             return Err(ConfigError::Invalid("too many bootstrap peers"));
         }
-        if self.bootstrap.iter().any(|p| p.port == 0 || p.ipv4 == [0; 4]) {
-            return Err(ConfigError::Invalid("bootstrap peer needs an address and a port"));
+        if self
+            .bootstrap
+            .iter()
+            .any(|p| p.port == 0 || p.ipv4 == [0; 4])
+        {
+            return Err(ConfigError::Invalid(
+                "bootstrap peer needs an address and a port",
+            ));
         }
         if self.node_key.len() > SECRET_MAX_LEN || self.certificate.len() > SECRET_MAX_LEN {
             return Err(ConfigError::Invalid("key or certificate too large"));
@@ -463,7 +487,13 @@ mod tests {
         c.net.echo_port = c.net.overlay_port;
         assert!(matches!(c.encode(), Err(ConfigError::Invalid(_))));
         let mut c = sample();
-        c.bootstrap = vec![PeerAddr { ipv4: [1, 2, 3, 4], port: 1 }; BOOTSTRAP_MAX + 1];
+        c.bootstrap = vec![
+            PeerAddr {
+                ipv4: [1, 2, 3, 4],
+                port: 1
+            };
+            BOOTSTRAP_MAX + 1
+        ];
         assert!(matches!(c.encode(), Err(ConfigError::Invalid(_))));
     }
 
