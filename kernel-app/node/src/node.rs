@@ -229,6 +229,8 @@ pub enum RequestKind {
     Join,
     Put,
     Get,
+    /// A stranded record handed to its root.
+    Handoff,
 }
 
 /// A datagram to send.
@@ -1123,6 +1125,13 @@ impl<S: Sealer> Node<S> {
             Message::StoreAck { key, version } => {
                 self.store.confirm(key, version, sender.id);
             }
+            Message::HandoffAck { key, version } => {
+                if !self.leaf.covers(key)
+                    && self.store.get(key).is_some_and(|r| r.version <= version)
+                {
+                    self.store.remove(key);
+                }
+            }
         }
         false
     }
@@ -1292,12 +1301,13 @@ impl<S: Sealer> Node<S> {
     }
 
     /// This node is the root of `r.key`: serve the request and answer the origin.
-    fn deliver(&mut self, _now: Instant, r: Routed) {
+    fn deliver(&mut self, now: Instant, r: Routed) {
         let kind = match r.body {
             RoutedBody::Lookup => RequestKind::Lookup,
             RoutedBody::Join => RequestKind::Join,
             RoutedBody::Put { .. } => RequestKind::Put,
             RoutedBody::Get => RequestKind::Get,
+            RoutedBody::Handoff { .. } => RequestKind::Handoff,
         };
         self.emit(Event::Delivered {
             key: r.key,
@@ -1324,7 +1334,7 @@ impl<S: Sealer> Node<S> {
                 let version = match self.store.accept(r.key, version, &value) {
                     Ok(_) => {
                         self.store.confirm(r.key, version, self.me.id);
-                        self.replicate_key(r.key);
+                        self.replicate_key(now, r.key);
                         version
                     }
                     Err(_) => {
@@ -1336,6 +1346,25 @@ impl<S: Sealer> Node<S> {
                     nonce: r.nonce,
                     key: r.key,
                     version,
+                }
+            }
+            RoutedBody::Handoff { version, value } => {
+                if self.store.accept(r.key, version, &value) == Err(StoreError::Full) {
+                    self.counters.records_refused += 1;
+                    return;
+                }
+                self.store.confirm(r.key, version, self.me.id);
+                if self.leaf.covers(r.key) {
+                    // (Uncovered, this node is the root by the rare case: keep it, do not
+                    // hand it off to itself again.)
+                    self.replicate_key(now, r.key);
+                }
+                let Some(held) = self.store.get(r.key).map(|rec| rec.version) else {
+                    return;
+                };
+                Message::HandoffAck {
+                    key: r.key,
+                    version: held,
                 }
             }
             RoutedBody::Get => {
@@ -1521,7 +1550,7 @@ impl<S: Sealer> Node<S> {
     fn record_pass(&mut self, now: Instant) {
         let keys = self.store.keys_after(self.record_cursor, RECORD_BATCH);
         for key in &keys {
-            self.replicate_key(*key);
+            self.replicate_key(now, *key);
         }
         if keys.len() < RECORD_BATCH {
             self.record_cursor = None;
@@ -1532,8 +1561,24 @@ impl<S: Sealer> Node<S> {
         }
     }
 
-    fn replicate_key(&mut self, key: Key) {
+    fn replicate_key(&mut self, now: Instant, key: Key) {
         if !self.leaf.covers(key) {
+            // Not ours to place: hand it to the root, which answers `HandoffAck`.
+            let Some(rec) = self.store.get(key) else {
+                return;
+            };
+            let body = RoutedBody::Handoff {
+                version: rec.version,
+                value: rec.value.clone(),
+            };
+            let r = Routed {
+                nonce: self.rng.next_u64(),
+                key,
+                origin: self.me,
+                path: vec![self.me.id],
+                body,
+            };
+            self.route(now, r);
             return;
         }
         let set = self.leaf.replica_set(key, self.replicas);

@@ -62,6 +62,12 @@ pub enum RoutedBody {
         value: Vec<u8>,
     },
     Get,
+    /// A record stranded on a node outside its replica set (after a partition, say), handed
+    /// to the key's root, which keeps at least `version`.
+    Handoff {
+        version: u64,
+        value: Vec<u8>,
+    },
 }
 
 /// A message on its way to the root of `key`; every hop acknowledges it to the previous hop.
@@ -140,6 +146,11 @@ pub enum Message {
         key: Id,
         version: u64,
     },
+    /// The root took a handed-off record (it holds `version` or newer).
+    HandoffAck {
+        key: Id,
+        version: u64,
+    },
 }
 
 /// One datagram's content.
@@ -210,7 +221,9 @@ impl Message {
             Message::Routed(r) => {
                 r.path.len() <= MAX_PATH
                     && match &r.body {
-                        RoutedBody::Put { value } => value.len() <= MAX_VALUE_LEN,
+                        RoutedBody::Put { value } | RoutedBody::Handoff { value, .. } => {
+                            value.len() <= MAX_VALUE_LEN
+                        }
                         _ => true,
                     }
             }
@@ -224,7 +237,8 @@ impl Message {
             | Message::RowRequest { .. }
             | Message::RouteAck { .. }
             | Message::PutAck { .. }
-            | Message::StoreAck { .. } => true,
+            | Message::StoreAck { .. }
+            | Message::HandoffAck { .. } => true,
         }
     }
 
@@ -232,7 +246,7 @@ impl Message {
     /// benchmark's upkeep figure counts these.
     pub fn is_maintenance(&self) -> bool {
         match self {
-            Message::Routed(r) => matches!(r.body, RoutedBody::Join),
+            Message::Routed(r) => matches!(r.body, RoutedBody::Join | RoutedBody::Handoff { .. }),
             Message::RouteAck { .. }
             | Message::LookupReply { .. }
             | Message::PutAck { .. }

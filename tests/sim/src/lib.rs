@@ -31,7 +31,8 @@ pub struct SimConfig {
     pub leaf_set_len: usize,
     pub replicas: usize,
     pub timing: Timing,
-    /// A record must have its `k` copies once the network has been whole this long.
+    /// A record must have its `k` copies once the network has been whole, with no crash or
+    /// leave, this long.
     pub repair_bound_ms: u64,
 }
 
@@ -146,7 +147,8 @@ pub struct SimStats {
 /// - every answered request's path is loop-free and within the hop limit;
 /// - a node that serves as a key's root knows no live node closer to the key in its leaf set;
 /// - a get never returns a value other than the one put;
-/// - every acknowledged record has `k` live copies once the network has been whole (and the
+/// - every acknowledged record has `k` live copies once the network has been whole and no node
+///   has crashed or left (and the
 ///   record acknowledged) for longer than the repair bound, while at least `k` nodes live
 ///   (checked once per simulated second by `run_until`).
 pub struct Sim {
@@ -162,8 +164,8 @@ pub struct Sim {
     same_instant: u64,
     /// Ground truth: joined nodes that are up, by id.
     live: BTreeMap<NodeId, usize>,
-    /// Since when the network has had no partition.
-    whole_since: Instant,
+    /// Since when the network has had no partition and no node has crashed or left.
+    stable_since: Instant,
     last_record_check: Instant,
     pub ops: HashMap<(usize, OpId), TrackedOp>,
     pub acked: BTreeMap<Key, AckedRecord>,
@@ -189,7 +191,7 @@ impl Sim {
             seq: 0,
             same_instant: 0,
             live: BTreeMap::new(),
-            whole_since: Instant::ZERO,
+            stable_since: Instant::ZERO,
             last_record_check: Instant::ZERO,
             ops: HashMap::new(),
             acked: BTreeMap::new(),
@@ -249,6 +251,7 @@ impl Sim {
         let s = &mut self.slots[slot];
         if let Some(node) = s.node.take() {
             self.stats.crashes += 1;
+            self.stable_since = self.now;
             self.stats.retired_maintenance_bytes += node.counters().maintenance_bytes_out;
             self.live.remove(&s.id);
             s.timer_at = None;
@@ -297,7 +300,7 @@ impl Sim {
     /// Sets or clears a partition (group per slot).
     pub fn set_partition(&mut self, groups: Option<Vec<u8>>) {
         if groups.is_none() && self.faults.partition.is_some() {
-            self.whole_since = self.now;
+            self.stable_since = self.now;
         }
         self.faults.partition = groups;
     }
@@ -663,7 +666,7 @@ impl Sim {
         let bound = self.cfg.repair_bound_ms;
         let k = self.cfg.replicas;
         if self.faults.partition.is_some()
-            || self.now.millis_since(self.whole_since) < bound
+            || self.now.millis_since(self.stable_since) < bound
             || self.live.len() < k
         {
             return;
@@ -677,8 +680,21 @@ impl Sim {
         for key in due {
             let c = self.copies(key);
             if c < k {
+                let holders: Vec<NodeId> = self
+                    .slots
+                    .iter()
+                    .filter(|s| {
+                        s.node
+                            .as_ref()
+                            .is_some_and(|n| n.records().get(key).is_some())
+                    })
+                    .map(|s| s.id)
+                    .collect();
+                let mut near: Vec<NodeId> = self.live.keys().copied().collect();
+                near.sort_by_key(|id| (key.distance(*id), *id));
+                near.truncate(k);
                 self.violation(format!(
-                    "record {key:?} has {c} live copies, fewer than {k}"
+                    "record {key:?} has {c} live copies, fewer than {k}: held by {holders:?}, replica set {near:?}"
                 ));
             }
         }

@@ -169,6 +169,9 @@ pub fn run(seed: u64, nodes: usize) -> Result<ScenarioReport, String> {
         if crash_at.first().is_some_and(|c| t_ms >= *c) {
             crash_at.remove(0);
             if let Some(victim) = sim.random_live() {
+                if std::env::var("SIM_DEBUG").is_ok() {
+                    eprintln!("t={:?} crash {:?}", sim.now, sim.slots[victim].id);
+                }
                 if sim.rng.chance(0.25) {
                     sim.leave(victim);
                 } else {
@@ -278,9 +281,23 @@ pub fn run(seed: u64, nodes: usize) -> Result<ScenarioReport, String> {
                 ..
             } => {
                 if t.kind == RequestKind::Get && *hops == 0 {
+                    let holders: Vec<_> = sim
+                        .slots
+                        .iter()
+                        .filter(|s| {
+                            s.node
+                                .as_ref()
+                                .is_some_and(|n| n.records().get(t.key).is_some())
+                        })
+                        .map(|s| s.id)
+                        .collect();
+                    let root = sim.truth_root(t.key);
                     return Err(fail(
                         &sim,
-                        format!("get of {:?} found nothing at its root", t.key),
+                        format!(
+                            "get of {:?} found nothing at its root {root:?}; held by {holders:?}",
+                            t.key
+                        ),
                     ));
                 }
             }
