@@ -10,4 +10,17 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod id;
 pub mod launch;
+pub mod leaf_set;
+pub mod node;
+pub mod rng;
+pub mod routing_table;
+pub mod store;
+pub mod time;
+pub mod wire;
+
+pub use id::{Id, Key, NodeId, ServerTag};
+pub use launch::PeerAddr;
+pub use node::{Event, Node, NodeConfig, OpId, Transmit};
+pub use time::Instant;

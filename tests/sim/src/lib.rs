@@ -1,1 +1,718 @@
-//! Deterministic simulation of many unipeer nodes in one process (see the overlay issue).
+//! Deterministic simulation of many unipeer nodes in one process (the overlay issue).
+//!
+//! The simulator drives the very `unipeer_node::Node` the kernel runs: virtual time, a network
+//! of physical servers with per-pair latency, loss, duplication, reordering, partitions, crash
+//! and restart. One seeded RNG decides everything, so a failing seed replays exactly
+//! (`SIM_SEED=<seed>`). Safety properties are checked as events happen (see [`Sim`]); the
+//! [`scenario`] module adds the liveness phase; [`bench`] measures hops, consistency and upkeep.
+
+pub mod bench;
+pub mod network;
+pub mod scenario;
+
+use network::{Faults, Topology};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
+use unipeer_node::node::{Event, Node, NodeConfig, OpId, RequestKind, Timing};
+use unipeer_node::rng::Rng;
+use unipeer_node::wire::MAX_PATH;
+use unipeer_node::{Instant, PeerAddr};
+
+/// Simulation parameters.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub servers: usize,
+    /// One-way latency inside a server.
+    pub near_us: u64,
+    /// Range of one-way latency between two servers.
+    pub far_us: (u64, u64),
+    pub leaf_set_len: usize,
+    pub replicas: usize,
+    pub timing: Timing,
+    /// A record must have its `k` copies once the network has been whole, with no crash or
+    /// leave, this long.
+    pub repair_bound_ms: u64,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64) -> Self {
+        SimConfig {
+            seed,
+            servers: 8,
+            near_us: 100,
+            far_us: (5_000, 50_000),
+            leaf_set_len: 16,
+            replicas: 3,
+            timing: Timing::default(),
+            repair_bound_ms: 30_000,
+        }
+    }
+}
+
+/// One node slot: a node's identity and address, up or down.
+pub struct Slot {
+    pub node: Option<Node>,
+    pub id: NodeId,
+    pub addr: PeerAddr,
+    pub server: usize,
+    public_key: [u8; 32],
+    timer_at: Option<Instant>,
+    incarnation: u32,
+}
+
+enum Ev {
+    Deliver {
+        to: usize,
+        from: PeerAddr,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        slot: usize,
+        incarnation: u32,
+    },
+}
+
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// What happened to one tracked request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pending,
+    /// Answered; `consistent`: the root was the ground-truth root when the answer arrived.
+    Done {
+        root: NodeId,
+        hops: usize,
+        consistent: bool,
+    },
+    Failed,
+}
+
+/// A request the simulator issued and follows.
+#[derive(Clone, Debug)]
+pub struct TrackedOp {
+    pub key: Key,
+    pub kind: RequestKind,
+    pub issued: Instant,
+    pub outcome: Outcome,
+}
+
+/// A record the overlay acknowledged.
+#[derive(Clone, Debug)]
+pub struct AckedRecord {
+    pub value: Vec<u8>,
+    pub acked_at: Instant,
+}
+
+/// Running totals.
+#[derive(Clone, Debug, Default)]
+pub struct SimStats {
+    pub events: u64,
+    pub datagrams_sent: u64,
+    pub datagrams_lost: u64,
+    pub lookups_done: u64,
+    pub lookups_consistent: u64,
+    pub requests_failed: u64,
+    pub joins: u64,
+    pub crashes: u64,
+    /// Maintenance bytes of nodes that are gone (live nodes keep theirs in their counters).
+    pub retired_maintenance_bytes: u64,
+}
+
+/// N nodes, one network, one RNG, virtual time.
+///
+/// Safety checks run as events happen and append to `violations`:
+/// - every answered request's path is loop-free and within the hop limit;
+/// - a node that serves as a key's root knows no live node closer to the key in its leaf set;
+/// - a get never returns a value other than the one put;
+/// - every acknowledged record has `k` live copies once the network has been whole and no node
+///   has crashed or left (and the
+///   record acknowledged) for longer than the repair bound, while at least `k` nodes live
+///   (checked once per simulated second by `run_until`).
+pub struct Sim {
+    pub cfg: SimConfig,
+    pub now: Instant,
+    pub rng: Rng,
+    pub topology: Topology,
+    pub faults: Faults,
+    pub slots: Vec<Slot>,
+    by_addr: HashMap<([u8; 4], u16), usize>,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    seq: u64,
+    same_instant: u64,
+    /// Ground truth: joined nodes that are up, by id.
+    live: BTreeMap<NodeId, usize>,
+    /// Since when the network has had no partition and no node has crashed or left.
+    stable_since: Instant,
+    last_record_check: Instant,
+    pub ops: HashMap<(usize, OpId), TrackedOp>,
+    pub acked: BTreeMap<Key, AckedRecord>,
+    pub violations: Vec<String>,
+    pub stats: SimStats,
+    /// Hop counts of answered lookups since the last `take_hops`.
+    pub hops: Vec<u32>,
+}
+
+impl Sim {
+    pub fn new(cfg: SimConfig) -> Self {
+        let mut rng = Rng::from_u64(cfg.seed);
+        let topology = Topology::random(&mut rng, cfg.servers, cfg.near_us, cfg.far_us);
+        Sim {
+            cfg,
+            now: Instant::ZERO,
+            rng,
+            topology,
+            faults: Faults::default(),
+            slots: Vec::new(),
+            by_addr: HashMap::new(),
+            queue: BinaryHeap::new(),
+            seq: 0,
+            same_instant: 0,
+            live: BTreeMap::new(),
+            stable_since: Instant::ZERO,
+            last_record_check: Instant::ZERO,
+            ops: HashMap::new(),
+            acked: BTreeMap::new(),
+            violations: Vec::new(),
+            stats: SimStats::default(),
+            hops: Vec::new(),
+        }
+    }
+
+    /// Adds a node slot (not started) on a random server; returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.slots.len();
+        let server = self.rng.below(self.cfg.servers as u64) as usize;
+        let public_key = placeholder_public_key(&format!("sim-{}-node-{i}", self.cfg.seed));
+        let addr = PeerAddr {
+            ipv4: [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+            port: 7000,
+        };
+        self.slots.push(Slot {
+            node: None,
+            id: Id::from_public_key(&public_key),
+            addr,
+            server,
+            public_key,
+            timer_at: None,
+            incarnation: 0,
+        });
+        self.by_addr.insert((addr.ipv4, addr.port), i);
+        i
+    }
+
+    /// Starts (or restarts, fresh) the node in `slot`, joining through `bootstrap` slots.
+    pub fn start(&mut self, slot: usize, bootstrap: &[usize]) {
+        let seed = self.rng.seed32();
+        let s = &self.slots[slot];
+        let mut cfg = NodeConfig::new(
+            &s.public_key,
+            s.addr,
+            ServerTag::from_name(&format!("server-{}", s.server)),
+            seed,
+        );
+        cfg.leaf_set_len = self.cfg.leaf_set_len;
+        cfg.replicas = self.cfg.replicas;
+        cfg.timing = self.cfg.timing;
+        let mut node = Node::new(cfg, self.now).expect("simulator node config is valid");
+        let addrs: Vec<PeerAddr> = bootstrap.iter().map(|b| self.slots[*b].addr).collect();
+        node.join(self.now, &addrs);
+        let s = &mut self.slots[slot];
+        s.node = Some(node);
+        s.incarnation += 1;
+        s.timer_at = None;
+        self.after_io(slot);
+    }
+
+    /// Stops the node in `slot` without a word (its in-flight datagrams still arrive).
+    pub fn crash(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        if let Some(node) = s.node.take() {
+            self.stats.crashes += 1;
+            self.stable_since = self.now;
+            self.stats.retired_maintenance_bytes += node.counters().maintenance_bytes_out;
+            self.live.remove(&s.id);
+            s.timer_at = None;
+        }
+    }
+
+    /// Leaves gracefully, then stops.
+    pub fn leave(&mut self, slot: usize) {
+        if let Some(n) = self.slots[slot].node.as_mut() {
+            n.leave(self.now);
+            self.after_io(slot);
+        }
+        self.crash(slot);
+    }
+
+    pub fn is_up(&self, slot: usize) -> bool {
+        self.slots[slot].node.is_some()
+    }
+
+    pub fn node(&self, slot: usize) -> Option<&Node> {
+        self.slots[slot].node.as_ref()
+    }
+
+    /// Slots of joined, running nodes (ground truth), in id order.
+    pub fn live_slots(&self) -> Vec<usize> {
+        self.live.values().copied().collect()
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_live(&self, id: NodeId) -> bool {
+        self.live.contains_key(&id)
+    }
+
+    /// A random joined, running node.
+    pub fn random_live(&mut self) -> Option<usize> {
+        if self.live.is_empty() {
+            return None;
+        }
+        let n = self.rng.below(self.live.len() as u64) as usize;
+        self.live.values().nth(n).copied()
+    }
+
+    /// Sets or clears a partition (group per slot).
+    pub fn set_partition(&mut self, groups: Option<Vec<u8>>) {
+        if groups.is_none() && self.faults.partition.is_some() {
+            self.stable_since = self.now;
+        }
+        self.faults.partition = groups;
+    }
+
+    /// The live node numerically closest to `key` (ties to the smaller id).
+    pub fn truth_root(&self, key: Key) -> Option<NodeId> {
+        let up = self
+            .live
+            .range(key..)
+            .next()
+            .or_else(|| self.live.iter().next());
+        let down = self
+            .live
+            .range(..key)
+            .next_back()
+            .or_else(|| self.live.iter().next_back());
+        match (up, down) {
+            (Some((a, _)), Some((b, _))) => Some(if key.is_closer(*a, *b) { *a } else { *b }),
+            (Some((a, _)), None) | (None, Some((a, _))) => Some(*a),
+            (None, None) => None,
+        }
+    }
+
+    /// The leaf set `id` should have: the L/2 nearest live nodes on each side.
+    pub fn truth_leaf_set(&self, id: NodeId) -> Vec<NodeId> {
+        let half = self.cfg.leaf_set_len / 2;
+        let ids: Vec<NodeId> = self.live.keys().copied().filter(|x| *x != id).collect();
+        if ids.len() <= 2 * half {
+            return ids;
+        }
+        let pos = ids.partition_point(|x| *x < id);
+        let n = ids.len();
+        let mut out: Vec<NodeId> = (0..half)
+            .map(|i| ids[(pos + i) % n])
+            .chain((1..=half).map(|i| ids[(pos + n - i) % n]))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// `Ok` when every live node's leaf set equals the ground truth; else the first mismatch.
+    pub fn check_leaf_sets(&self) -> Result<(), String> {
+        for (&id, &slot) in &self.live {
+            let node = self.slots[slot].node.as_ref().expect("live nodes are up");
+            let mut have: Vec<NodeId> = node.leaf_set().contacts().map(|c| c.id).collect();
+            have.sort();
+            let want = self.truth_leaf_set(id);
+            if have != want {
+                let missing: Vec<_> = want.iter().filter(|x| !have.contains(x)).collect();
+                let extra: Vec<_> = have.iter().filter(|x| !want.contains(x)).collect();
+                return Err(format!(
+                    "t={:?} node {:?} leaf set differs: missing {:?}, extra {:?}",
+                    self.now, id, missing, extra
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Live nodes holding `key`.
+    pub fn copies(&self, key: Key) -> usize {
+        self.live
+            .values()
+            .filter(|s| {
+                self.slots[**s]
+                    .node
+                    .as_ref()
+                    .is_some_and(|n| n.records().get(key).is_some())
+            })
+            .count()
+    }
+
+    /// Sum of every node's upkeep bytes, gone ones included.
+    pub fn maintenance_bytes(&self) -> u64 {
+        self.stats.retired_maintenance_bytes
+            + self
+                .slots
+                .iter()
+                .filter_map(|s| s.node.as_ref())
+                .map(|n| n.counters().maintenance_bytes_out)
+                .sum::<u64>()
+    }
+
+    // ---- requests ----
+
+    fn track(
+        &mut self,
+        slot: usize,
+        key: Key,
+        kind: RequestKind,
+        op: Option<OpId>,
+    ) -> Option<OpId> {
+        let op = op?;
+        self.ops.insert(
+            (slot, op),
+            TrackedOp {
+                key,
+                kind,
+                issued: self.now,
+                outcome: Outcome::Pending,
+            },
+        );
+        self.after_io(slot);
+        Some(op)
+    }
+
+    pub fn lookup(&mut self, slot: usize, key: Key) -> Option<OpId> {
+        let now = self.now;
+        let op = self.slots[slot].node.as_mut()?.lookup(now, key).ok();
+        self.track(slot, key, RequestKind::Lookup, op)
+    }
+
+    pub fn put(&mut self, slot: usize, key: Key, value: &[u8]) -> Option<OpId> {
+        let now = self.now;
+        let op = self.slots[slot].node.as_mut()?.put(now, key, value).ok();
+        self.track(slot, key, RequestKind::Put, op)
+    }
+
+    pub fn get(&mut self, slot: usize, key: Key) -> Option<OpId> {
+        let now = self.now;
+        let op = self.slots[slot].node.as_mut()?.get(now, key).ok();
+        self.track(slot, key, RequestKind::Get, op)
+    }
+
+    // ---- running ----
+
+    fn schedule(&mut self, at: Instant, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    /// Runs every event up to `until`, then sets the clock to it.
+    pub fn run_until(&mut self, until: Instant) {
+        while let Some(Reverse(head)) = self.queue.peek() {
+            if head.at > until {
+                break;
+            }
+            let Reverse(s) = self.queue.pop().expect("peeked");
+            if s.at == self.now {
+                self.same_instant += 1;
+                assert!(
+                    self.same_instant < 1_000_000,
+                    "seed {}: livelock, a million events at {:?}",
+                    self.cfg.seed,
+                    self.now
+                );
+            } else {
+                self.same_instant = 0;
+            }
+            self.now = s.at;
+            self.stats.events += 1;
+            match s.ev {
+                Ev::Deliver { to, from, bytes } => {
+                    let now = self.now;
+                    if let Some(n) = self.slots[to].node.as_mut() {
+                        n.handle_datagram(now, from, &bytes);
+                        self.after_io(to);
+                    }
+                }
+                Ev::Timer { slot, incarnation } => {
+                    let sl = &mut self.slots[slot];
+                    if sl.incarnation != incarnation || sl.timer_at != Some(s.at) {
+                        continue; // superseded
+                    }
+                    sl.timer_at = None;
+                    let now = self.now;
+                    if let Some(n) = sl.node.as_mut() {
+                        n.handle_timeout(now);
+                        self.after_io(slot);
+                    }
+                }
+            }
+            if self.now.millis_since(self.last_record_check) >= 1000 {
+                self.last_record_check = self.now;
+                self.check_records();
+            }
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Drains a node's transmits and events, and re-arms its timer.
+    fn after_io(&mut self, slot: usize) {
+        loop {
+            let Some(node) = self.slots[slot].node.as_mut() else {
+                return;
+            };
+            let Some(t) = node.poll_transmit() else { break };
+            self.transmit(slot, t.dst, t.payload);
+        }
+        while let Some(e) = self.slots[slot].node.as_mut().and_then(|n| n.poll_event()) {
+            self.observe(slot, e);
+        }
+        let s = &mut self.slots[slot];
+        let Some(node) = s.node.as_ref() else { return };
+        if let Some(at) = node.poll_timeout() {
+            let at = at.max(self.now);
+            if s.timer_at.is_none_or(|cur| at < cur) {
+                s.timer_at = Some(at);
+                let incarnation = s.incarnation;
+                self.schedule(at, Ev::Timer { slot, incarnation });
+            }
+        }
+    }
+
+    fn transmit(&mut self, from: usize, dst: PeerAddr, mut bytes: Vec<u8>) {
+        self.stats.datagrams_sent += 1;
+        let Some(&to) = self.by_addr.get(&(dst.ipv4, dst.port)) else {
+            self.stats.datagrams_lost += 1;
+            return;
+        };
+        if !self.faults.connected(from, to) || self.rng.chance(self.faults.loss) {
+            self.stats.datagrams_lost += 1;
+            return;
+        }
+        let copies = if self.rng.chance(self.faults.duplicate) {
+            2
+        } else {
+            1
+        };
+        let base = self
+            .topology
+            .base_us(self.slots[from].server, self.slots[to].server);
+        let src = self.slots[from].addr;
+        for c in 0..copies {
+            let mut delay = base + self.rng.below(base / 10 + 1);
+            if self.rng.chance(self.faults.reorder) {
+                delay += self.rng.below(base + 1);
+            }
+            let at = self.now.plus_us(delay);
+            let payload = if c + 1 == copies {
+                std::mem::take(&mut bytes)
+            } else {
+                bytes.clone()
+            };
+            self.schedule(
+                at,
+                Ev::Deliver {
+                    to,
+                    from: src,
+                    bytes: payload,
+                },
+            );
+        }
+    }
+
+    fn violation(&mut self, what: String) {
+        if self.violations.len() < 32 {
+            self.violations
+                .push(format!("t={:?} seed={}: {what}", self.now, self.cfg.seed));
+        }
+    }
+
+    fn observe(&mut self, slot: usize, e: Event) {
+        let me = self.slots[slot].id;
+        match e {
+            Event::Joined => {
+                self.stats.joins += 1;
+                self.live.insert(me, slot);
+            }
+            Event::Delivered { key, kind, .. } => {
+                // Safety: the root knows no live node closer to the key in its leaf set.
+                let node = self.slots[slot]
+                    .node
+                    .as_ref()
+                    .expect("events come from live nodes");
+                let closer = node
+                    .leaf_set()
+                    .contacts()
+                    .filter(|c| !(kind == RequestKind::Join && c.id == key))
+                    .find(|c| self.live.contains_key(&c.id) && key.is_closer(c.id, me))
+                    .map(|c| c.id);
+                if let Some(c) = closer {
+                    self.violation(format!(
+                        "{me:?} answered {kind:?} for {key:?} though its leaf set has live {c:?} closer"
+                    ));
+                }
+            }
+            Event::LookupDone {
+                op,
+                key,
+                root,
+                path,
+            } => {
+                let truth = self.truth_root(key);
+                let consistent = truth == Some(root.id);
+                self.check_path(&path, key);
+                self.stats.lookups_done += 1;
+                if consistent {
+                    self.stats.lookups_consistent += 1;
+                }
+                let hops = path.len().saturating_sub(1);
+                self.hops.push(hops as u32);
+                if let Some(t) = self.ops.get_mut(&(slot, op)) {
+                    t.outcome = Outcome::Done {
+                        root: root.id,
+                        hops,
+                        consistent,
+                    };
+                }
+            }
+            Event::PutDone { op, key, root, .. } => {
+                let truth = self.truth_root(key);
+                if let Some(t) = self.ops.get_mut(&(slot, op)) {
+                    t.outcome = Outcome::Done {
+                        root: root.id,
+                        hops: 0,
+                        consistent: truth == Some(root.id),
+                    };
+                }
+                if let Some(a) = self.acked.get_mut(&key) {
+                    a.acked_at = self.now;
+                }
+            }
+            Event::GetDone {
+                op,
+                key,
+                root,
+                value,
+            } => {
+                if let (Some(v), Some(a)) = (&value, self.acked.get(&key))
+                    && *v != a.value
+                {
+                    self.violation(format!("get {key:?} returned a value never put"));
+                }
+                let truth = self.truth_root(key);
+                if let Some(t) = self.ops.get_mut(&(slot, op)) {
+                    t.outcome = Outcome::Done {
+                        root: root.id,
+                        hops: usize::from(value.is_some()),
+                        consistent: truth == Some(root.id),
+                    };
+                }
+            }
+            Event::RequestFailed { op, .. } => {
+                self.stats.requests_failed += 1;
+                if let Some(t) = self.ops.get_mut(&(slot, op)) {
+                    t.outcome = Outcome::Failed;
+                }
+            }
+            Event::PeerFailed { .. } => {}
+        }
+    }
+
+    fn check_path(&mut self, path: &[NodeId], key: Key) {
+        let mut seen = path.to_vec();
+        seen.sort();
+        seen.dedup();
+        if seen.len() != path.len() || path.len() > MAX_PATH {
+            self.violation(format!(
+                "routing loop or overlong path for {key:?}: {path:?}"
+            ));
+        }
+    }
+
+    /// Every acknowledged record keeps `k` live copies once the network has been whole for
+    /// the repair bound.
+    fn check_records(&mut self) {
+        let bound = self.cfg.repair_bound_ms;
+        let k = self.cfg.replicas;
+        if self.faults.partition.is_some()
+            || self.now.millis_since(self.stable_since) < bound
+            || self.live.len() < k
+        {
+            return;
+        }
+        let due: Vec<Key> = self
+            .acked
+            .iter()
+            .filter(|(_, a)| self.now.millis_since(a.acked_at) >= bound)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            let c = self.copies(key);
+            if c < k {
+                let holders: Vec<NodeId> = self
+                    .slots
+                    .iter()
+                    .filter(|s| {
+                        s.node
+                            .as_ref()
+                            .is_some_and(|n| n.records().get(key).is_some())
+                    })
+                    .map(|s| s.id)
+                    .collect();
+                let mut near: Vec<NodeId> = self.live.keys().copied().collect();
+                near.sort_by_key(|id| (key.distance(*id), *id));
+                near.truncate(k);
+                self.violation(format!(
+                    "record {key:?} has {c} live copies, fewer than {k}: held by {holders:?}, replica set {near:?}"
+                ));
+            }
+        }
+    }
+
+    /// Registers a record the test expects to survive (its value, for get checks).
+    pub fn expect_record(&mut self, key: Key, value: &[u8]) {
+        self.acked.insert(
+            key,
+            AckedRecord {
+                value: value.to_vec(),
+                acked_at: Instant::from_micros(u64::MAX),
+            },
+        );
+    }
+
+    /// Takes the hop counts gathered so far.
+    pub fn take_hops(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.hops)
+    }
+}

@@ -1,0 +1,1 @@
+//! Overlay benchmark runs (used by `unipeer bench overlay`).
