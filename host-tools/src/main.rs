@@ -96,6 +96,15 @@ enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Send one command line to a node's diagnostic TCP port and print the answer
+    /// (e.g. `lookup KEY`, `put KEY VALUE`, `get KEY`, `overlay`, `probe IP`).
+    Send {
+        /// Address of the diagnostic TCP port (host:port).
+        addr: SocketAddr,
+        /// The command words.
+        #[arg(required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
     /// Ask a node's diagnostic service for its report.
     Probe {
         /// Address of the diagnostic port (host:port).
@@ -171,6 +180,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             exit_after_ready,
             json,
         ),
+        Command::Vm {
+            command: VmCommand::Send { addr, command },
+        } => {
+            let reply = diag::tcp_command(addr, &command.join(" "), Duration::from_secs(20))?;
+            print!("{reply}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Vm {
             command: VmCommand::Probe { addr, tcp, json },
         } => {

@@ -64,6 +64,7 @@ pub struct HostPorts {
     pub diag_udp: u16,
     pub diag_tcp: u16,
     pub echo: u16,
+    pub overlay: u16,
 }
 
 impl HostPorts {
@@ -75,6 +76,9 @@ impl HostPorts {
     }
     pub fn echo_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.echo))
+    }
+    pub fn overlay_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.overlay))
     }
 }
 
@@ -202,6 +206,7 @@ pub fn user_net_spec(
         diag_udp: free_port()?,
         diag_tcp: free_port()?,
         echo: free_port()?,
+        overlay: free_port()?,
     };
     let forwards = vec![
         Forward {
@@ -218,6 +223,11 @@ pub fn user_net_spec(
             udp: true,
             host_port: ports.echo,
             guest_port: ECHO_PORT,
+        },
+        Forward {
+            udp: true,
+            host_port: ports.overlay,
+            guest_port: OVERLAY_PORT,
         },
     ];
     let spec = VmSpec {

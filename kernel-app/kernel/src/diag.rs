@@ -21,6 +21,7 @@ use unipeer_node::launch::LaunchConfig;
 use crate::BootFacts;
 use crate::arch::idt::IRQS;
 use crate::net::Stack;
+use crate::overlay::Overlay;
 use crate::{clock, heap};
 
 /// TCP connections served at once.
@@ -87,6 +88,13 @@ struct Session {
     line: Vec<u8>,
     /// Discarding the rest of an overlong line.
     skipping: bool,
+}
+
+/// What the report needs about the node that never changes after boot.
+#[derive(Clone, Copy)]
+pub struct NodeInfo<'a> {
+    pub facts: &'a BootFacts,
+    pub config: &'a LaunchConfig,
 }
 
 pub struct Diag {
@@ -181,8 +189,8 @@ impl Diag {
         &mut self,
         now_us: u64,
         stack: &mut Stack,
-        facts: &BootFacts,
-        config: &LaunchConfig,
+        overlay: &mut Overlay,
+        info: NodeInfo<'_>,
     ) {
         // Echo: bounce every datagram back to its sender.
         {
@@ -209,16 +217,16 @@ impl Diag {
             }
         }
         if !pending.is_empty() {
-            let report = self.report(now_us, stack, facts, config);
+            let report = self.report(now_us, stack, overlay, info);
             let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
+            let datagram = fit_datagram(&report);
             for ep in pending {
-                let n = report.len().min(UDP_PAYLOAD_MAX);
-                let _ = socket.send_slice(&report.as_bytes()[..n], ep);
+                let _ = socket.send_slice(datagram.as_bytes(), ep);
             }
         }
         // TCP sessions.
         for i in 0..self.sessions.len() {
-            self.service_session(i, now_us, stack, facts, config);
+            self.service_session(i, now_us, stack, overlay, info);
         }
         self.service_probe(now_us, stack);
         self.relisten(stack);
@@ -229,8 +237,8 @@ impl Diag {
         i: usize,
         now_us: u64,
         stack: &mut Stack,
-        facts: &BootFacts,
-        config: &LaunchConfig,
+        overlay: &mut Overlay,
+        info: NodeInfo<'_>,
     ) {
         let handle = self.sessions[i].handle;
         let state = stack.sockets.get::<tcp::Socket>(handle).state();
@@ -241,7 +249,7 @@ impl Diag {
             self.sessions[i].greeted = true;
             self.sessions[i].last_activity_us = now_us;
             self.counters.tcp_sessions += 1;
-            let report = self.report(now_us, stack, facts, config);
+            let report = self.report(now_us, stack, overlay, info);
             let _ = stack
                 .sockets
                 .get_mut::<tcp::Socket>(handle)
@@ -268,7 +276,7 @@ impl Diag {
                     continue;
                 }
                 let line = core::mem::take(&mut s.line);
-                if !self.command(&line, handle, now_us, stack, facts, config) {
+                if !self.command(&line, handle, now_us, stack, overlay, info) {
                     break;
                 }
             } else if s.line.len() >= LINE_MAX {
@@ -303,15 +311,28 @@ impl Diag {
         handle: SocketHandle,
         now_us: u64,
         stack: &mut Stack,
-        facts: &BootFacts,
-        config: &LaunchConfig,
+        overlay: &mut Overlay,
+        info: NodeInfo<'_>,
     ) -> bool {
         let text = core::str::from_utf8(line).unwrap_or("\u{fffd}");
         let reply: String = match text.trim() {
-            "" | "stats" => self.report(now_us, stack, facts, config),
+            "" | "stats" => self.report(now_us, stack, overlay, info),
             "ping" => String::from("pong\n"),
             "help" => {
                 String::from("commands: stats, ping, probe <ipv4> [count], quit, shutdown, help\n")
+            }
+            cmd if ["overlay", "leafset", "lookup", "get", "put"]
+                .contains(&cmd.split_ascii_whitespace().next().unwrap_or("")) =>
+            {
+                let words: alloc::vec::Vec<&str> = cmd.split_ascii_whitespace().collect();
+                match overlay.command(now_us, &words, handle) {
+                    Ok(Some(text)) => text,
+                    Ok(None) => return true,
+                    Err(e) => {
+                        self.counters.bad_requests += 1;
+                        alloc::format!("error: {e}\n")
+                    }
+                }
             }
             cmd if cmd.starts_with("probe") => match self.start_probe(cmd, handle, now_us) {
                 Ok(()) => return true,
@@ -517,9 +538,10 @@ impl Diag {
         &self,
         now_us: u64,
         stack: &Stack,
-        facts: &BootFacts,
-        config: &LaunchConfig,
+        overlay: &Overlay,
+        info: NodeInfo<'_>,
     ) -> String {
+        let (facts, config) = (info.facts, info.config);
         let (heap_in_use, heap_high, heap_size) = heap::usage();
         let nic = &stack.phy.nic.stats;
         let arp = &stack.phy.neighbours.stats;
@@ -539,7 +561,7 @@ impl Diag {
              arp_neighbours={}\narp_requests={}\narp_replies={}\narp_queued={}\narp_dropped={}\n\
              irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\nbusy_polls={}\nbusy_naps={}\n\
              udp_requests={}\necho_packets={}\ntcp_sessions={}\ntcp_idle_closed={}\nbad_requests={}\n\
-             boot_phases_us={}\n\
+             boot_phases_us={}\n{}\
              end\n",
             config.node_name,
             config.server_id,
@@ -582,6 +604,7 @@ impl Diag {
             c.tcp_idle_closed,
             c.bad_requests,
             PhaseList(facts),
+            overlay.status_text(),
         );
         out
     }
@@ -604,4 +627,17 @@ impl core::fmt::Display for PhaseList<'_> {
         }
         Ok(())
     }
+}
+
+/// The report cut to whole lines so it fits one datagram, still ending with `end`.
+fn fit_datagram(report: &str) -> alloc::borrow::Cow<'_, str> {
+    if report.len() <= UDP_PAYLOAD_MAX {
+        return alloc::borrow::Cow::Borrowed(report);
+    }
+    const TAIL: &str = "truncated=1\nend\n";
+    let budget = UDP_PAYLOAD_MAX - TAIL.len();
+    let cut = report[..budget].rfind('\n').map_or(0, |i| i + 1);
+    let mut out = String::from(&report[..cut]);
+    out.push_str(TAIL);
+    alloc::borrow::Cow::Owned(out)
 }

@@ -4,9 +4,10 @@
 use unipeer_node::launch::{GuestExit, LaunchConfig, READY_MARKER};
 
 use crate::arch::{self, apic, cpu};
-use crate::diag::Diag;
+use crate::diag::{Diag, NodeInfo};
 use crate::net::Stack;
 use crate::net::virtio::Nic;
+use crate::overlay::Overlay;
 use crate::{BootFacts, clock, console};
 
 /// Longest sleep without a deadline: the timer is re-armed after it (the counter's range is
@@ -31,6 +32,13 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
     let _ = facts.phases.push(("nic", cpu::rdtsc()));
     let mut stack = Stack::new(&config, nic, clock::now_us());
     let mut diag = Diag::new(&mut stack, &config);
+    let mut overlay = match Overlay::new(&config, &mut stack, clock::now_us()) {
+        Ok(o) => o,
+        Err(e) => {
+            log::error!("boot: overlay: {e}");
+            arch::exit(GuestExit::BadConfig);
+        }
+    };
     facts.ready_tsc = cpu::rdtsc();
     let _ = facts.phases.push(("stack", facts.ready_tsc));
     let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
@@ -74,7 +82,16 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
     loop {
         let now = clock::now_us();
         stack.poll(now);
-        diag.service(now, &mut stack, &facts, &config);
+        overlay.service(now, &mut stack);
+        diag.service(
+            now,
+            &mut stack,
+            &mut overlay,
+            NodeInfo {
+                facts: &facts,
+                config: &config,
+            },
+        );
         // Replies queued by the services go out in the same wake-up.
         stack.poll(now);
 
@@ -94,7 +111,10 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         }
         let now = clock::now_us();
         let mut delay = stack.poll_delay_us(now).unwrap_or(MAX_SLEEP_US);
-        if let Some(at) = diag.next_deadline_us(&stack) {
+        for at in [diag.next_deadline_us(&stack), overlay.next_deadline_us()]
+            .into_iter()
+            .flatten()
+        {
             delay = delay.min(at.saturating_sub(now));
         }
         if shutdown_at.is_some() {

@@ -16,6 +16,7 @@ mod diag;
 mod event_loop;
 mod heap;
 mod net;
+mod overlay;
 mod pvh;
 
 use unipeer_node::launch::{GuestExit, LaunchConfig};

@@ -1,0 +1,302 @@
+//! The overlay peer in the kernel: drives `unipeer_node::Node` from a UDP socket and the clock,
+//! and answers overlay commands from the diagnostic TCP port (`overlay`, `lookup`, `put`,
+//! `get`).
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::{tcp, udp};
+use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
+use unipeer_node::id::placeholder_public_key;
+use unipeer_node::launch::{LaunchConfig, PeerAddr};
+use unipeer_node::node::RequestKind;
+use unipeer_node::{Event, Instant, Key, Node, NodeConfig, OpId, ServerTag};
+
+use crate::net::Stack;
+
+/// Datagrams taken from the socket per pass (bounded work).
+const RX_BUDGET: usize = 64;
+/// Largest overlay datagram.
+const DATAGRAM_MAX: usize = 1200;
+/// Overlay socket buffers, in datagrams.
+const SOCKET_SLOTS: usize = 64;
+
+/// Counters of the kernel side of the overlay.
+#[derive(Default, Clone, Copy)]
+pub struct OverlayCounters {
+    pub socket_drops: u64,
+    pub events: u64,
+}
+
+/// The overlay peer and the TCP sessions waiting for answers.
+pub struct Overlay {
+    pub node: Node,
+    socket: SocketHandle,
+    waiting: BTreeMap<OpId, SocketHandle>,
+    pub counters: OverlayCounters,
+}
+
+fn instant(now_us: u64) -> Instant {
+    Instant::from_micros(now_us)
+}
+
+fn endpoint(addr: PeerAddr) -> IpEndpoint {
+    IpEndpoint::new(IpAddress::from(Ipv4Address::from(addr.ipv4)), addr.port)
+}
+
+/// Parses a key: 32 hex digits, or any other text, hashed as a name.
+pub fn parse_key(text: &str) -> Key {
+    Key::parse_hex(text).unwrap_or_else(|| Key::for_name(text.as_bytes()))
+}
+
+impl Overlay {
+    /// Creates the peer and starts joining through the config's bootstrap peers (none: this
+    /// node starts a new overlay).
+    pub fn new(config: &LaunchConfig, stack: &mut Stack, now_us: u64) -> Result<Overlay, String> {
+        let public_key: Vec<u8> = if config.node_key.is_empty() {
+            placeholder_public_key(&config.node_name).to_vec()
+        } else {
+            config.node_key.clone()
+        };
+        let addr = PeerAddr {
+            ipv4: config.net.ipv4,
+            port: config.net.overlay_port,
+        };
+        let mut node_config = NodeConfig::new(
+            &public_key,
+            addr,
+            ServerTag::from_name(&config.server_id),
+            config.rng_seed,
+        );
+        if let Some(&[l]) = config.extra("leaf_set") {
+            node_config.leaf_set_len = usize::from(l);
+            node_config.replicas = node_config.replicas.min(usize::from(l) / 2 + 1);
+        }
+        let mut node =
+            Node::new(node_config, instant(now_us)).map_err(|e| alloc::format!("{e}"))?;
+        let rx = udp::PacketBuffer::new(
+            vec![udp::PacketMetadata::EMPTY; SOCKET_SLOTS],
+            vec![0; SOCKET_SLOTS * DATAGRAM_MAX],
+        );
+        let tx = udp::PacketBuffer::new(
+            vec![udp::PacketMetadata::EMPTY; SOCKET_SLOTS],
+            vec![0; SOCKET_SLOTS * DATAGRAM_MAX],
+        );
+        let mut socket = udp::Socket::new(rx, tx);
+        socket
+            .bind(config.net.overlay_port)
+            .map_err(|_| String::from("cannot bind the overlay port"))?;
+        let socket = stack.sockets.add(socket);
+        let bootstrap: Vec<PeerAddr> = config
+            .bootstrap
+            .iter()
+            .copied()
+            .filter(|p| *p != addr)
+            .collect();
+        node.join(instant(now_us), &bootstrap);
+        Ok(Overlay {
+            node,
+            socket,
+            waiting: BTreeMap::new(),
+            counters: OverlayCounters::default(),
+        })
+    }
+
+    /// Feeds datagrams and due timers to the node and sends what it wants sent.
+    pub fn service(&mut self, now_us: u64, stack: &mut Stack) {
+        let now = instant(now_us);
+        let socket = stack.sockets.get_mut::<udp::Socket>(self.socket);
+        let mut buf = [0u8; DATAGRAM_MAX];
+        for _ in 0..RX_BUDGET {
+            let Ok((n, meta)) = socket.recv_slice(&mut buf) else {
+                break;
+            };
+            let IpAddress::Ipv4(src) = meta.endpoint.addr;
+            let from = PeerAddr {
+                ipv4: src.octets(),
+                port: meta.endpoint.port,
+            };
+            self.node.handle_datagram(now, from, &buf[..n]);
+        }
+        if self.node.poll_timeout().is_some_and(|t| t <= now) {
+            self.node.handle_timeout(now);
+        }
+        while let Some(t) = self.node.poll_transmit() {
+            if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
+                self.counters.socket_drops += 1;
+            }
+        }
+        while let Some(event) = self.node.poll_event() {
+            self.counters.events += 1;
+            self.on_event(event, stack);
+        }
+    }
+
+    fn reply(stack: &mut Stack, session: SocketHandle, line: &str) {
+        let tcp = stack.sockets.get_mut::<tcp::Socket>(session);
+        if tcp.may_send() {
+            let _ = tcp.send_slice(line.as_bytes());
+        }
+    }
+
+    fn on_event(&mut self, event: Event, stack: &mut Stack) {
+        match event {
+            Event::Joined => {
+                log::info!(
+                    "overlay: joined as {} (leaf set {})",
+                    self.node.id(),
+                    self.node.leaf_set().len()
+                );
+            }
+            Event::PeerFailed { id } => log::info!("overlay: leaf-set member {id} failed"),
+            Event::LookupDone {
+                op,
+                key,
+                root,
+                path,
+            } => {
+                if let Some(session) = self.waiting.remove(&op) {
+                    let mut line = String::new();
+                    let a = root.addr.ipv4;
+                    let _ = write!(
+                        line,
+                        "lookup key={key} root={} root_addr={}.{}.{}.{}:{} hops={} path=",
+                        root.id,
+                        a[0],
+                        a[1],
+                        a[2],
+                        a[3],
+                        root.addr.port,
+                        path.len().saturating_sub(1)
+                    );
+                    for (i, id) in path.iter().enumerate() {
+                        let _ = write!(line, "{}{id}", if i > 0 { "," } else { "" });
+                    }
+                    line.push('\n');
+                    Self::reply(stack, session, &line);
+                }
+            }
+            Event::PutDone {
+                op,
+                key,
+                root,
+                version,
+            } => {
+                if let Some(session) = self.waiting.remove(&op) {
+                    let line = alloc::format!("put key={key} root={} version={version}\n", root.id);
+                    Self::reply(stack, session, &line);
+                }
+            }
+            Event::GetDone {
+                op,
+                key,
+                root,
+                value,
+            } => {
+                if let Some(session) = self.waiting.remove(&op) {
+                    let line = match value {
+                        Some(v) => alloc::format!(
+                            "get key={key} root={} value={}\n",
+                            root.id,
+                            String::from_utf8_lossy(&v)
+                        ),
+                        None => alloc::format!("get key={key} root={} value=none\n", root.id),
+                    };
+                    Self::reply(stack, session, &line);
+                }
+            }
+            Event::RequestFailed { op, key, kind } => {
+                if let Some(session) = self.waiting.remove(&op) {
+                    let what = match kind {
+                        RequestKind::Lookup => "lookup",
+                        RequestKind::Put => "put",
+                        RequestKind::Get => "get",
+                        RequestKind::Join => "join",
+                        RequestKind::Handoff => "handoff",
+                    };
+                    let line = alloc::format!("{what} key={key} error=failed\n");
+                    Self::reply(stack, session, &line);
+                }
+            }
+            Event::Delivered { .. } => {}
+        }
+    }
+
+    /// Runs an overlay command from a TCP session; `Err` is the error text to send back.
+    /// `Ok(None)`: the answer follows when the request completes.
+    pub fn command(
+        &mut self,
+        now_us: u64,
+        words: &[&str],
+        session: SocketHandle,
+    ) -> Result<Option<String>, String> {
+        let now = instant(now_us);
+        let started = match words {
+            ["overlay"] => return Ok(Some(self.status_text())),
+            ["leafset"] => {
+                let mut out = String::new();
+                for c in self.node.leaf_set().contacts() {
+                    let a = c.addr.ipv4;
+                    let _ = writeln!(
+                        out,
+                        "leaf id={} addr={}.{}.{}.{}:{}",
+                        c.id, a[0], a[1], a[2], a[3], c.addr.port
+                    );
+                }
+                out.push_str("end\n");
+                return Ok(Some(out));
+            }
+            ["lookup", key] => self.node.lookup(now, parse_key(key)),
+            ["get", key] => self.node.get(now, parse_key(key)),
+            ["put", key, value @ ..] if !value.is_empty() => {
+                let text = value.join(" ");
+                self.node.put(now, parse_key(key), text.as_bytes())
+            }
+            _ => {
+                return Err(String::from(
+                    "usage: overlay | leafset | lookup KEY | get KEY | put KEY VALUE",
+                ));
+            }
+        };
+        match started {
+            Ok(op) => {
+                self.waiting.insert(op, session);
+                Ok(None)
+            }
+            Err(e) => Err(alloc::format!("{e}")),
+        }
+    }
+
+    /// `key=value` lines for the diagnostic report.
+    pub fn status_text(&self) -> String {
+        let s = self.node.status();
+        let c = self.node.counters();
+        alloc::format!(
+            "overlay_id={}\noverlay_joined={}\nleaf_set={}\ntable_filled={}\ntable_rows={}\nrecords={}\n\
+             overlay_in={}\noverlay_out={}\noverlay_undecodable={}\noverlay_rejected={}\n\
+             overlay_routing_drops={}\noverlay_leaf_failures={}\noverlay_socket_drops={}\n",
+            s.id,
+            s.joined,
+            s.leaf_set_len,
+            s.table_filled,
+            s.table_rows,
+            s.records,
+            c.datagrams_in,
+            c.datagrams_out,
+            c.undecodable + c.bad_version,
+            c.rejected,
+            c.routing_drops,
+            c.leaf_failures,
+            self.counters.socket_drops,
+        )
+    }
+
+    /// The node's next deadline in kernel microseconds.
+    pub fn next_deadline_us(&self) -> Option<u64> {
+        self.node.poll_timeout().map(|t| t.as_micros())
+    }
+}
