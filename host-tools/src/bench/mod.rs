@@ -2,4 +2,5 @@
 //! the same invocation.
 
 pub mod boot;
+pub mod cluster;
 pub mod overlay;
