@@ -44,7 +44,8 @@ pub struct ClusterBenchArgs {
 pub struct DensityStep {
     pub vms: usize,
     pub answering: usize,
-    /// Time to add this step's VMs until all printed their ready line, seconds.
+    /// Time to add this step's VMs until all printed their ready line, seconds (the wait for
+    /// their answers, up to 60 s, follows).
     pub grow_s: f64,
     pub pss_per_vm_mib: f64,
     pub rss_per_vm_mib: f64,
@@ -180,7 +181,7 @@ fn measure(
         }
         let grow_s = t.elapsed().as_secs_f64();
         vms = target;
-        let st = cluster::status(dir, true)?;
+        let st = cluster::wait_answering(dir, std::time::Duration::from_secs(60))?;
         let ok = answering(&st);
         let (mut rss, mut pss) = (0u64, 0u64);
         for n in &st.nodes {

@@ -40,6 +40,8 @@ const READY_POLL: Duration = Duration::from_millis(10);
 const HOST_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `status` waits for all running nodes' diagnostic answers.
 const STATUS_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Most nodes `status` asks in one round.
+const PROBE_WINDOW: usize = 48;
 /// Most echo round trips one host request may ask for.
 const HOST_ECHO_MAX: usize = 100_000;
 
@@ -742,26 +744,33 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Asks every target's diagnostic UDP port at once, re-asking the silent ones every 200 ms,
-/// until all answered or `timeout`.
+/// Asks every target's diagnostic UDP port, re-asking the silent ones every 100 ms, until all
+/// answered or `timeout` (stretched by 15 ms per target). A round asks at most
+/// [`PROBE_WINDOW`] nodes: hundreds of first-time requests at once mean hundreds of ARP
+/// broadcasts flooded to every VM, and answers were lost.
 fn probe_all(targets: &[Ipv4Addr], timeout: Duration) -> HashMap<Ipv4Addr, Report> {
     let mut answers = HashMap::new();
     let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else {
         return answers;
     };
-    let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(10)));
+    let timeout = timeout + Duration::from_millis(15) * targets.len() as u32;
     let start = Instant::now();
     let mut last_round: Option<Instant> = None;
     let mut buf = vec![0u8; 65_536];
     while answers.len() < targets.len() && start.elapsed() < timeout {
-        if last_round.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
-            for ip in targets.iter().filter(|ip| !answers.contains_key(*ip)) {
+        if last_round.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
+            for ip in targets
+                .iter()
+                .filter(|ip| !answers.contains_key(*ip))
+                .take(PROBE_WINDOW)
+            {
                 let _ = socket.send_to(b"stats\n", SocketAddr::from((*ip, DIAG_UDP_PORT)));
             }
             last_round = Some(Instant::now());
         }
-        // Drain what arrived (bounded by the buffer of the socket and the deadline).
-        for _ in 0..targets.len().max(1) {
+        // Drain what arrived (bounded by the window and the deadline).
+        for _ in 0..=PROBE_WINDOW {
             match socket.recv_from(&mut buf) {
                 Ok((n, SocketAddr::V4(from))) if from.port() == DIAG_UDP_PORT => {
                     if let Ok(r) = Report::parse(&String::from_utf8_lossy(&buf[..n])) {

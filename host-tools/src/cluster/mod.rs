@@ -309,6 +309,23 @@ pub fn up(run_dir: &Path, opts: &UpOptions) -> Result<UpReport, ClusterError> {
     })
 }
 
+/// Asks every running node's diagnostic port until all answer or `within` passes; answers the
+/// last status (nodes still silent show `answering: Some(false)`).
+pub fn wait_answering(run_dir: &Path, within: Duration) -> Result<ClusterStatus, ClusterError> {
+    let start = Instant::now();
+    loop {
+        let st = status(run_dir, true)?;
+        let silent = st
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Up && n.answering == Some(false))
+            .count();
+        if silent == 0 || start.elapsed() > within {
+            return Ok(st);
+        }
+    }
+}
+
 /// How long `n` VMs booting at once may take to all be ready.
 pub fn ready_timeout(accel: Accel, n: usize) -> Duration {
     crate::vm::ready_timeout(accel) + Duration::from_millis(300) * n as u32
