@@ -100,6 +100,17 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
+/// The loopback UDP port a node's QEMU binds for its switch port: fixed per address and below
+/// the ephemeral range. A port the switch picks free and QEMU binds only later could be taken
+/// meanwhile by a probe's ephemeral socket (seen at 442 VMs: QEMU exited, address in use).
+fn vm_port(ip: Ipv4Addr) -> u16 {
+    let offset = u32::from(ip).saturating_sub(u32::from(super::SEGMENT_BASE));
+    VM_PORT_BASE + (offset.min(u32::from(u16::MAX - VM_PORT_BASE))) as u16
+}
+
+/// First loopback UDP port of the VMs' ends (node `nK` binds `VM_PORT_BASE + 10 + K`).
+const VM_PORT_BASE: u16 = 20_000;
+
 /// Where the VMs' configs, serial logs and QMP sockets live.
 pub fn vms_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("vms")
@@ -453,7 +464,7 @@ impl Shared {
         };
         for plan in &plans {
             let made = switch
-                .add_port(&plan.name, Some(&plan.server))
+                .add_port_at(&plan.name, Some(&plan.server), Some(vm_port(plan.ipv4)))
                 .map_err(|e| e.to_string())
                 .and_then(|port| {
                     let spec = self.spec_for(plan, &port, &settings);

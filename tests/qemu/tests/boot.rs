@@ -53,7 +53,11 @@ fn boot_probe_idle_shutdown(test: &str, machine: Machine, cpu: Option<&str>) {
     opts.cpu = cpu.map(str::to_string);
     let vm = vm::launch_ready(image(), &opts).unwrap_or_else(|e| panic!("boot failed: {e}"));
     assert!(vm.ready_line.contains("name=") && vm.ready_line.contains("ip=10.0.2.15"));
-    assert!(vm.guest_entry_to_ready_us().is_some_and(|us| us > 0), "{}", vm.ready_line);
+    assert!(
+        vm.guest_entry_to_ready_us().is_some_and(|us| us > 0),
+        "{}",
+        vm.ready_line
+    );
 
     // The report over UDP and over TCP.
     let r1 = udp_report(&vm);
@@ -66,7 +70,11 @@ fn boot_probe_idle_shutdown(test: &str, machine: Machine, cpu: Option<&str>) {
     assert_eq!(r1.get("nic"), Some(expected_nic));
     assert!(r1.num("uptime_us") > 0);
     assert!(r1.num("boot_entry_to_ready_us") > 0);
-    assert!(r1.num("tsc_khz") > 100_000, "tsc_khz {:?}", r1.get("tsc_khz"));
+    assert!(
+        r1.num("tsc_khz") > 100_000,
+        "tsc_khz {:?}",
+        r1.get("tsc_khz")
+    );
     assert!(r1.num("heap_in_use") > 0 && r1.num("heap_high_water") >= r1.num("heap_in_use"));
     assert!(r1.num("heap_size") > r1.num("heap_high_water"));
     assert!(r1.num("rx_frames") > 0 && r1.num("tx_frames") > 0);
@@ -101,7 +109,10 @@ fn boot_probe_idle_shutdown(test: &str, machine: Machine, cpu: Option<&str>) {
     let idle1 = udp_report(&vm);
     let timer_irqs = idle1.num("irq_timer") - idle0.num("irq_timer");
     let wakeups = idle1.num("wakeups") - idle0.num("wakeups");
-    assert!(timer_irqs <= 5, "{timer_irqs} timer interrupts while idle for 2 s");
+    assert!(
+        timer_irqs <= 5,
+        "{timer_irqs} timer interrupts while idle for 2 s"
+    );
     assert!(wakeups <= 10, "{wakeups} wake-ups while idle for 2 s");
 
     shutdown_cleanly(vm);
@@ -185,7 +196,11 @@ fn tcp_serves_many_clients_with_idle_timeout() {
             }
             got.extend_from_slice(&buf[..n]);
         }
-        assert!(got.ends_with(b"\nend\n"), "client {i} got no report{}", context(&vm));
+        assert!(
+            got.ends_with(b"\nend\n"),
+            "client {i} got no report{}",
+            context(&vm)
+        );
         silent.push(s);
     }
     // With all of them silent and still connected, a probe is still served.
@@ -202,7 +217,11 @@ fn tcp_serves_many_clients_with_idle_timeout() {
         assert!(ended, "silent client {i} was not disconnected");
     }
     let r = udp_report(&vm);
-    assert!(r.num("tcp_idle_closed") >= 10, "idle closes: {:?}", r.get("tcp_idle_closed"));
+    assert!(
+        r.num("tcp_idle_closed") >= 10,
+        "idle closes: {:?}",
+        r.get("tcp_idle_closed")
+    );
     shutdown_cleanly(vm);
 }
 
@@ -238,15 +257,18 @@ fn garbage_datagrams_and_streams_leave_the_node_answering() {
         if i % 200 == 199 {
             let _ = diag::query_udp(vm.ports.diag_udp_addr(), scaled(PROBE));
         }
-        assert!(start.elapsed() < scaled(Duration::from_secs(120)), "garbage phase too slow");
+        assert!(
+            start.elapsed() < scaled(Duration::from_secs(120)),
+            "garbage phase too slow"
+        );
     }
     // Garbage TCP streams: random bytes, overlong lines, binary, abrupt closes.
     for i in 0..30 {
-        let Ok(mut s) = TcpStream::connect_timeout(&vm.ports.diag_tcp_addr(), scaled(PROBE))
-        else {
+        let Ok(mut s) = TcpStream::connect_timeout(&vm.ports.diag_tcp_addr(), scaled(PROBE)) else {
             panic!("garbage client {i} could not connect{}", context(&vm));
         };
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let mut junk = g.bytes(4000);
         if i % 3 == 0 {
             junk.extend(std::iter::repeat_n(b'x', 1000));
@@ -270,11 +292,20 @@ fn launcher_pins_machine_flags() {
     let opts = options("args", Machine::Microvm);
     let (spec, _, _) = vm::user_net_spec(image(), &opts).expect("spec");
     let args = spec.qemu_args().join(" ");
-    assert!(args.contains("microvm,acpi=off,pic=off,pit=on,rtc=off"), "{args}");
-    assert!(args.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"), "{args}");
+    assert!(
+        args.contains("microvm,acpi=off,pic=off,pit=on,rtc=off"),
+        "{args}"
+    );
+    assert!(
+        args.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"),
+        "{args}"
+    );
     assert!(matches!(spec.net, NetAttach::User { .. }));
     let mut q35 = spec.clone();
     q35.machine = Machine::Q35;
     let args = q35.qemu_args().join(" ");
-    assert!(args.contains("qboot.rom") && args.contains("romfile=,"), "{args}");
+    assert!(
+        args.contains("qboot.rom") && args.contains("romfile=,"),
+        "{args}"
+    );
 }
