@@ -75,9 +75,19 @@ impl Report {
     }
 }
 
+/// The local address to send to `peer` from: loopback for forwarded ports, any address for a
+/// node on a cluster segment (the caller runs inside the cluster's network namespace).
+pub fn local_for(peer: SocketAddr) -> SocketAddr {
+    if peer.ip().is_loopback() {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    }
+}
+
 /// Asks the UDP diagnostic port, retrying every `retry` until `timeout`.
 pub fn query_udp(addr: SocketAddr, timeout: Duration) -> Result<Report, ProbeError> {
-    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    let socket = UdpSocket::bind(local_for(addr))?;
     let start = Instant::now();
     let retry = Duration::from_millis(200);
     let mut buf = [0u8; 2048];
@@ -181,7 +191,7 @@ pub fn echo_rtts(
     size: usize,
     per_probe: Duration,
 ) -> std::io::Result<(Vec<Duration>, usize)> {
-    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    let socket = UdpSocket::bind(local_for(addr))?;
     socket.set_read_timeout(Some(per_probe))?;
     let mut rtts = Vec::with_capacity(count);
     let mut lost = 0;

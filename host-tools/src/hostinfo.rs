@@ -6,7 +6,7 @@ use std::fs;
 use std::path::PathBuf;
 
 /// The accelerator QEMU runs a guest with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     Kvm,

@@ -9,7 +9,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use unipeer::hostinfo::{self, AccelChoice};
 use unipeer::qemu::Machine;
-use unipeer::{bench, diag, image, vm};
+use unipeer::{bench, cluster, diag, image, vm};
+
+mod cli_cluster;
 use unipeer_node::launch::{GuestExit, LogLevel};
 
 #[derive(Parser)]
@@ -19,6 +21,9 @@ use unipeer_node::launch::{GuestExit, LogLevel};
     about = "unipeer: a fault-tolerant P2P overlay of unikernel VMs"
 )]
 struct Cli {
+    /// Run directory of the local cluster (default: run/cluster under the repository).
+    #[arg(long, global = true)]
+    run_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +44,47 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+    /// Start a local cluster: N VMs on a switch with fault injection, in a network namespace
+    /// of its own (root) with a host uplink.
+    Up(cli_cluster::UpArgs),
+    /// Every node of the local cluster: state, addresses, ports, server, QEMU pid, diagnostics.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Do not ask the nodes' diagnostic ports.
+        #[arg(long)]
+        no_probe: bool,
+    },
+    /// A node's serial console.
+    Logs {
+        node: String,
+        /// Keep printing new output until the cluster stops (or Ctrl-C).
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Fault injection on the cluster's switch.
+    Net {
+        #[command(subcommand)]
+        command: cli_cluster::NetCommand,
+    },
+    /// Look a key up in the cluster's overlay: asks one node, prints the root and the path.
+    Lookup {
+        /// 32 hex digits, or any text (hashed as a name).
+        key: String,
+        /// The node that asks (default: the first node that is up).
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the local cluster: VMs, switch, daemon, namespace.
+    Down,
+    /// Internals of the local cluster.
+    #[command(hide = true)]
+    Cluster {
+        #[command(subcommand)]
+        command: cli_cluster::ClusterCommand,
     },
 }
 
@@ -115,12 +161,28 @@ enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Kill a cluster node's QEMU (SIGKILL); `status` then shows it down.
+    Kill { node: String },
+    /// Kill a cluster node if running and boot it again on the same switch port.
+    Restart { node: String },
+    /// Node FROM asks node TO's diagnostic port and measures COUNT echo round trips.
+    Ping {
+        from: String,
+        to: String,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Boot time, image size, memory, idle CPU and host<->VM round trips.
     Boot(bench::boot::BootBenchArgs),
+    /// Local cluster: VM<->VM round trips through the switch, switch frames/s, time to bring up
+    /// N VMs, density (most VMs up and answering) with host memory per VM.
+    Cluster(bench::cluster::ClusterBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -140,7 +202,49 @@ fn parse_level(s: &str) -> anyhow::Result<LogLevel> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let run_dir = cli_cluster::run_dir(cli.run_dir.clone())?;
     match cli.command {
+        Command::Up(args) => cli_cluster::up(&run_dir, args),
+        Command::Status { json, no_probe } => cli_cluster::status(&run_dir, json, !no_probe),
+        Command::Logs { node, follow } => cli_cluster::logs(&run_dir, &node, follow),
+        Command::Net { command } => cli_cluster::net(&run_dir, command),
+        Command::Lookup { key, from, json } => {
+            cli_cluster::lookup(&run_dir, &key, from.as_deref(), json)
+        }
+        Command::Down => {
+            println!("{}", cluster::down(&run_dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster { command } => cli_cluster::internal(command),
+        Command::Vm {
+            command: VmCommand::Kill { node },
+        } => {
+            cluster::kill(&run_dir, &node)?;
+            println!("{node}: killed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vm {
+            command: VmCommand::Restart { node },
+        } => {
+            let r = cluster::restart(&run_dir, &node)?;
+            println!("{node}: restarted, ready in {:.0} ms", r.all_ready_ms);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vm {
+            command:
+                VmCommand::Ping {
+                    from,
+                    to,
+                    count,
+                    json,
+                },
+        } => cli_cluster::ping(&run_dir, &from, &to, count, json),
+        Command::Bench {
+            command: BenchCommand::Cluster(args),
+        } => {
+            bench::cluster::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Image {
             command:
                 ImageCommand::Build {

@@ -19,7 +19,9 @@ use crate::hostinfo::Accel;
 pub const QEMU: &str = "qemu-system-x86_64";
 
 /// Machine type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Machine {
     /// QEMU microvm: virtio-mmio, no firmware to speak of (the default).

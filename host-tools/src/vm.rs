@@ -124,14 +124,9 @@ pub fn unix_ms() -> u64 {
 
 /// The launch config for a VM behind QEMU user networking (10.0.2.15, gateway 10.0.2.2).
 pub fn user_net_config(opts: &VmOptions) -> LaunchConfig {
-    let mut extra = opts.extra.clone();
-    if opts.exit_after_ready {
-        extra.push(("exit_after_ready".to_string(), vec![1]));
-    }
-    LaunchConfig {
-        node_name: opts.name.clone(),
-        server_id: opts.server_id.clone(),
-        net: NetConfig {
+    launch_config(
+        opts,
+        NetConfig {
             mac: mac_for(&opts.name),
             ipv4: [10, 0, 2, 15],
             prefix_len: 24,
@@ -141,6 +136,20 @@ pub fn user_net_config(opts: &VmOptions) -> LaunchConfig {
             diag_tcp_port: DIAG_TCP_PORT,
             echo_port: ECHO_PORT,
         },
+    )
+}
+
+/// The launch config for a VM with the given network settings (user networking above, the
+/// cluster switch in `cluster`).
+pub fn launch_config(opts: &VmOptions, net: NetConfig) -> LaunchConfig {
+    let mut extra = opts.extra.clone();
+    if opts.exit_after_ready {
+        extra.push(("exit_after_ready".to_string(), vec![1]));
+    }
+    LaunchConfig {
+        node_name: opts.name.clone(),
+        server_id: opts.server_id.clone(),
+        net,
         bootstrap: Vec::new(),
         rng_seed: launch_seed(&opts.name),
         launch_unix_ms: unix_ms(),

@@ -2,5 +2,6 @@
 //! the same invocation.
 
 pub mod boot;
+pub mod cluster;
 pub mod linux_baseline;
 pub mod overlay;

@@ -66,3 +66,37 @@ pub fn run_dir(test: &str) -> PathBuf {
 pub fn options(test: &str, machine: Machine) -> VmOptions {
     VmOptions::new(test, run_dir(test), machine, accel())
 }
+
+static UNIPEER_BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// The `unipeer` binary (cluster tests start its daemon): `UNIPEER_BIN`, or built here once
+/// with the test binary's own profile.
+pub fn unipeer_bin() -> &'static PathBuf {
+    let result = UNIPEER_BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("UNIPEER_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        // target/<profile>/deps/<test binary>
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let profile_dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .ok_or("test binary outside a target directory")?
+            .to_path_buf();
+        let mut cmd = std::process::Command::new("cargo");
+        cmd.args(["build", "-q", "-p", "unipeer", "--bin", "unipeer"])
+            .current_dir(image::repo_root());
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().map_err(|e| format!("cargo: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build -p unipeer failed: {status}"));
+        }
+        Ok(profile_dir.join("unipeer"))
+    });
+    match result {
+        Ok(p) => p,
+        Err(e) => panic!("cannot build the unipeer binary: {e}"),
+    }
+}
