@@ -2,4 +2,5 @@
 //! benchmarks. The `unipeer` binary is a thin clap front over this library.
 
 pub mod bench;
+pub mod ca;
 pub mod net;
