@@ -17,15 +17,25 @@
 pub mod cert;
 pub mod clock;
 pub mod csprng;
+pub mod delegation;
 pub mod keys;
+pub mod replay;
 pub mod revocation;
+pub mod session;
+pub mod user_auth;
 pub mod users;
 
 pub use cert::{CertBody, CertChain, CertError, CertKind, Certificate, VerifiedPeer};
 pub use clock::WallClock;
 pub use csprng::Csprng;
+pub use delegation::{CredentialDelegator, DelegationEvent, DelegationMessage};
 pub use keys::{IdentityKey, PublicKey, Sig};
 pub use revocation::{RevocationError, RevocationList, RevocationState};
+pub use session::{
+    Channel, Delivered, SEAL_OVERHEAD, SendError, SessionLayer, SessionLimits, TrustCounters,
+    TrustMessage,
+};
+pub use user_auth::{UserAuthClient, UserAuthError, UserAuthMessage, UserAuthResponder};
 pub use users::{Allowance, UserCredential, UserEntry, UserList, UserListError};
 
 use crate::launch::LaunchConfig;
