@@ -2,6 +2,7 @@
 //! benchmarks. The `unipeer` binary is a thin clap front over this library.
 
 pub mod bench;
+pub mod ca;
 pub mod cluster;
 pub mod diag;
 pub mod hostinfo;

@@ -80,6 +80,11 @@ enum Command {
     },
     /// Stop the local cluster: VMs, switch, daemon, namespace.
     Down,
+    /// The trusted authority: peers' certificates, users' pre-shared keys, revocation.
+    Ca {
+        #[command(subcommand)]
+        command: unipeer::ca::CaCommand,
+    },
     /// Internals of the local cluster.
     #[command(hide = true)]
     Cluster {
@@ -178,6 +183,15 @@ enum VmCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Handshake time and per-message sealing overhead of the trust layer (host).
+    Auth {
+        /// Handshakes to time.
+        #[arg(long, default_value_t = 200)]
+        handshakes: u32,
+        /// Messages to seal and open per payload size.
+        #[arg(long, default_value_t = 20_000)]
+        messages: u32,
+    },
     /// Boot time, image size, memory, idle CPU and host<->VM round trips.
     Boot(bench::boot::BootBenchArgs),
     /// Local cluster: VM<->VM round trips through the switch, switch frames/s, time to bring up
@@ -210,6 +224,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Net { command } => cli_cluster::net(&run_dir, command),
         Command::Lookup { key, from, json } => {
             cli_cluster::lookup(&run_dir, &key, from.as_deref(), json)
+        }
+        Command::Ca { command } => {
+            unipeer::ca::run(command)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Down => {
             println!("{}", cluster::down(&run_dir)?);
@@ -307,6 +325,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{k:>24}  {v}");
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Auth {
+                    handshakes,
+                    messages,
+                },
+        } => {
+            print!("{}", unipeer::ca::bench::bench(handshakes, messages)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
