@@ -681,6 +681,7 @@ impl<S: Sealer> Node<S> {
         self.heard_from(now, sender, h.joined, &mut gained);
         let replied_to_sender = self.dispatch(now, sender, h.joined, packet.message, &mut gained);
         self.welcome(
+            now,
             &gained,
             if replied_to_sender {
                 Some(sender.id)
@@ -897,16 +898,22 @@ impl<S: Sealer> Node<S> {
     }
 
     /// Sends our leaf set to members we just gained (except `skip`, already answered).
-    fn welcome(&mut self, gained: &[(Contact, bool)], skip: Option<NodeId>) {
+    /// Members gained on hearsay get a probe instead: its answer proves them alive, and a node
+    /// that gains us in turn pushes its own leaf set back.
+    fn welcome(&mut self, now: Instant, gained: &[(Contact, bool)], skip: Option<NodeId>) {
         for (c, direct) in gained {
-            if Some(c.id) != skip && self.leaf.contains(c.id) {
-                // Hearsay: ask for an answer, which also proves it alive.
-                let kind = if *direct {
-                    LeafKind::Push
-                } else {
-                    LeafKind::Exchange
-                };
-                self.send_leaf_set(c.addr, kind);
+            if Some(c.id) == skip || !self.leaf.contains(c.id) {
+                continue;
+            }
+            if *direct {
+                self.send_leaf_set(c.addr, LeafKind::Push);
+            } else {
+                self.send(
+                    c.addr,
+                    Message::Ping {
+                        echo: Some(now.as_micros()),
+                    },
+                );
             }
         }
     }
@@ -1206,8 +1213,11 @@ impl<S: Sealer> Node<S> {
         }
     }
 
-    /// The routing-table hop, else the rare case: any known node sharing at least as long a
-    /// prefix and numerically closer, else any known node numerically closer.
+    /// The Pastry hop when the leaf set does not cover `key`: of all known nodes, one sharing
+    /// the longest prefix with the key, if longer than ours (the routing-table entry, chosen for
+    /// proximity, wins ties; a longer prefix found elsewhere saves hops); else Pastry's rare
+    /// case, a node with as long a prefix and numerically closer; else any node numerically
+    /// closer. Never a node on the path.
     fn next_by_prefix(
         &self,
         key: Key,
@@ -1215,31 +1225,45 @@ impl<S: Sealer> Node<S> {
         excluded: impl Fn(Id) -> bool,
     ) -> Option<Contact> {
         let usable = |id: Id| !path.contains(&id) && !excluded(id);
-        if let Some(e) = self.table.next_hop(key)
-            && usable(e.contact.id)
-        {
-            return Some(e.contact);
-        }
         let own_prefix = self.me.id.shared_prefix_len(key);
         let own_dist = key.distance(self.me.id);
+        let table_hop = self
+            .table
+            .next_hop(key)
+            .map(|e| e.contact.id)
+            .filter(|id| usable(*id));
         let known = self
-            .leaf
-            .contacts()
-            .copied()
-            .chain(self.table.entries().map(|e| e.contact))
+            .table
+            .entries()
+            .map(|e| e.contact)
+            .chain(self.leaf.contacts().copied())
             .chain(self.hood.members().iter().map(|e| e.contact));
-        let mut best: Option<(bool, u128, Contact)> = None;
+        // Rank: (prefix-progress class, prefix length, is the table hop, closeness).
+        let mut best: Option<((u8, usize, bool, u128), Contact)> = None;
         for c in known {
-            if !usable(c.id) || key.distance(c.id) >= own_dist {
+            if !usable(c.id) {
                 continue;
             }
-            let long = c.id.shared_prefix_len(key) >= own_prefix;
-            let cand = (long, u128::MAX - key.distance(c.id), c);
-            if best.is_none_or(|b| (cand.0, cand.1) > (b.0, b.1)) {
-                best = Some(cand);
+            let prefix = c.id.shared_prefix_len(key);
+            let dist = key.distance(c.id);
+            let class = if prefix > own_prefix {
+                2
+            } else if dist < own_dist {
+                u8::from(prefix >= own_prefix)
+            } else {
+                continue;
+            };
+            let rank = (
+                class,
+                if class == 2 { prefix } else { 0 },
+                Some(c.id) == table_hop,
+                u128::MAX - dist,
+            );
+            if best.is_none_or(|(b, _)| rank > b) {
+                best = Some((rank, c));
             }
         }
-        best.map(|b| b.2)
+        best.map(|(_, c)| c)
     }
 
     fn hop_timeout_ms(&self, next: &Contact) -> u64 {
