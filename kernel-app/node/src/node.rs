@@ -940,14 +940,18 @@ impl<S: Sealer> Node<S> {
             self.emit(Event::PeerFailed { id });
             log::debug!("{:?}: leaf member {:?} failed", self.me.id, id);
             self.records_changed(now);
-            // Ask the far end of the side that lost a member for its leaf set.
-            let cw = self.me.id.cw_distance(m.contact.id) <= m.contact.id.cw_distance(self.me.id);
+            // Ask the far end of the side that lost a member for its leaf set: it knows the
+            // nodes beyond. (Only members really on that side: a side short of members also
+            // lists the far end of the other side, wrapping round.)
+            let own = self.me.id;
+            let on_cw_side = |id: Id| own.cw_distance(id) <= id.cw_distance(own);
+            let cw = on_cw_side(m.contact.id);
             let side = if cw {
                 self.leaf.successors()
             } else {
                 self.leaf.predecessors()
             };
-            if let Some(far) = side.last() {
+            if let Some(far) = side.iter().rev().find(|c| on_cw_side(c.id) == cw) {
                 self.send_leaf_set(far.addr, LeafKind::Exchange);
             }
         } else if in_table {
@@ -1008,12 +1012,20 @@ impl<S: Sealer> Node<S> {
         }
     }
 
+    /// Table maintenance: ask a table entry for its row. Every other time, ask the nearest
+    /// neighbours instead (the Registrar): their rows hold nodes near them, hence near us.
     fn refresh_table(&mut self) {
         let rows = self.table.rows();
         if rows == 0 {
             return;
         }
         let row = self.rng.below(rows as u64) as usize;
+        let near = self.hood.members().len();
+        if near > 0 && self.rng.below(2) == 0 {
+            let pick = self.hood.members()[self.rng.below(near as u64) as usize].contact;
+            self.send(pick.addr, Message::RowRequest { row: row as u8 });
+            return;
+        }
         let entries = self.table.row(row);
         if entries.is_empty() {
             return;
@@ -1734,4 +1746,141 @@ impl<S: Sealer> fmt::Debug for Node<S> {
 pub fn format_path(path: &[NodeId]) -> alloc::string::String {
     let parts: Vec<alloc::string::String> = path.iter().map(|id| format!("{id:?}")).collect();
     parts.join(" -> ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::placeholder_public_key;
+
+    fn addr(i: u8) -> PeerAddr {
+        PeerAddr {
+            ipv4: [10, 0, 0, i],
+            port: 7000,
+        }
+    }
+
+    fn config(i: u8) -> NodeConfig {
+        let key = placeholder_public_key(&format!("node-{i}"));
+        NodeConfig::new(&key, addr(i), ServerTag(1), [i; 32])
+    }
+
+    fn events(n: &mut Node) -> Vec<Event> {
+        core::iter::from_fn(|| n.poll_event()).collect()
+    }
+
+    /// Delivers every queued datagram between the nodes until quiet (a two-node `Pair`).
+    fn exchange(nodes: &mut [Node], now: Instant) {
+        for _ in 0..100 {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                while let Some(t) = nodes[i].poll_transmit() {
+                    moved = true;
+                    let from = nodes[i].contact().addr;
+                    if let Some(j) = nodes.iter().position(|n| n.contact().addr == t.dst) {
+                        nodes[j].handle_datagram(now, from, &t.payload);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the nodes never went quiet");
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let mut c = config(1);
+        c.leaf_set_len = 5;
+        assert_eq!(
+            Node::new(c, Instant::ZERO).err(),
+            Some(ConfigError::LeafSetLen(5))
+        );
+        let mut c = config(1);
+        c.replicas = 10;
+        assert_eq!(
+            Node::new(c, Instant::ZERO).err(),
+            Some(ConfigError::Replicas(10))
+        );
+        let mut c = config(1);
+        c.timing.leaf_fail_ms = c.timing.keepalive_ms;
+        assert_eq!(Node::new(c, Instant::ZERO).err(), Some(ConfigError::Timing));
+    }
+
+    #[test]
+    fn requests_need_a_joined_node_and_small_values() {
+        let mut n = Node::new(config(1), Instant::ZERO).unwrap();
+        assert_eq!(n.poll_timeout(), None);
+        assert_eq!(n.lookup(Instant::ZERO, Id(5)), Err(RequestError::NotJoined));
+        n.join(Instant::ZERO, &[]);
+        assert_eq!(events(&mut n), vec![Event::Joined]);
+        let big = vec![0u8; MAX_VALUE_LEN + 1];
+        assert_eq!(
+            n.put(Instant::ZERO, Id(5), &big),
+            Err(RequestError::ValueTooLarge)
+        );
+    }
+
+    #[test]
+    fn alone_a_node_is_every_key_root_but_cannot_ack_k_copies() {
+        let mut n = Node::new(config(1), Instant::ZERO).unwrap();
+        n.join(Instant::ZERO, &[]);
+        events(&mut n);
+        let op = n.lookup(Instant::ZERO, Id(77)).unwrap();
+        let ev = events(&mut n);
+        assert!(ev.contains(&Event::LookupDone {
+            op,
+            key: Id(77),
+            root: n.contact(),
+            path: vec![n.id()],
+        }));
+        // k = 3 copies cannot exist with one node: the put fails after its attempts.
+        let op = n.put(Instant::ZERO, Id(9), b"v").unwrap();
+        let mut now = Instant::ZERO;
+        let mut failed = false;
+        for _ in 0..40 {
+            now = n.poll_timeout().unwrap().max(now);
+            n.handle_timeout(now);
+            failed |= events(&mut n).iter().any(|e| {
+                matches!(e, Event::RequestFailed { op: o, kind: RequestKind::Put, .. } if *o == op)
+            });
+        }
+        assert!(failed);
+    }
+
+    #[test]
+    fn second_node_joins_through_the_first_and_both_know_each_other() {
+        let mut a = {
+            let mut c = config(1);
+            c.replicas = 2;
+            Node::new(c, Instant::ZERO).unwrap()
+        };
+        a.join(Instant::ZERO, &[]);
+        let mut b = {
+            let mut c = config(2);
+            c.replicas = 2;
+            Node::new(c, Instant::ZERO).unwrap()
+        };
+        b.join(Instant::ZERO, &[addr(1)]);
+        let mut nodes = [a, b];
+        exchange(&mut nodes, Instant::from_millis(1));
+        let [a, b] = &mut nodes;
+        assert!(b.is_joined());
+        assert!(events(b).contains(&Event::Joined));
+        assert!(a.leaf_set().contains(b.id()));
+        assert!(b.leaf_set().contains(a.id()));
+        // With k = 2, a put from b is acknowledged once both hold it.
+        let key = Id::for_name(b"k");
+        let op = b.put(Instant::from_millis(2), key, b"value").unwrap();
+        exchange(&mut nodes, Instant::from_millis(3));
+        let [a, b] = &mut nodes;
+        assert!(
+            events(b)
+                .iter()
+                .any(|e| matches!(e, Event::PutDone { op: o, .. } if *o == op))
+        );
+        assert!(a.records().get(key).is_some() && b.records().get(key).is_some());
+        assert_eq!(a.counters().undecodable + b.counters().undecodable, 0);
+    }
 }

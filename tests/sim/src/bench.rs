@@ -10,6 +10,9 @@ use std::time::Instant as WallClock;
 use unipeer_node::Instant;
 use unipeer_node::id::Id;
 
+/// Simulated seconds after each regime in which the last lookups finish.
+const DRAIN_S: u64 = 20;
+
 /// One benchmark run's parameters.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -111,7 +114,9 @@ pub fn run(cfg: &BenchConfig) -> BenchResult {
 
     let wall = WallClock::now();
     let no_churn = measure(&mut sim, cfg, None);
-    let wall_s_per_sim_minute = wall.elapsed().as_secs_f64() / (cfg.measure_s as f64 / 60.0);
+    // The regime runs `measure_s` and then `DRAIN_S` for the last answers.
+    let wall_s_per_sim_minute =
+        wall.elapsed().as_secs_f64() / ((cfg.measure_s + DRAIN_S) as f64 / 60.0);
     let hops = sim.take_hops();
     let memory_per_node_bytes = {
         let live = sim.live_slots();
@@ -195,7 +200,7 @@ fn measure(sim: &mut Sim, cfg: &BenchConfig, median_session_s: Option<f64>) -> C
         t.clear();
     }
     // Let the last lookups finish (no new ones, no churn).
-    let t = sim.now.plus_ms(20_000);
+    let t = sim.now.plus_ms(DRAIN_S * 1000);
     sim.run_until(t);
     let s = &sim.stats;
     Consistency {

@@ -132,3 +132,31 @@ fn put_then_get_from_elsewhere_and_survive_k_minus_1_crashes() {
     ));
     assert!(sim.violations.is_empty(), "{:?}", sim.violations);
 }
+
+#[test]
+fn routing_tables_prefer_nodes_on_the_same_server() {
+    let mut sim = formed(15, 256);
+    // A few table-refresh periods for the Registrar to find nearer candidates.
+    let t = sim.now.plus_ms(120_000);
+    sim.run_until(t);
+    let tag_of = |slot: usize| {
+        unipeer_node::ServerTag::from_name(&format!("server-{}", sim.slots[slot].server))
+    };
+    let (mut same, mut total) = (0usize, 0usize);
+    for slot in sim.live_slots() {
+        let node = sim.node(slot).unwrap();
+        let own = tag_of(slot);
+        for e in node.routing_table().entries() {
+            total += 1;
+            same += usize::from(e.contact.server == own);
+        }
+    }
+    let share = same as f64 / total as f64;
+    let servers = sim.cfg.servers as f64;
+    eprintln!(
+        "same-server table entries: {share:.3} (random choice: {:.3})",
+        1.0 / servers
+    );
+    // Random choice would give about 1/servers; the Registrar's preference must do far better.
+    assert!(share > 3.0 / servers, "share {share}");
+}
