@@ -227,6 +227,15 @@ mod tests {
         );
     }
 
+    /// The default `unipeer bench overlay` run (minutes): `cargo test -p unipeer --lib
+    /// bench::overlay -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn default_run() {
+        let out = report(&OverlayBenchArgs::default()).unwrap();
+        println!("{out}");
+    }
+
     #[test]
     fn rejects_bad_arguments() {
         let args = OverlayBenchArgs {

@@ -1012,20 +1012,20 @@ impl<S: Sealer> Node<S> {
         }
     }
 
-    /// Table maintenance: ask a table entry for its row. Every other time, ask the nearest
-    /// neighbours instead (the Registrar): their rows hold nodes near them, hence near us.
+    /// Table maintenance: ask a table entry of row r for its row r (it shares r digits with
+    /// us, so its row fills ours). Every other time also ask a near neighbour for its row 0
+    /// (the Registrar): those entries were chosen near it, hence near us.
     fn refresh_table(&mut self) {
         let rows = self.table.rows();
         if rows == 0 {
             return;
         }
-        let row = self.rng.below(rows as u64) as usize;
         let near = self.hood.members().len();
         if near > 0 && self.rng.below(2) == 0 {
             let pick = self.hood.members()[self.rng.below(near as u64) as usize].contact;
-            self.send(pick.addr, Message::RowRequest { row: row as u8 });
-            return;
+            self.send(pick.addr, Message::RowRequest { row: 0 });
         }
+        let row = self.rng.below(rows as u64) as usize;
         let entries = self.table.row(row);
         if entries.is_empty() {
             return;
