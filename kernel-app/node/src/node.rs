@@ -62,6 +62,9 @@ pub struct Timing {
     pub leaf_probe_after_ms: u64,
     /// Silence after which a leaf-set member is declared failed.
     pub leaf_fail_ms: u64,
+    /// A member added on hearsay (another node's leaf set or row) must be heard from within
+    /// this long, so dead nodes passed around by peers that have not noticed yet drop out fast.
+    pub hearsay_grace_ms: u64,
     /// Period of leaf-set exchange with one random member.
     pub leaf_exchange_ms: u64,
     /// Period of asking a routing-table entry for a row.
@@ -92,6 +95,7 @@ impl Default for Timing {
             keepalive_ms: 2_000,
             leaf_probe_after_ms: 5_000,
             leaf_fail_ms: 8_000,
+            hearsay_grace_ms: 3_000,
             leaf_exchange_ms: 10_000,
             table_refresh_ms: 20_000,
             hop_timeout_ms: 1_000,
@@ -155,6 +159,7 @@ impl NodeConfig {
         let t = &self.timing;
         if t.keepalive_ms == 0
             || t.leaf_fail_ms <= t.keepalive_ms
+            || t.hearsay_grace_ms > t.leaf_fail_ms
             || t.hop_timeout_ms == 0
             || t.request_timeout_ms == 0
             || t.request_attempts == 0
@@ -347,6 +352,16 @@ struct Pending {
     attempts_left: u8,
 }
 
+/// A put served as root, acknowledged once `k` nodes hold it.
+#[derive(Clone, Debug)]
+struct PutAwaitingCopies {
+    key: Key,
+    version: u64,
+    nonce: u64,
+    origin: Contact,
+    expires: Instant,
+}
+
 #[derive(Clone, Debug)]
 struct InFlight {
     routed: Routed,
@@ -384,6 +399,7 @@ pub struct Node<S: Sealer = Plaintext> {
     join_nonce: u64,
     pending: Vec<Pending>,
     in_flight: Vec<InFlight>,
+    put_acks: Vec<PutAwaitingCopies>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     next_op: u64,
@@ -439,6 +455,7 @@ impl<S: Sealer> Node<S> {
             join_nonce: 0,
             pending: Vec::new(),
             in_flight: Vec::new(),
+            put_acks: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_op: 1,
@@ -508,6 +525,7 @@ impl<S: Sealer> Node<S> {
             + self.store.heap_bytes()
             + self.bootstrap.capacity() * size_of::<PeerAddr>()
             + self.pending.capacity() * size_of::<Pending>()
+            + self.put_acks.capacity() * size_of::<PutAwaitingCopies>()
             + self.in_flight.capacity() * (size_of::<InFlight>() + MAX_PATH * 16)
             + self.transmits.capacity() * size_of::<Transmit>()
             + self
@@ -586,7 +604,9 @@ impl<S: Sealer> Node<S> {
         self.start_request(now, key, PendingKind::Lookup)
     }
 
-    /// Stores `value` under `key` at its root and `k - 1` neighbours.
+    /// Stores `value` under `key` at its root and `k - 1` neighbours. `PutDone` comes only once
+    /// `k` nodes hold it, so an overlay smaller than `k` (or a partition side that small)
+    /// cannot acknowledge a put: it fails with `RequestFailed` instead.
     pub fn put(&mut self, now: Instant, key: Key, value: &[u8]) -> Result<OpId, RequestError> {
         if value.len() > MAX_VALUE_LEN {
             return Err(RequestError::ValueTooLarge);
@@ -661,6 +681,7 @@ impl<S: Sealer> Node<S> {
         self.heard_from(now, sender, h.joined, &mut gained);
         let replied_to_sender = self.dispatch(now, sender, h.joined, packet.message, &mut gained);
         self.welcome(
+            now,
             &gained,
             if replied_to_sender {
                 Some(sender.id)
@@ -810,7 +831,7 @@ impl<S: Sealer> Node<S> {
         now: Instant,
         sender: Contact,
         joined: bool,
-        gained: &mut Vec<Contact>,
+        gained: &mut Vec<(Contact, bool)>,
     ) {
         if let Some(m) = self.leaf.get_mut(sender.id) {
             m.last_heard = now;
@@ -826,7 +847,7 @@ impl<S: Sealer> Node<S> {
     /// Offers a node to leaf set, routing table and neighbourhood set. Hearsay (`direct ==
     /// false`) about a recently failed node is ignored, so the dead do not come back through
     /// peers that have not noticed yet.
-    fn learn(&mut self, now: Instant, c: Contact, direct: bool, gained: &mut Vec<Contact>) {
+    fn learn(&mut self, now: Instant, c: Contact, direct: bool, gained: &mut Vec<(Contact, bool)>) {
         if c.id == self.me.id || self.phase == Phase::Left {
             return;
         }
@@ -834,8 +855,14 @@ impl<S: Sealer> Node<S> {
             return;
         }
         let mut evicted = Vec::new();
-        if self.leaf.insert(c, now, &mut evicted) {
-            gained.push(c);
+        let heard = if direct {
+            now
+        } else {
+            let grace = self.timing.leaf_fail_ms - self.timing.hearsay_grace_ms;
+            Instant::from_micros(now.as_micros().saturating_sub(grace * 1000))
+        };
+        if self.leaf.insert(c, heard, &mut evicted) {
+            gained.push((c, direct));
             self.records_changed(now);
         }
         for e in evicted {
@@ -871,10 +898,22 @@ impl<S: Sealer> Node<S> {
     }
 
     /// Sends our leaf set to members we just gained (except `skip`, already answered).
-    fn welcome(&mut self, gained: &[Contact], skip: Option<NodeId>) {
-        for c in gained {
-            if Some(c.id) != skip && self.leaf.contains(c.id) {
+    /// Members gained on hearsay get a probe instead: its answer proves them alive, and a node
+    /// that gains us in turn pushes its own leaf set back.
+    fn welcome(&mut self, now: Instant, gained: &[(Contact, bool)], skip: Option<NodeId>) {
+        for (c, direct) in gained {
+            if Some(c.id) == skip || !self.leaf.contains(c.id) {
+                continue;
+            }
+            if *direct {
                 self.send_leaf_set(c.addr, LeafKind::Push);
+            } else {
+                self.send(
+                    c.addr,
+                    Message::Ping {
+                        echo: Some(now.as_micros()),
+                    },
+                );
             }
         }
     }
@@ -901,14 +940,18 @@ impl<S: Sealer> Node<S> {
             self.emit(Event::PeerFailed { id });
             log::debug!("{:?}: leaf member {:?} failed", self.me.id, id);
             self.records_changed(now);
-            // Ask the far end of the side that lost a member for its leaf set.
-            let cw = self.me.id.cw_distance(m.contact.id) <= m.contact.id.cw_distance(self.me.id);
+            // Ask the far end of the side that lost a member for its leaf set: it knows the
+            // nodes beyond. (Only members really on that side: a side short of members also
+            // lists the far end of the other side, wrapping round.)
+            let own = self.me.id;
+            let on_cw_side = |id: Id| own.cw_distance(id) <= id.cw_distance(own);
+            let cw = on_cw_side(m.contact.id);
             let side = if cw {
                 self.leaf.successors()
             } else {
                 self.leaf.predecessors()
             };
-            if let Some(far) = side.last() {
+            if let Some(far) = side.iter().rev().find(|c| on_cw_side(c.id) == cw) {
                 self.send_leaf_set(far.addr, LeafKind::Exchange);
             }
         } else if in_table {
@@ -969,10 +1012,18 @@ impl<S: Sealer> Node<S> {
         }
     }
 
+    /// Table maintenance: ask a table entry of row r for its row r (it shares r digits with
+    /// us, so its row fills ours). Every other time also ask a near neighbour for its row 0
+    /// (the Registrar): those entries were chosen near it, hence near us.
     fn refresh_table(&mut self) {
         let rows = self.table.rows();
         if rows == 0 {
             return;
+        }
+        let near = self.hood.members().len();
+        if near > 0 && self.rng.below(2) == 0 {
+            let pick = self.hood.members()[self.rng.below(near as u64) as usize].contact;
+            self.send(pick.addr, Message::RowRequest { row: 0 });
         }
         let row = self.rng.below(rows as u64) as usize;
         let entries = self.table.row(row);
@@ -1009,7 +1060,7 @@ impl<S: Sealer> Node<S> {
         sender: Contact,
         sender_joined: bool,
         message: Message,
-        gained: &mut Vec<Contact>,
+        gained: &mut Vec<(Contact, bool)>,
     ) -> bool {
         match message {
             Message::Ping { echo } => {
@@ -1124,6 +1175,7 @@ impl<S: Sealer> Node<S> {
             },
             Message::StoreAck { key, version } => {
                 self.store.confirm(key, version, sender.id);
+                self.check_put_acks(key);
             }
             Message::HandoffAck { key, version } => {
                 if !self.leaf.covers(key)
@@ -1173,8 +1225,11 @@ impl<S: Sealer> Node<S> {
         }
     }
 
-    /// The routing-table hop, else the rare case: any known node sharing at least as long a
-    /// prefix and numerically closer, else any known node numerically closer.
+    /// The Pastry hop when the leaf set does not cover `key`: of all known nodes, one sharing
+    /// the longest prefix with the key, if longer than ours (the routing-table entry, chosen for
+    /// proximity, wins ties; a longer prefix found elsewhere saves hops); else Pastry's rare
+    /// case, a node with as long a prefix and numerically closer; else any node numerically
+    /// closer. Never a node on the path.
     fn next_by_prefix(
         &self,
         key: Key,
@@ -1182,31 +1237,45 @@ impl<S: Sealer> Node<S> {
         excluded: impl Fn(Id) -> bool,
     ) -> Option<Contact> {
         let usable = |id: Id| !path.contains(&id) && !excluded(id);
-        if let Some(e) = self.table.next_hop(key)
-            && usable(e.contact.id)
-        {
-            return Some(e.contact);
-        }
         let own_prefix = self.me.id.shared_prefix_len(key);
         let own_dist = key.distance(self.me.id);
+        let table_hop = self
+            .table
+            .next_hop(key)
+            .map(|e| e.contact.id)
+            .filter(|id| usable(*id));
         let known = self
-            .leaf
-            .contacts()
-            .copied()
-            .chain(self.table.entries().map(|e| e.contact))
+            .table
+            .entries()
+            .map(|e| e.contact)
+            .chain(self.leaf.contacts().copied())
             .chain(self.hood.members().iter().map(|e| e.contact));
-        let mut best: Option<(bool, u128, Contact)> = None;
+        // Rank: (prefix-progress class, prefix length, is the table hop, closeness).
+        let mut best: Option<((u8, usize, bool, u128), Contact)> = None;
         for c in known {
-            if !usable(c.id) || key.distance(c.id) >= own_dist {
+            if !usable(c.id) {
                 continue;
             }
-            let long = c.id.shared_prefix_len(key) >= own_prefix;
-            let cand = (long, u128::MAX - key.distance(c.id), c);
-            if best.is_none_or(|b| (cand.0, cand.1) > (b.0, b.1)) {
-                best = Some(cand);
+            let prefix = c.id.shared_prefix_len(key);
+            let dist = key.distance(c.id);
+            let class = if prefix > own_prefix {
+                2
+            } else if dist < own_dist {
+                u8::from(prefix >= own_prefix)
+            } else {
+                continue;
+            };
+            let rank = (
+                class,
+                if class == 2 { prefix } else { 0 },
+                Some(c.id) == table_hop,
+                u128::MAX - dist,
+            );
+            if best.is_none_or(|(b, _)| rank > b) {
+                best = Some((rank, c));
             }
         }
-        best.map(|b| b.2)
+        best.map(|(_, c)| c)
     }
 
     fn hop_timeout_ms(&self, next: &Contact) -> u64 {
@@ -1331,21 +1400,32 @@ impl<S: Sealer> Node<S> {
             },
             RoutedBody::Put { value } => {
                 let version = self.store.get(r.key).map_or(1, |rec| rec.version + 1);
-                let version = match self.store.accept(r.key, version, &value) {
+                match self.store.accept(r.key, version, &value) {
                     Ok(_) => {
                         self.store.confirm(r.key, version, self.me.id);
+                        // Acknowledged only once k nodes hold it (see `check_put_acks`).
+                        self.put_acks.retain(|p| p.expires > now);
+                        if self.put_acks.len() < MAX_PENDING {
+                            self.put_acks.push(PutAwaitingCopies {
+                                key: r.key,
+                                version,
+                                nonce: r.nonce,
+                                origin,
+                                expires: now.plus_ms(self.timing.request_timeout_ms),
+                            });
+                        }
                         self.replicate_key(now, r.key);
-                        version
+                        self.check_put_acks(r.key);
+                        return;
                     }
                     Err(_) => {
                         self.counters.records_refused += 1;
-                        0
+                        Message::PutAck {
+                            nonce: r.nonce,
+                            key: r.key,
+                            version: 0,
+                        }
                     }
-                };
-                Message::PutAck {
-                    nonce: r.nonce,
-                    key: r.key,
-                    version,
                 }
             }
             RoutedBody::Handoff { version, value } => {
@@ -1377,6 +1457,11 @@ impl<S: Sealer> Node<S> {
                 }
             }
         };
+        self.answer(origin, reply);
+    }
+
+    /// Sends a root's answer to the origin, or completes it here if this node is the origin.
+    fn answer(&mut self, origin: Contact, reply: Message) {
         if origin.id == self.me.id {
             let me = self.me;
             match reply {
@@ -1561,6 +1646,32 @@ impl<S: Sealer> Node<S> {
         }
     }
 
+    /// Acknowledges the puts of `key` whose version now has `k` confirmed copies.
+    fn check_put_acks(&mut self, key: Key) {
+        let Some(rec) = self.store.get(key) else {
+            return;
+        };
+        if rec.confirmed.len() < self.replicas {
+            return;
+        }
+        let held = rec.version;
+        let mut i = 0;
+        while i < self.put_acks.len() {
+            let p = &self.put_acks[i];
+            if p.key == key && p.version <= held {
+                let p = self.put_acks.swap_remove(i);
+                let ack = Message::PutAck {
+                    nonce: p.nonce,
+                    key,
+                    version: p.version,
+                };
+                self.answer(p.origin, ack);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     fn replicate_key(&mut self, now: Instant, key: Key) {
         if !self.leaf.covers(key) {
             // Not ours to place: hand it to the root, which answers `HandoffAck`.
@@ -1635,4 +1746,141 @@ impl<S: Sealer> fmt::Debug for Node<S> {
 pub fn format_path(path: &[NodeId]) -> alloc::string::String {
     let parts: Vec<alloc::string::String> = path.iter().map(|id| format!("{id:?}")).collect();
     parts.join(" -> ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::placeholder_public_key;
+
+    fn addr(i: u8) -> PeerAddr {
+        PeerAddr {
+            ipv4: [10, 0, 0, i],
+            port: 7000,
+        }
+    }
+
+    fn config(i: u8) -> NodeConfig {
+        let key = placeholder_public_key(&format!("node-{i}"));
+        NodeConfig::new(&key, addr(i), ServerTag(1), [i; 32])
+    }
+
+    fn events(n: &mut Node) -> Vec<Event> {
+        core::iter::from_fn(|| n.poll_event()).collect()
+    }
+
+    /// Delivers every queued datagram between the nodes until quiet (a two-node `Pair`).
+    fn exchange(nodes: &mut [Node], now: Instant) {
+        for _ in 0..100 {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                while let Some(t) = nodes[i].poll_transmit() {
+                    moved = true;
+                    let from = nodes[i].contact().addr;
+                    if let Some(j) = nodes.iter().position(|n| n.contact().addr == t.dst) {
+                        nodes[j].handle_datagram(now, from, &t.payload);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the nodes never went quiet");
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let mut c = config(1);
+        c.leaf_set_len = 5;
+        assert_eq!(
+            Node::new(c, Instant::ZERO).err(),
+            Some(ConfigError::LeafSetLen(5))
+        );
+        let mut c = config(1);
+        c.replicas = 10;
+        assert_eq!(
+            Node::new(c, Instant::ZERO).err(),
+            Some(ConfigError::Replicas(10))
+        );
+        let mut c = config(1);
+        c.timing.leaf_fail_ms = c.timing.keepalive_ms;
+        assert_eq!(Node::new(c, Instant::ZERO).err(), Some(ConfigError::Timing));
+    }
+
+    #[test]
+    fn requests_need_a_joined_node_and_small_values() {
+        let mut n = Node::new(config(1), Instant::ZERO).unwrap();
+        assert_eq!(n.poll_timeout(), None);
+        assert_eq!(n.lookup(Instant::ZERO, Id(5)), Err(RequestError::NotJoined));
+        n.join(Instant::ZERO, &[]);
+        assert_eq!(events(&mut n), vec![Event::Joined]);
+        let big = vec![0u8; MAX_VALUE_LEN + 1];
+        assert_eq!(
+            n.put(Instant::ZERO, Id(5), &big),
+            Err(RequestError::ValueTooLarge)
+        );
+    }
+
+    #[test]
+    fn alone_a_node_is_every_key_root_but_cannot_ack_k_copies() {
+        let mut n = Node::new(config(1), Instant::ZERO).unwrap();
+        n.join(Instant::ZERO, &[]);
+        events(&mut n);
+        let op = n.lookup(Instant::ZERO, Id(77)).unwrap();
+        let ev = events(&mut n);
+        assert!(ev.contains(&Event::LookupDone {
+            op,
+            key: Id(77),
+            root: n.contact(),
+            path: vec![n.id()],
+        }));
+        // k = 3 copies cannot exist with one node: the put fails after its attempts.
+        let op = n.put(Instant::ZERO, Id(9), b"v").unwrap();
+        let mut now = Instant::ZERO;
+        let mut failed = false;
+        for _ in 0..40 {
+            now = n.poll_timeout().unwrap().max(now);
+            n.handle_timeout(now);
+            failed |= events(&mut n).iter().any(|e| {
+                matches!(e, Event::RequestFailed { op: o, kind: RequestKind::Put, .. } if *o == op)
+            });
+        }
+        assert!(failed);
+    }
+
+    #[test]
+    fn second_node_joins_through_the_first_and_both_know_each_other() {
+        let mut a = {
+            let mut c = config(1);
+            c.replicas = 2;
+            Node::new(c, Instant::ZERO).unwrap()
+        };
+        a.join(Instant::ZERO, &[]);
+        let mut b = {
+            let mut c = config(2);
+            c.replicas = 2;
+            Node::new(c, Instant::ZERO).unwrap()
+        };
+        b.join(Instant::ZERO, &[addr(1)]);
+        let mut nodes = [a, b];
+        exchange(&mut nodes, Instant::from_millis(1));
+        let [a, b] = &mut nodes;
+        assert!(b.is_joined());
+        assert!(events(b).contains(&Event::Joined));
+        assert!(a.leaf_set().contains(b.id()));
+        assert!(b.leaf_set().contains(a.id()));
+        // With k = 2, a put from b is acknowledged once both hold it.
+        let key = Id::for_name(b"k");
+        let op = b.put(Instant::from_millis(2), key, b"value").unwrap();
+        exchange(&mut nodes, Instant::from_millis(3));
+        let [a, b] = &mut nodes;
+        assert!(
+            events(b)
+                .iter()
+                .any(|e| matches!(e, Event::PutDone { op: o, .. } if *o == op))
+        );
+        assert!(a.records().get(key).is_some() && b.records().get(key).is_some());
+        assert_eq!(a.counters().undecodable + b.counters().undecodable, 0);
+    }
 }

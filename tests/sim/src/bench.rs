@@ -1,1 +1,238 @@
-//! Overlay benchmark runs (used by `unipeer bench overlay`).
+//! The simulated overlay benchmark behind `unipeer bench overlay`: hops against log16 N,
+//! lookup consistency without churn and under two churn regimes (exponential sessions), upkeep
+//! bytes per node, memory per node, and the simulator's own speed.
+//!
+//! Consistent means what the overlay issue says: the lookup's answer is the ground-truth root
+//! (the live node numerically closest to the key) at the instant the answer arrives.
+
+use crate::{Sim, SimConfig};
+use std::time::Instant as WallClock;
+use unipeer_node::Instant;
+use unipeer_node::id::Id;
+
+/// Simulated seconds after each regime in which the last lookups finish.
+const DRAIN_S: u64 = 20;
+
+/// One benchmark run's parameters.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub nodes: usize,
+    pub seed: u64,
+    /// Simulated seconds measured per regime.
+    pub measure_s: u64,
+    /// Lookups per simulated second, over the whole overlay.
+    pub lookups_per_s: u64,
+}
+
+impl BenchConfig {
+    pub fn new(nodes: usize) -> Self {
+        BenchConfig {
+            nodes,
+            seed: 1,
+            measure_s: 60,
+            lookups_per_s: (nodes as u64 / 10).clamp(50, 500),
+        }
+    }
+}
+
+/// Lookup outcomes in one regime.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Consistency {
+    pub issued: u64,
+    pub answered: u64,
+    pub consistent: u64,
+    pub failed: u64,
+    /// Nodes that crashed (and were replaced by new ones) during the regime.
+    pub churn_events: u64,
+    /// Upkeep bytes sent per node per second during the regime.
+    pub upkeep_bytes_per_node_s: f64,
+}
+
+impl Consistency {
+    /// Consistent answers over answers, in percent.
+    pub fn percent(&self) -> f64 {
+        if self.answered == 0 {
+            0.0
+        } else {
+            100.0 * self.consistent as f64 / self.answered as f64
+        }
+    }
+}
+
+/// What one benchmark run measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchResult {
+    pub nodes: usize,
+    pub log16_n: f64,
+    pub mean_hops: f64,
+    pub p99_hops: u32,
+    pub no_churn: Consistency,
+    /// Exponential sessions, median 3 hours.
+    pub churn_3h: Consistency,
+    /// Exponential sessions, median 10 minutes.
+    pub churn_10min: Consistency,
+    pub memory_per_node_bytes: usize,
+    /// Wall-clock seconds per simulated minute (whole overlay), without churn.
+    pub wall_s_per_sim_minute: f64,
+    /// Wall-clock seconds of the whole run (formation included).
+    pub wall_s_total: f64,
+    /// Simulated seconds it took the overlay to form.
+    pub formation_s: f64,
+}
+
+/// Forms an overlay of `cfg.nodes` and measures it in three regimes.
+pub fn run(cfg: &BenchConfig) -> BenchResult {
+    let wall_start = WallClock::now();
+    let mut sc = SimConfig::new(cfg.seed);
+    sc.servers = (cfg.nodes / 50).clamp(4, 64);
+    let mut sim = Sim::new(sc);
+    if std::env::var("SIM_BYTES").is_ok() {
+        sim.bytes_by_kind = Some(Default::default());
+    }
+    let n = cfg.nodes;
+
+    // Formation: one node every 5 ms, each through a random joined node.
+    for _ in 0..n {
+        sim.add_node();
+    }
+    sim.start(0, &[]);
+    for i in 1..n {
+        let t = sim.now.plus_ms(5);
+        sim.run_until(t);
+        let boot = sim.random_live().unwrap_or(0);
+        sim.start(i, &[boot]);
+    }
+    let formation_start = Instant::ZERO;
+    while sim.live_count() < n && sim.now.millis_since(formation_start) < 600_000 {
+        let t = sim.now.plus_ms(1000);
+        sim.run_until(t);
+    }
+    let formation_s = sim.now.as_micros() as f64 / 1e6;
+    // Warm up: let tables fill and repair settle.
+    let t = sim.now.plus_ms(30_000);
+    sim.run_until(t);
+
+    let wall = WallClock::now();
+    let no_churn = measure(&mut sim, cfg, None);
+    // The regime runs `measure_s` and then `DRAIN_S` for the last answers.
+    let wall_s_per_sim_minute =
+        wall.elapsed().as_secs_f64() / ((cfg.measure_s + DRAIN_S) as f64 / 60.0);
+    let hops = sim.take_hops();
+    let memory_per_node_bytes = {
+        let live = sim.live_slots();
+        let total: usize = live
+            .iter()
+            .map(|s| sim.node(*s).map_or(0, |n| n.heap_bytes()))
+            .sum();
+        total / live.len().max(1) + std::mem::size_of::<unipeer_node::Node>()
+    };
+    let churn_3h = measure(&mut sim, cfg, Some(3.0 * 3600.0));
+    let churn_10min = measure(&mut sim, cfg, Some(600.0));
+
+    let mut sorted = hops.clone();
+    sorted.sort_unstable();
+    let mean_hops = hops.iter().map(|h| *h as f64).sum::<f64>() / hops.len().max(1) as f64;
+    let p99_hops = sorted
+        .get((sorted.len() * 99 / 100).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0);
+    BenchResult {
+        nodes: n,
+        log16_n: (n as f64).log(16.0),
+        mean_hops,
+        p99_hops,
+        no_churn,
+        churn_3h,
+        churn_10min,
+        memory_per_node_bytes,
+        wall_s_per_sim_minute,
+        wall_s_total: wall_start.elapsed().as_secs_f64(),
+        formation_s,
+    }
+}
+
+/// Runs one regime for `cfg.measure_s` simulated seconds. With `median_session_s`, sessions
+/// are exponential with that median: the population's departures are a Poisson process of
+/// rate `N ln 2 / median`; each departed node (a crash, no goodbye) is replaced by a new node
+/// with a new id joining through a random live node, so N stays constant.
+fn measure(sim: &mut Sim, cfg: &BenchConfig, median_session_s: Option<f64>) -> Consistency {
+    let before = sim.stats.clone();
+    let bytes_before = sim.maintenance_bytes();
+    let start = sim.now;
+    let end = start.plus_ms(cfg.measure_s * 1000);
+    let tick_ms = 10u64;
+    let lookups_per_tick = cfg.lookups_per_s as f64 * tick_ms as f64 / 1000.0;
+    let departure_rate_per_ms =
+        median_session_s.map(|m| sim.live_count() as f64 * std::f64::consts::LN_2 / (m * 1000.0));
+    let mut next_departure = departure_rate_per_ms.map(|r| start.plus_ms(exp_ms(sim, r)));
+    let mut owed = 0.0;
+    let mut issued = 0;
+    let mut churn_events = 0;
+    while sim.now < end {
+        let t = sim.now.plus_ms(tick_ms);
+        sim.run_until(t);
+        while let (Some(at), Some(rate)) = (next_departure, departure_rate_per_ms)
+            && at <= sim.now
+        {
+            if let Some(victim) = sim.random_live() {
+                sim.crash(victim);
+                let fresh = sim.add_node();
+                let boot = sim.random_live().unwrap_or(0);
+                sim.start(fresh, &[boot]);
+                churn_events += 1;
+            }
+            next_departure = Some(at.plus_ms(exp_ms(sim, rate)));
+        }
+        owed += lookups_per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            if let Some(from) = sim.random_live() {
+                let key = Id(sim.rng.next_u128());
+                if sim.lookup(from, key).is_some() {
+                    issued += 1;
+                }
+            }
+        }
+    }
+    let bytes = sim.maintenance_bytes() - bytes_before;
+    if let Some(t) = sim.bytes_by_kind.as_mut() {
+        eprintln!("bytes by kind ({median_session_s:?}): {t:?}");
+        t.clear();
+    }
+    // Let the last lookups finish (no new ones, no churn).
+    let t = sim.now.plus_ms(DRAIN_S * 1000);
+    sim.run_until(t);
+    let s = &sim.stats;
+    Consistency {
+        issued,
+        answered: s.lookups_done - before.lookups_done,
+        consistent: s.lookups_consistent - before.lookups_consistent,
+        failed: s.requests_failed - before.requests_failed,
+        churn_events,
+        upkeep_bytes_per_node_s: bytes as f64 / (cfg.nodes as f64 * cfg.measure_s as f64),
+    }
+}
+
+/// An exponential interval in milliseconds for a rate per millisecond (at least 1 ms).
+fn exp_ms(sim: &mut Sim, rate_per_ms: f64) -> u64 {
+    let u = sim.rng.unit_f64();
+    ((-(1.0 - u).ln() / rate_per_ms) as u64).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_bench_meets_the_targets() {
+        let mut cfg = BenchConfig::new(200);
+        cfg.measure_s = 30;
+        let r = run(&cfg);
+        assert!(r.mean_hops <= r.log16_n, "{r:?}");
+        assert_eq!(r.no_churn.consistent, r.no_churn.answered, "{r:?}");
+        assert_eq!(r.no_churn.answered, r.no_churn.issued, "{r:?}");
+        assert!(r.no_churn.upkeep_bytes_per_node_s <= 500.0, "{r:?}");
+        assert!(r.churn_10min.churn_events > 0, "{r:?}");
+        assert!(r.churn_10min.percent() >= 99.0, "{r:?}");
+    }
+}

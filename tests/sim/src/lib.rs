@@ -173,6 +173,8 @@ pub struct Sim {
     pub stats: SimStats,
     /// Hop counts of answered lookups since the last `take_hops`.
     pub hops: Vec<u32>,
+    /// When set, bytes sent per message kind (a diagnostic; costs a decode per datagram).
+    pub bytes_by_kind: Option<BTreeMap<String, u64>>,
 }
 
 impl Sim {
@@ -198,6 +200,7 @@ impl Sim {
             violations: Vec::new(),
             stats: SimStats::default(),
             hops: Vec::new(),
+            bytes_by_kind: None,
         }
     }
 
@@ -480,6 +483,9 @@ impl Sim {
             }
             if self.now.millis_since(self.last_record_check) >= 1000 {
                 self.last_record_check = self.now;
+                if let Ok(k) = std::env::var("SIM_TRACE_KEY") {
+                    self.trace_key(&k);
+                }
                 self.check_records();
             }
         }
@@ -512,6 +518,23 @@ impl Sim {
 
     fn transmit(&mut self, from: usize, dst: PeerAddr, mut bytes: Vec<u8>) {
         self.stats.datagrams_sent += 1;
+        if let Some(tally) = self.bytes_by_kind.as_mut()
+            && let Ok(p) = unipeer_node::wire::decode(&bytes)
+        {
+            let name = match &p.message {
+                unipeer_node::wire::Message::Routed(r) => format!("Routed/{:?}", r.body)
+                    .split([' ', '{', '('])
+                    .next()
+                    .unwrap_or("Routed")
+                    .to_string(),
+                m => format!("{m:?}")
+                    .split([' ', '{', '('])
+                    .next()
+                    .unwrap_or("?")
+                    .to_string(),
+            };
+            *tally.entry(name).or_default() += bytes.len() as u64;
+        }
         let Some(&to) = self.by_addr.get(&(dst.ipv4, dst.port)) else {
             self.stats.datagrams_lost += 1;
             return;
@@ -709,6 +732,31 @@ impl Sim {
                 acked_at: Instant::from_micros(u64::MAX),
             },
         );
+    }
+
+    /// Debug aid: prints who holds the record whose key starts with `prefix` (hex).
+    fn trace_key(&self, prefix: &str) {
+        for key in self.acked.keys() {
+            if !format!("{key}").starts_with(prefix) {
+                continue;
+            }
+            let holders: Vec<String> = self
+                .slots
+                .iter()
+                .filter_map(|s| {
+                    let n = s.node.as_ref()?;
+                    let r = n.records().get(*key)?;
+                    Some(format!(
+                        "{:?}(v{} c{:?} live={})",
+                        s.id,
+                        r.version,
+                        r.confirmed,
+                        self.live.contains_key(&s.id)
+                    ))
+                })
+                .collect();
+            eprintln!("t={:?} {key:?}: {}", self.now, holders.join(" "));
+        }
     }
 
     /// Takes the hop counts gathered so far.

@@ -1,0 +1,12 @@
+//! Runs the overlay benchmark without the CLI: `cargo run -p unipeer-sim --example
+//! overlay_bench -- 1000 [measure_s]`.
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let nodes: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let mut cfg = unipeer_sim::bench::BenchConfig::new(nodes);
+    if let Some(s) = args.next().and_then(|s| s.parse().ok()) {
+        cfg.measure_s = s;
+    }
+    println!("{:#?}", unipeer_sim::bench::run(&cfg));
+}
