@@ -183,6 +183,9 @@ enum VmCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Simulated overlay: hops against log16 N, lookup consistency with and without churn,
+    /// upkeep bytes, memory per node, simulation speed.
+    Overlay(bench::overlay::OverlayBenchArgs),
     /// Handshake time and per-message sealing overhead of the trust layer (host).
     Auth {
         /// Handshakes to time.
@@ -335,6 +338,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             print!("{}", unipeer::ca::bench::bench(handshakes, messages)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Overlay(args),
+        } => {
+            bench::overlay::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
