@@ -48,6 +48,12 @@ pub struct UpArgs {
     /// Overlay leaf-set size L (even, 2..=32; the node's default is 16).
     #[arg(long)]
     leaf_set: Option<u8>,
+    /// Trusted-authority store that certifies the nodes (created if missing).
+    #[arg(long, default_value = "run/ca")]
+    ca: PathBuf,
+    /// Run the overlay without authentication (no certificates, datagrams in the clear).
+    #[arg(long)]
+    no_trust: bool,
     /// Do not create a network namespace (no host uplink).
     #[arg(long)]
     no_netns: bool,
@@ -137,6 +143,13 @@ pub fn up(run_dir: &Path, a: UpArgs) -> anyhow::Result<ExitCode> {
     opts.memory_mib = a.memory;
     opts.tb_size_mib = a.tb_size;
     opts.leaf_set = a.leaf_set;
+    opts.ca_store = if a.no_trust {
+        None
+    } else if a.ca.is_absolute() {
+        Some(a.ca.clone())
+    } else {
+        Some(unipeer::image::repo_root().join(&a.ca))
+    };
     opts.log_level = a.log_level;
     opts.seed = a.seed;
     opts.use_netns = !a.no_netns;

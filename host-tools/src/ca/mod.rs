@@ -267,6 +267,7 @@ fn list_text(s: &AuthorityStore) -> String {
 }
 
 /// What goes into a VM's `LaunchConfig`: `node_key`, `certificate` and `extra` entries.
+#[derive(Clone)]
 pub struct LaunchMaterial {
     pub node_key: Vec<u8>,
     pub certificate: Vec<u8>,

@@ -23,6 +23,7 @@ use super::protocol::{
     NodeState, NodeStatus, Request, RttSummary, SOCKET_NAME, VmProbe,
 };
 use super::state::{self, NodeRecord, StateFile};
+use crate::ca::{AuthorityStore, FrontEndIssuer, LaunchMaterial};
 use crate::diag::{self, Report};
 use crate::net::{
     self, PortInfo, Response, SwitchClient, SwitchConfig, UplinkConfig, UplinkStatus,
@@ -36,6 +37,9 @@ pub const NODES_MAX: usize = 2048;
 const LINE_MAX: u64 = 1 << 20;
 /// Overlay peers a node is given to join through.
 const BOOTSTRAP_PEERS: usize = 8;
+/// Validity of a front-end's intermediate and of a VM's certificate.
+const INTERMEDIATE_VALID_MS: u64 = 7 * 24 * 3600 * 1000;
+const PEER_CERT_VALID_MS: u64 = 24 * 3600 * 1000;
 /// How long a node command (an overlay lookup, say) may take.
 const NODE_COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often booting VMs' serial logs are looked at.
@@ -136,6 +140,10 @@ struct Shared {
     launching: Mutex<()>,
     settings: Mutex<Option<LaunchSettings>>,
     server_delay_us: AtomicU64,
+    /// Trust material per node, issued once so a restarted node keeps its identity.
+    materials: Mutex<HashMap<String, LaunchMaterial>>,
+    /// One front-end issuer per (authority store, server), holding an intermediate.
+    issuers: Mutex<HashMap<(PathBuf, String), FrontEndIssuer>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,6 +183,8 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         launching: Mutex::new(()),
         settings: Mutex::new(None),
         server_delay_us: AtomicU64::new(0),
+        materials: Mutex::new(HashMap::new()),
+        issuers: Mutex::new(HashMap::new()),
     });
     shared.save_state();
     eprintln!(
@@ -428,6 +438,12 @@ impl Shared {
                 port: OVERLAY_PORT,
             })
             .collect();
+        if let Some(store) = plan.ca_store.as_ref().or(s.ca_store.as_ref()) {
+            let m = self.material(&plan.name, &plan.server, store)?;
+            config.node_key = m.node_key;
+            config.certificate = m.certificate;
+            config.extra.extend(m.extra);
+        }
         let blob = config.encode().map_err(|e| e.to_string())?;
         let netdev = port
             .qemu_netdev_arg("net0")
@@ -449,6 +465,32 @@ impl Shared {
             die_with_parent: true,
             machine_flags: None,
         })
+    }
+
+    /// The node's key and certificate chain: issued on first use by its server's front-end
+    /// (an intermediate from the authority, limited to that server), then kept.
+    fn material(&self, node: &str, server: &str, store: &Path) -> Result<LaunchMaterial, String> {
+        if let Some(m) = lock(&self.materials).get(node) {
+            return Ok(m.clone());
+        }
+        let err = |e: anyhow::Error| format!("certifying {node}: {e:#}");
+        let mut authority = AuthorityStore::open(store).map_err(err)?;
+        let mut issuers = lock(&self.issuers);
+        let key = (store.to_path_buf(), server.to_string());
+        if !issuers.contains_key(&key) {
+            let (_, key_path, chain_path) = authority
+                .add_intermediate(server, INTERMEDIATE_VALID_MS)
+                .map_err(err)?;
+            let issuer = FrontEndIssuer::load(&key_path, &chain_path).map_err(err)?;
+            issuers.insert(key.clone(), issuer);
+        }
+        let issuer = issuers.get_mut(&key).expect("inserted above");
+        let issued = issuer
+            .issue_peer(crate::ca::store::now_unix_ms(), PEER_CERT_VALID_MS)
+            .map_err(err)?;
+        let m = crate::ca::launch_material_issued(&authority, &issued, &[]).map_err(err)?;
+        lock(&self.materials).insert(node.to_string(), m.clone());
+        Ok(m)
     }
 
     fn spawn(&self, spec: VmSpec) -> Result<RunningVm, String> {

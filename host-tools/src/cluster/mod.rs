@@ -69,6 +69,7 @@ pub fn plan(first: usize, count: usize, servers: usize) -> Vec<NodePlan> {
             name: node_name(first + i),
             server: format!("s{}", i * servers / count.max(1) + 1),
             ipv4: node_ip(first + i),
+            ca_store: None,
         })
         .collect()
 }
@@ -94,6 +95,9 @@ pub struct UpOptions {
     pub use_netns: bool,
     /// Overlay leaf-set size handed to every node (`None`: the node's default).
     pub leaf_set: Option<u8>,
+    /// The authority store that certifies the nodes (created if missing); `None`: no
+    /// authentication.
+    pub ca_store: Option<PathBuf>,
 }
 
 impl UpOptions {
@@ -113,6 +117,7 @@ impl UpOptions {
             daemon_exe,
             use_netns: true,
             leaf_set: None,
+            ca_store: Some(crate::image::repo_root().join(crate::ca::DEFAULT_STORE)),
         }
     }
 }
@@ -297,6 +302,10 @@ pub fn up(run_dir: &Path, opts: &UpOptions) -> Result<UpReport, ClusterError> {
         gateway,
         ready_timeout_ms: ready_timeout(opts.accel, opts.nodes).as_millis() as u64,
         leaf_set: opts.leaf_set,
+        ca_store: match &opts.ca_store {
+            Some(p) => Some(ensure_authority(p)?),
+            None => None,
+        },
     };
     let launch = launch(
         run_dir,
@@ -354,6 +363,16 @@ fn launch(
 
 /// Adds `count` nodes to a live cluster (same settings), numbered after the last one.
 pub fn grow(run_dir: &Path, count: usize) -> Result<LaunchReport, ClusterError> {
+    grow_with(run_dir, count, None)
+}
+
+/// Like [`grow`], with the new nodes certified by `ca_store` instead of the cluster's
+/// authority (a rogue node, for tests of the trust layer).
+pub fn grow_with(
+    run_dir: &Path,
+    count: usize,
+    ca_store: Option<PathBuf>,
+) -> Result<LaunchReport, ClusterError> {
     let st = status(run_dir, false)?;
     let mut settings = st
         .settings
@@ -369,6 +388,7 @@ pub fn grow(run_dir: &Path, count: usize) -> Result<LaunchReport, ClusterError> 
     let mut nodes = plan(first, count, 1);
     for n in &mut nodes {
         n.server = server.clone();
+        n.ca_store = ca_store.clone();
     }
     launch(
         run_dir,
@@ -630,4 +650,20 @@ pub fn lookup_from(
     LookupAnswer::parse(&from, line).ok_or_else(|| {
         ClusterError::Rejected(format!("{from} could not look {key} up: {}", reply.trim()))
     })
+}
+
+/// Opens the authority store at `path`, creating one when there is none; returns its path.
+pub fn ensure_authority(path: &Path) -> Result<PathBuf, ClusterError> {
+    if !path.exists() {
+        crate::ca::AuthorityStore::init(path)
+            .map_err(|e| ClusterError::Setup(format!("creating the authority store: {e:#}")))?;
+        eprintln!(
+            "created a trusted-authority store at {} (manage it with `unipeer ca`)",
+            path.display()
+        );
+    } else {
+        crate::ca::AuthorityStore::open(path)
+            .map_err(|e| ClusterError::Setup(format!("authority store: {e:#}")))?;
+    }
+    Ok(path.to_path_buf())
 }

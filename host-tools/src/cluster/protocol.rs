@@ -26,6 +26,10 @@ pub struct NodePlan {
     pub name: String,
     pub server: String,
     pub ipv4: Ipv4Addr,
+    /// Certify this node under another authority store than the cluster's (tests of a rogue
+    /// node); `None`: the cluster's.
+    #[serde(default)]
+    pub ca_store: Option<PathBuf>,
 }
 
 /// How every VM of the cluster is launched.
@@ -49,6 +53,10 @@ pub struct LaunchSettings {
     /// Overlay leaf-set size for every node (`None`: the node's default).
     #[serde(default)]
     pub leaf_set: Option<u8>,
+    /// The trusted authority's store: each server's front-end gets an intermediate from it
+    /// and certifies its VMs; `None`: no authentication (nodes talk in the clear).
+    #[serde(default)]
+    pub ca_store: Option<PathBuf>,
 }
 
 /// A daemon request.

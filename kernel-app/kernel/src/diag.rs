@@ -604,7 +604,7 @@ impl Diag {
             c.tcp_idle_closed,
             c.bad_requests,
             PhaseList(facts),
-            overlay.status_text(),
+            overlay.status_text() + &overlay.trust_text(),
         );
         out
     }

@@ -32,7 +32,8 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
     let _ = facts.phases.push(("nic", cpu::rdtsc()));
     let mut stack = Stack::new(&config, nic, clock::now_us());
     let mut diag = Diag::new(&mut stack, &config);
-    let mut overlay = match Overlay::new(&config, &mut stack, clock::now_us()) {
+    let entropy = cpu::hardware_entropy();
+    let mut overlay = match Overlay::new(&config, &mut stack, clock::now_us(), &entropy) {
         Ok(o) => o,
         Err(e) => {
             log::error!("boot: overlay: {e}");

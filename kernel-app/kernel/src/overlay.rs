@@ -8,12 +8,17 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use alloc::borrow::Cow;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
+use unipeer_node::auth::{
+    Channel, SEAL_OVERHEAD, SessionLayer, SessionLimits, TrustConfig, WallClock,
+};
 use unipeer_node::id::placeholder_public_key;
 use unipeer_node::launch::{LaunchConfig, PeerAddr};
 use unipeer_node::node::RequestKind;
+use unipeer_node::wire::{SealError, Sealer};
 use unipeer_node::{Event, Instant, Key, Node, NodeConfig, OpId, ServerTag};
 
 use crate::net::Stack;
@@ -29,12 +34,37 @@ const SOCKET_SLOTS: usize = 64;
 #[derive(Default, Clone, Copy)]
 pub struct OverlayCounters {
     pub socket_drops: u64,
+    /// Overlay datagrams the trust layer would not take (queue or handshake table full).
+    pub trust_send_drops: u64,
     pub events: u64,
 }
 
-/// The overlay peer and the TCP sessions waiting for answers.
+/// Leaves room in every overlay datagram for the trust layer's seal, which wraps datagrams
+/// outside the node (see `Overlay::service`), so sealed datagrams stay within 1,200 bytes.
+pub struct Headroom(usize);
+
+impl Sealer for Headroom {
+    fn overhead(&self) -> usize {
+        self.0
+    }
+    fn seal(&mut self, _peer: PeerAddr, plaintext: Vec<u8>) -> Result<Vec<u8>, SealError> {
+        Ok(plaintext)
+    }
+    fn open<'a>(
+        &mut self,
+        _peer: PeerAddr,
+        datagram: &'a [u8],
+    ) -> Result<Cow<'a, [u8]>, SealError> {
+        Ok(Cow::Borrowed(datagram))
+    }
+}
+
+/// The overlay peer, its trust layer, and the TCP sessions waiting for answers.
 pub struct Overlay {
-    pub node: Node,
+    pub node: Node<Headroom>,
+    /// Authenticated, sealed sessions with peers; `None` when the launch config carries no
+    /// trust material (a single development VM), and then the overlay runs in the clear.
+    pub trust: Option<SessionLayer>,
     socket: SocketHandle,
     waiting: BTreeMap<OpId, SocketHandle>,
     pub counters: OverlayCounters,
@@ -56,11 +86,31 @@ pub fn parse_key(text: &str) -> Key {
 impl Overlay {
     /// Creates the peer and starts joining through the config's bootstrap peers (none: this
     /// node starts a new overlay).
-    pub fn new(config: &LaunchConfig, stack: &mut Stack, now_us: u64) -> Result<Overlay, String> {
-        let public_key: Vec<u8> = if config.node_key.is_empty() {
-            placeholder_public_key(&config.node_name).to_vec()
+    /// `entropy` is mixed into the trust layer's CSPRNG seed (RDRAND output where the CPU has
+    /// it).
+    pub fn new(
+        config: &LaunchConfig,
+        stack: &mut Stack,
+        now_us: u64,
+        entropy: &[u8],
+    ) -> Result<Overlay, String> {
+        let trust = if config.certificate.is_empty() {
+            log::warn!(
+                "overlay: no certificate in the launch config: running without authentication"
+            );
+            None
         } else {
-            config.node_key.clone()
+            let tc = TrustConfig::from_launch(config).map_err(|e| alloc::format!("trust: {e}"))?;
+            let mut seed_input = Vec::with_capacity(64 + entropy.len());
+            seed_input.extend_from_slice(&config.rng_seed);
+            seed_input.extend_from_slice(b"unipeer trust seed");
+            seed_input.extend_from_slice(entropy);
+            let seed: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&seed_input).into();
+            Some((tc, seed))
+        };
+        let public_key: Vec<u8> = match &trust {
+            Some((tc, _)) => tc.identity.public().to_vec(),
+            None => placeholder_public_key(&config.node_name).to_vec(),
         };
         let addr = PeerAddr {
             ipv4: config.net.ipv4,
@@ -76,8 +126,13 @@ impl Overlay {
             node_config.leaf_set_len = usize::from(l);
             node_config.replicas = node_config.replicas.min(usize::from(l) / 2 + 1);
         }
-        let mut node =
-            Node::new(node_config, instant(now_us)).map_err(|e| alloc::format!("{e}"))?;
+        let headroom = Headroom(if trust.is_some() { SEAL_OVERHEAD } else { 0 });
+        let mut node = Node::with_sealer(node_config, headroom, instant(now_us))
+            .map_err(|e| alloc::format!("{e}"))?;
+        let trust = trust.map(|(tc, seed)| {
+            let clock = WallClock::new(config.launch_unix_ms, Instant::ZERO);
+            SessionLayer::from_trust_config(tc, clock, SessionLimits::default(), seed)
+        });
         let rx = udp::PacketBuffer::new(
             vec![udp::PacketMetadata::EMPTY; SOCKET_SLOTS],
             vec![0; SOCKET_SLOTS * DATAGRAM_MAX],
@@ -100,6 +155,7 @@ impl Overlay {
         node.join(instant(now_us), &bootstrap);
         Ok(Overlay {
             node,
+            trust,
             socket,
             waiting: BTreeMap::new(),
             counters: OverlayCounters::default(),
@@ -120,14 +176,46 @@ impl Overlay {
                 ipv4: src.octets(),
                 port: meta.endpoint.port,
             };
-            self.node.handle_datagram(now, from, &buf[..n]);
+            match self.trust.as_mut() {
+                Some(layer) => layer.handle_datagram(now, from, &buf[..n]),
+                None => self.node.handle_datagram(now, from, &buf[..n]),
+            }
+        }
+        if let Some(layer) = self.trust.as_mut() {
+            if layer.poll_timeout().is_some_and(|t| t <= now) {
+                layer.handle_timeout(now);
+            }
+            while let Some(d) = layer.poll_delivered() {
+                if d.channel == Channel::Overlay {
+                    self.node.handle_datagram(now, d.from, &d.bytes);
+                }
+            }
         }
         if self.node.poll_timeout().is_some_and(|t| t <= now) {
             self.node.handle_timeout(now);
         }
         while let Some(t) = self.node.poll_transmit() {
-            if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
-                self.counters.socket_drops += 1;
+            match self.trust.as_mut() {
+                Some(layer) => {
+                    if layer
+                        .send(now, t.dst, Channel::Overlay, &t.payload)
+                        .is_err()
+                    {
+                        self.counters.trust_send_drops += 1;
+                    }
+                }
+                None => {
+                    if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
+                        self.counters.socket_drops += 1;
+                    }
+                }
+            }
+        }
+        if let Some(layer) = self.trust.as_mut() {
+            while let Some(t) = layer.poll_transmit() {
+                if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
+                    self.counters.socket_drops += 1;
+                }
             }
         }
         while let Some(event) = self.node.poll_event() {
@@ -295,8 +383,47 @@ impl Overlay {
         )
     }
 
-    /// The node's next deadline in kernel microseconds.
+    /// The earliest deadline of the node and the trust layer, in kernel microseconds.
     pub fn next_deadline_us(&self) -> Option<u64> {
-        self.node.poll_timeout().map(|t| t.as_micros())
+        let trust = self.trust.as_ref().and_then(|l| l.poll_timeout());
+        [self.node.poll_timeout(), trust]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.as_micros())
+    }
+
+    /// `key=value` lines about the trust layer.
+    pub fn trust_text(&self) -> String {
+        let Some(layer) = &self.trust else {
+            return String::from("trust=off\n");
+        };
+        let c = layer.counters();
+        alloc::format!(
+            "trust=on\ntrust_sessions={}\ntrust_established={}\ntrust_delivered={}\ntrust_rejected={}\n\
+             trust_bad_cookie={}\ntrust_cert_wrong_authority={}\ntrust_cert_other={}\n\
+             trust_tampered={}\ntrust_replayed={}\ntrust_malformed={}\ntrust_revocation_version={}\n\
+             trust_send_drops={}\n",
+            layer.session_count(),
+            c.sessions_established,
+            c.delivered,
+            c.rejected(),
+            c.bad_cookie,
+            c.cert_wrong_authority,
+            c.cert_malformed
+                + c.cert_broken_chain
+                + c.cert_expired
+                + c.cert_not_yet_valid
+                + c.cert_server_outside_limit
+                + c.cert_window_outside_limit
+                + c.cert_node_id_mismatch
+                + c.cert_revoked
+                + c.cert_bad_signature,
+            c.tampered,
+            c.replayed + c.too_old,
+            c.malformed + c.truncated,
+            layer.revocation_version(),
+            self.counters.trust_send_drops,
+        )
     }
 }

@@ -67,3 +67,44 @@ pub fn enable_simd() -> &'static str {
     }
     if has_avx { "sse+avx" } else { "sse+xsave" }
 }
+
+/// Up to 32 bytes from RDSEED or RDRAND, when the CPU has them (empty otherwise); mixed into
+/// the per-launch seed, never used alone.
+pub fn hardware_entropy() -> heapless::Vec<u8, 32> {
+    let mut out = heapless::Vec::new();
+    let has_rdrand = cpuid(1).2 & (1 << 30) != 0;
+    let has_rdseed = cpuid(0).0 >= 7 && __cpuid_count_ebx7() & (1 << 18) != 0;
+    if !has_rdrand && !has_rdseed {
+        return out;
+    }
+    for _ in 0..4 {
+        let mut value: u64 = 0;
+        let mut ok: u8 = 0;
+        for _ in 0..10 {
+            if has_rdseed {
+                // SAFETY: RDSEED exists (CPUID.7.0:EBX bit 18); it only writes the register and CF.
+                unsafe {
+                    asm!("rdseed {v}", "setc {ok}", v = out(reg) value, ok = out(reg_byte) ok,
+                         options(nomem, nostack))
+                }
+            } else {
+                // SAFETY: RDRAND exists (CPUID.1:ECX bit 30); it only writes the register and CF.
+                unsafe {
+                    asm!("rdrand {v}", "setc {ok}", v = out(reg) value, ok = out(reg_byte) ok,
+                         options(nomem, nostack))
+                }
+            }
+            if ok == 1 {
+                break;
+            }
+        }
+        if ok == 1 {
+            let _ = out.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn __cpuid_count_ebx7() -> u32 {
+    core::arch::x86_64::__cpuid_count(7, 0).ebx
+}

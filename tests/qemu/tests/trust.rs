@@ -1,0 +1,136 @@
+//! The trust layer in real VMs: nodes certified by the cluster's authority (through their
+//! server's front-end intermediate) form a sealed overlay; a VM whose certificate comes from
+//! another authority cannot join it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use unipeer::cluster::{self, NodeState, UpOptions};
+use unipeer::net::UplinkStatus;
+use unipeer::vm;
+use unipeer_qemu_tests::{accel, exclusive, image, run_dir, unipeer_bin};
+
+fn scaled(d: Duration) -> Duration {
+    d.mul_f64(vm::timeout_scale())
+}
+
+struct Cluster {
+    dir: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = cluster::down(&self.dir);
+    }
+}
+
+fn report(c: &Cluster, node: &str) -> BTreeMap<String, String> {
+    cluster::host_probe(&c.dir, node).unwrap_or_else(|e| panic!("probe {node}: {e}"))
+}
+
+fn num(r: &BTreeMap<String, String>, key: &str) -> u64 {
+    r.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Polls until `check` holds or `within` passes; returns whether it held.
+fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    for _ in 0..1000 {
+        if check() {
+            return true;
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    false
+}
+
+#[test]
+fn certified_nodes_form_a_sealed_overlay_and_a_foreign_one_cannot_join() {
+    let _guard = exclusive();
+    let c = Cluster {
+        dir: run_dir("trust"),
+    };
+    let mut opts = UpOptions::new(3, accel(), unipeer_bin().clone());
+    opts.image = image().manifest.name.clone();
+    opts.servers = 2;
+    opts.ca_store = Some(c.dir.join("authority"));
+    let report0 = cluster::up(&c.dir, &opts).unwrap_or_else(|e| panic!("up failed: {e}"));
+    assert!(
+        matches!(report0.status.uplink, UplinkStatus::Up { .. }),
+        "needs the host uplink (root)"
+    );
+    let legit = ["n1", "n2", "n3"];
+
+    // Every node runs sealed sessions and joins.
+    let joined = eventually(scaled(Duration::from_secs(60)), || {
+        legit.iter().all(|n| {
+            let r = report(&c, n);
+            r.get("trust").map(String::as_str) == Some("on")
+                && r.get("overlay_joined").map(String::as_str) == Some("true")
+                && num(&r, "leaf_set") == 2
+                && num(&r, "trust_established") > 0
+        })
+    });
+    assert!(
+        joined,
+        "certified nodes did not form a sealed overlay: {:#?}",
+        legit.iter().map(|n| report(&c, n)).collect::<Vec<_>>()
+    );
+    let lookup = cluster::lookup_from(&c.dir, "some-key", Some("n2"))
+        .unwrap_or_else(|e| panic!("lookup over sealed sessions: {e}"));
+    assert!(!lookup.root.is_empty());
+
+    // A node certified by another authority.
+    let other =
+        cluster::ensure_authority(&c.dir.join("other-authority")).expect("second authority");
+    cluster::grow_with(&c.dir, 1, Some(other)).unwrap_or_else(|e| panic!("grow: {e}"));
+    let st = cluster::status(&c.dir, true).expect("status");
+    let rogue = st.nodes.iter().find(|n| n.name == "n4").expect("n4 listed");
+    assert_eq!(rogue.state, NodeState::Up);
+    let rogue_id = rogue
+        .diag
+        .as_ref()
+        .map(|d| d.overlay_id.clone())
+        .expect("n4 answers its diagnostic port");
+
+    // The handshakes fail on a certificate from the wrong authority, counted where the chain
+    // is checked (n4 meets the others' chains first and stops there).
+    let refused = eventually(scaled(Duration::from_secs(30)), || {
+        ["n1", "n2", "n3", "n4"]
+            .iter()
+            .map(|n| num(&report(&c, n), "trust_cert_wrong_authority"))
+            .sum::<u64>()
+            > 0
+    });
+    assert!(
+        refused,
+        "no node counted n4's foreign certificate: {:#?}\nn4: {:#?}",
+        legit.iter().map(|n| report(&c, n)).collect::<Vec<_>>(),
+        report(&c, "n4")
+    );
+    // It never gets into anyone's leaf set, nor anyone into its own; lookups never end at it.
+    for n in legit {
+        let leafs = cluster::node_command(&c.dir, n, "leafset").expect("leafset");
+        assert!(!leafs.contains(&rogue_id), "{n} admitted n4: {leafs}");
+        let r = report(&c, n);
+        assert_eq!(num(&r, "leaf_set"), 2, "{n}: {r:?}");
+        assert_eq!(
+            num(&r, "trust_sessions"),
+            2,
+            "{n} holds a session with n4: {r:?}"
+        );
+    }
+    let r4 = report(&c, "n4");
+    assert_eq!(num(&r4, "leaf_set"), 0, "n4 got peers: {r4:?}");
+    assert_eq!(
+        num(&r4, "trust_established"),
+        0,
+        "n4 established a session: {r4:?}"
+    );
+    let a = cluster::lookup_from(&c.dir, &rogue_id, Some("n1")).expect("lookup of n4's id");
+    assert_ne!(a.root, rogue_id, "a lookup ended at the foreign node");
+}
