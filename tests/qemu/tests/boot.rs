@@ -113,10 +113,11 @@ fn boot_probe_idle_shutdown(test: &str, machine: Machine, cpu: Option<&str>) {
     let timer_irqs = idle1.num("irq_timer") - idle0.num("irq_timer");
     let wakeups = idle1.num("wakeups") - idle0.num("wakeups");
     assert!(
-        timer_irqs <= 5,
-        "{timer_irqs} timer interrupts while idle for 2 s"
+        timer_irqs <= 10,
+        "{timer_irqs} timer interrupts while idle for 2 s (the overlay's periodic work wakes a \
+         lone node a few times a second; a tick would be hundreds)"
     );
-    assert!(wakeups <= 10, "{wakeups} wake-ups while idle for 2 s");
+    assert!(wakeups <= 20, "{wakeups} wake-ups while idle for 2 s");
 
     shutdown_cleanly(vm);
 }
