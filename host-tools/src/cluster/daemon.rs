@@ -307,7 +307,8 @@ impl Shared {
             Request::Restart { node } => json(self.restart(&node)?),
             Request::HostProbe { node } => {
                 let ip = self.reachable_ip(&node)?;
-                let r = diag::query_udp(SocketAddr::from((ip, DIAG_UDP_PORT)), HOST_PROBE_TIMEOUT)
+                // TCP: the whole report (UDP carries a compact one when it does not fit).
+                let r = diag::query_tcp(SocketAddr::from((ip, DIAG_TCP_PORT)), HOST_PROBE_TIMEOUT)
                     .map_err(|e| format!("{node} ({ip}): {e}"))?;
                 json(r.fields)
             }
@@ -345,6 +346,7 @@ impl Shared {
                 .map_err(|e| format!("{node} ({ip}): {e}"))?;
                 json(reply)
             }
+            Request::Flood { node, legit, count } => json(self.flood(&node, legit, count)?),
             Request::Shutdown => Ok(serde_json::Value::Null),
         }
     }
@@ -465,6 +467,51 @@ impl Shared {
             die_with_parent: true,
             machine_flags: None,
         })
+    }
+
+    fn flood(
+        &self,
+        node: &str,
+        legit: u64,
+        count: u64,
+    ) -> Result<super::flood::FloodReport, String> {
+        let ip = self.reachable_ip(node)?;
+        let (server, store) = {
+            let mut nodes = lock(&self.nodes);
+            let slot = find(&mut nodes, node)?;
+            let settings = lock(&self.settings).clone();
+            let store = slot
+                .plan
+                .ca_store
+                .clone()
+                .or(settings.and_then(|s| s.ca_store))
+                .ok_or("the cluster runs without authentication: nothing to flood")?;
+            (slot.plan.server.clone(), store)
+        };
+        if !(1..=1000).contains(&legit) || !(1..=1_000_000).contains(&count) {
+            return Err("flood: legit must be 1..=1000 and count 1..=1000000".into());
+        }
+        let authority = AuthorityStore::open(&store)
+            .map_err(|e| format!("{e:#}"))?
+            .authority_public();
+        let material = self.material("flood-legit", &server, &store)?;
+        let foreign_store = super::ensure_authority(&self.run_dir.join("flood-foreign-authority"))
+            .map_err(|e| e.to_string())?;
+        let foreign_authority = AuthorityStore::open(&foreign_store)
+            .map_err(|e| format!("{e:#}"))?
+            .authority_public();
+        let foreign = self.material("flood-foreign", &server, &foreign_store)?;
+        super::flood::flood(
+            PeerAddr {
+                ipv4: ip.octets(),
+                port: OVERLAY_PORT,
+            },
+            authority,
+            &material,
+            (&foreign, foreign_authority),
+            legit,
+            count,
+        )
     }
 
     /// The node's key and certificate chain: issued on first use by its server's front-end

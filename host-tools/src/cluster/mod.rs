@@ -17,6 +17,7 @@
 //! (QEMU pids it recorded), deletes its namespace and removes it, and says so.
 
 pub mod daemon;
+pub mod flood;
 pub mod netns;
 pub mod protocol;
 pub mod state;
@@ -545,6 +546,23 @@ pub fn node_command(run_dir: &Path, node: &str, command: &str) -> Result<String,
             command: command.into(),
         },
         Duration::from_secs(30),
+    )
+}
+
+/// Floods a node's overlay port with hostile traffic after `legit` authentic datagrams.
+pub fn flood(
+    run_dir: &Path,
+    node: &str,
+    legit: u64,
+    count: u64,
+) -> Result<flood::FloodReport, ClusterError> {
+    connect(run_dir)?.call_within(
+        &Request::Flood {
+            node: node.into(),
+            legit,
+            count,
+        },
+        Duration::from_secs(360),
     )
 }
 

@@ -92,6 +92,13 @@ pub enum Request {
     /// Sends one line to a node's diagnostic TCP port (e.g. `lookup KEY`); answers the
     /// node's reply text.
     NodeCommand { node: String, command: String },
+    /// Hostile traffic at a node's overlay port after `legit` authentic datagrams (tests of
+    /// the trust layer); answers a [`super::flood::FloodReport`].
+    Flood {
+        node: String,
+        legit: u64,
+        count: u64,
+    },
     /// Stops every VM and the switch; the daemon exits after answering.
     Shutdown,
 }

@@ -629,15 +629,59 @@ impl core::fmt::Display for PhaseList<'_> {
     }
 }
 
-/// The report cut to whole lines so it fits one datagram, still ending with `end`.
+/// Keys kept when the full report does not fit one datagram.
+const COMPACT_KEYS: &[&str] = &[
+    "name",
+    "server",
+    "ip",
+    "nic",
+    "uptime_us",
+    "boot_entry_to_ready_us",
+    "tsc_khz",
+    "clock",
+    "heap_in_use",
+    "heap_high_water",
+    "heap_size",
+    "rx_frames",
+    "tx_frames",
+    "irq_timer",
+    "irq_nic",
+    "wakeups",
+    "busy_polls",
+    "udp_requests",
+    "echo_packets",
+    "tcp_sessions",
+    "bad_requests",
+    "tcp_idle_closed",
+    "simd",
+    "overlay_id",
+    "overlay_joined",
+    "leaf_set",
+    "table_filled",
+    "records",
+    "overlay_undecodable",
+    "trust",
+    "trust_sessions",
+    "trust_established",
+    "trust_delivered",
+    "trust_rejected",
+];
+
+/// The report as one datagram: whole if it fits, else the `COMPACT_KEYS` lines (the TCP port
+/// always serves it whole).
 fn fit_datagram(report: &str) -> alloc::borrow::Cow<'_, str> {
     if report.len() <= UDP_PAYLOAD_MAX {
         return alloc::borrow::Cow::Borrowed(report);
     }
-    const TAIL: &str = "truncated=1\nend\n";
-    let budget = UDP_PAYLOAD_MAX - TAIL.len();
-    let cut = report[..budget].rfind('\n').map_or(0, |i| i + 1);
-    let mut out = String::from(&report[..cut]);
-    out.push_str(TAIL);
+    let mut out = String::with_capacity(UDP_PAYLOAD_MAX);
+    for line in report.lines() {
+        let key = line.split('=').next().unwrap_or("");
+        let keep = !line.contains('=') && line != "end" || COMPACT_KEYS.contains(&key);
+        if keep && out.len() + line.len() + 20 < UDP_PAYLOAD_MAX {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("compact=1\nend\n");
     alloc::borrow::Cow::Owned(out)
 }

@@ -402,7 +402,8 @@ impl Overlay {
         alloc::format!(
             "trust=on\ntrust_sessions={}\ntrust_established={}\ntrust_delivered={}\ntrust_rejected={}\n\
              trust_bad_cookie={}\ntrust_cert_wrong_authority={}\ntrust_cert_other={}\n\
-             trust_tampered={}\ntrust_replayed={}\ntrust_malformed={}\ntrust_revocation_version={}\n\
+             trust_tampered={}\ntrust_replayed={}\ntrust_malformed={}\ntrust_unknown_session={}\n\
+             trust_revocation_version={}\n\
              trust_send_drops={}\n",
             layer.session_count(),
             c.sessions_established,
@@ -422,6 +423,7 @@ impl Overlay {
             c.tampered,
             c.replayed + c.too_old,
             c.malformed + c.truncated,
+            c.unknown_index,
             layer.revocation_version(),
             self.counters.trust_send_drops,
         )

@@ -134,3 +134,53 @@ fn certified_nodes_form_a_sealed_overlay_and_a_foreign_one_cannot_join() {
     let a = cluster::lookup_from(&c.dir, &rogue_id, Some("n1")).expect("lookup of n4's id");
     assert_ne!(a.root, rogue_id, "a lookup ended at the foreign node");
 }
+
+#[test]
+fn a_node_survives_a_flood_of_forged_replayed_and_tampered_datagrams_accepting_none() {
+    let _guard = exclusive();
+    let c = Cluster {
+        dir: run_dir("flood"),
+    };
+    let mut opts = UpOptions::new(1, accel(), unipeer_bin().clone());
+    opts.image = image().manifest.name.clone();
+    opts.ca_store = Some(c.dir.join("authority"));
+    let up = cluster::up(&c.dir, &opts).unwrap_or_else(|e| panic!("up failed: {e}"));
+    assert!(
+        matches!(up.status.uplink, UplinkStatus::Up { .. }),
+        "needs the host uplink (root)"
+    );
+    let before = report(&c, "n1");
+    assert_eq!(num(&before, "trust_delivered"), 0, "{before:?}");
+
+    let legit = 20;
+    let f = cluster::flood(&c.dir, "n1", legit, 100_000).unwrap_or_else(|e| panic!("flood: {e}"));
+    println!("flood: {f:?}");
+    assert_eq!(f.legit_sent, legit);
+    assert_eq!(
+        f.garbage + f.forged_handshakes + f.replayed + f.tampered + f.truncated,
+        100_000
+    );
+    assert!(
+        !f.foreign_established,
+        "a peer of another authority got a session"
+    );
+    assert!(f.after_established, "no fresh session after the flood");
+
+    // Exactly the authentic datagrams were delivered: the legitimate ones and the one the
+    // fresh session sent afterwards; none of the hostile ones.
+    let expected = legit + 1;
+    let delivered = |r: &BTreeMap<String, String>| num(r, "trust_delivered");
+    eventually(scaled(Duration::from_secs(10)), || {
+        delivered(&report(&c, "n1")) >= expected
+    });
+    let after = report(&c, "n1");
+    assert_eq!(delivered(&after), expected, "{after:#?}");
+    assert!(num(&after, "trust_rejected") > 1000, "{after:#?}");
+    assert!(num(&after, "trust_replayed") > 0, "{after:#?}");
+    assert!(num(&after, "trust_tampered") > 0, "{after:#?}");
+    assert!(num(&after, "trust_malformed") > 0, "{after:#?}");
+    // Still serving: its diagnostic port answered above; the overlay answers too.
+    let a = cluster::lookup_from(&c.dir, "after-the-storm", Some("n1"))
+        .unwrap_or_else(|e| panic!("lookup after the flood: {e}"));
+    assert_eq!(a.hops, 0);
+}

@@ -1,0 +1,263 @@
+//! Hostile traffic at a node's overlay port, for tests of the trust layer: after a legitimate
+//! sealed session delivers a known number of datagrams, a flood of garbage, forged handshake
+//! messages, replayed, tampered and truncated copies of the session's own datagrams, and a
+//! handshake from a peer of another authority. Runs inside the cluster's namespace (the
+//! daemon calls it), bounded in count and time.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant as StdInstant};
+
+use serde::{Deserialize, Serialize};
+use unipeer_node::auth::{CertChain, Channel, IdentityKey, SessionLayer, SessionLimits, WallClock};
+use unipeer_node::launch::PeerAddr;
+use unipeer_node::{Instant, Transmit};
+
+use crate::ca::LaunchMaterial;
+
+/// What a flood did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FloodReport {
+    /// Sealed datagrams the legitimate session delivered before the flood.
+    pub legit_sent: u64,
+    pub garbage: u64,
+    pub forged_handshakes: u64,
+    pub replayed: u64,
+    pub tampered: u64,
+    pub truncated: u64,
+    /// Datagrams the foreign-authority peer sent while trying to handshake.
+    pub foreign: u64,
+    /// Whether the foreign peer ever got a session (it must not).
+    pub foreign_established: bool,
+    /// Whether a fresh legitimate session could be made after the flood.
+    pub after_established: bool,
+    pub elapsed_ms: u64,
+}
+
+/// A small deterministic generator (the flood is reproducible from its seed).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// A session-layer peer on a UDP socket, driven in real time.
+struct Peer {
+    layer: SessionLayer,
+    socket: UdpSocket,
+    start: StdInstant,
+    /// Every datagram this peer sent, for replays.
+    sent: Vec<Vec<u8>>,
+}
+
+impl Peer {
+    fn new(material: &LaunchMaterial, authority: [u8; 32], seed: [u8; 32]) -> Result<Peer, String> {
+        let seed_key: [u8; 32] = material
+            .node_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| "flood peer key is not 32 bytes".to_string())?;
+        let chain = CertChain::decode(&material.certificate).map_err(|e| format!("{e:?}"))?;
+        let layer = SessionLayer::new(
+            IdentityKey::from_seed(&seed_key),
+            &chain,
+            authority,
+            WallClock::new(crate::ca::store::now_unix_ms(), Instant::ZERO),
+            SessionLimits::default(),
+            seed,
+        );
+        let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(5)))
+            .map_err(|e| e.to_string())?;
+        Ok(Peer {
+            layer,
+            socket,
+            start: StdInstant::now(),
+            sent: Vec::new(),
+        })
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.start.elapsed().as_micros() as u64)
+    }
+
+    /// Sends what the layer wants sent, takes what arrived, runs due timers.
+    fn pump(&mut self) -> u64 {
+        let mut sent = 0;
+        while let Some(Transmit { dst, payload }) = self.layer.poll_transmit() {
+            let to = SocketAddr::from((dst.ipv4, dst.port));
+            if self.socket.send_to(&payload, to).is_ok() {
+                sent += 1;
+                if self.sent.len() < 4096 {
+                    self.sent.push(payload);
+                }
+            }
+        }
+        let mut buf = [0u8; 2048];
+        for _ in 0..64 {
+            match self.socket.recv_from(&mut buf) {
+                Ok((n, SocketAddr::V4(from))) => {
+                    let from = PeerAddr {
+                        ipv4: from.ip().octets(),
+                        port: from.port(),
+                    };
+                    let now = self.now();
+                    self.layer.handle_datagram(now, from, &buf[..n]);
+                }
+                _ => break,
+            }
+        }
+        let now = self.now();
+        if self.layer.poll_timeout().is_some_and(|t| t <= now) {
+            self.layer.handle_timeout(now);
+        }
+        sent
+    }
+
+    /// Pumps until a session with `peer` exists or `within` passes.
+    fn establish(&mut self, peer: PeerAddr, within: Duration) -> bool {
+        let deadline = StdInstant::now() + within;
+        while StdInstant::now() < deadline {
+            self.pump();
+            if self.layer.peer(peer).is_some() {
+                // Send what the handshake released (queued payloads).
+                self.pump();
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Floods `target` (a node's overlay address) with `count` hostile datagrams after `legit`
+/// sealed ones. `material` certifies the legitimate peer under the cluster's authority;
+/// `foreign` certifies a peer under another authority.
+pub fn flood(
+    target: PeerAddr,
+    authority: [u8; 32],
+    material: &LaunchMaterial,
+    foreign: (&LaunchMaterial, [u8; 32]),
+    legit: u64,
+    count: u64,
+) -> Result<FloodReport, String> {
+    let started = StdInstant::now();
+    let mut r = FloodReport::default();
+    let mut rng = XorShift(0x5eed_f100_d000_0001);
+    let mut peer = Peer::new(material, authority, rng.bytes(32).try_into().expect("32"))?;
+    let to = SocketAddr::from((target.ipv4, target.port));
+
+    // A legitimate session delivers `legit` datagrams (garbage to the overlay, but
+    // authentic: the trust layer delivers them).
+    let now = peer.now();
+    peer.layer
+        .send(
+            now,
+            target,
+            Channel::Overlay,
+            b"hello from a legitimate peer",
+        )
+        .map_err(|e| e.to_string())?;
+    if !peer.establish(target, Duration::from_secs(10)) {
+        return Err("the legitimate flood peer could not establish a session".into());
+    }
+    r.legit_sent = 1;
+    peer.sent.clear();
+    for i in 1..legit {
+        let now = peer.now();
+        let payload = format!("legitimate datagram {i}");
+        peer.layer
+            .send(now, target, Channel::Overlay, payload.as_bytes())
+            .map_err(|e| e.to_string())?;
+        peer.pump();
+        r.legit_sent += 1;
+    }
+    peer.pump();
+    let captured: Vec<Vec<u8>> = peer.sent.clone();
+    if captured.is_empty() {
+        return Err("captured no sealed datagrams to replay".into());
+    }
+
+    // The foreign peer starts its handshake; it is pumped throughout the flood.
+    let mut alien = Peer::new(foreign.0, foreign.1, rng.bytes(32).try_into().expect("32"))?;
+    let now = alien.now();
+    let _ = alien
+        .layer
+        .send(now, target, Channel::Overlay, b"let me in");
+
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    let deadline = started + Duration::from_secs(300);
+    for i in 0..count {
+        let kind = rng.below(100);
+        let from_session = kind >= 50;
+        let datagram = match kind {
+            0..25 => {
+                r.garbage += 1;
+                let len = rng.below(1300) as usize;
+                rng.bytes(len)
+            }
+            25..50 => {
+                r.forged_handshakes += 1;
+                let len = 1 + rng.below(900) as usize;
+                let mut d = rng.bytes(len);
+                d[0] = 1 + rng.below(5) as u8;
+                d
+            }
+            50..75 => {
+                r.replayed += 1;
+                captured[rng.below(captured.len() as u64) as usize].clone()
+            }
+            75..90 => {
+                r.tampered += 1;
+                let mut d = captured[rng.below(captured.len() as u64) as usize].clone();
+                let at = 1 + rng.below(d.len() as u64 - 1) as usize;
+                d[at] ^= 1 << rng.below(8);
+                d
+            }
+            _ => {
+                r.truncated += 1;
+                let d = &captured[rng.below(captured.len() as u64) as usize];
+                d[..rng.below(d.len() as u64) as usize].to_vec()
+            }
+        };
+        // Copies of the session's datagrams come from the session's own address (a replay
+        // from elsewhere would only be an unknown session); the rest from a stranger's.
+        let _ = if from_session {
+            peer.socket.send_to(&datagram, to)
+        } else {
+            socket.send_to(&datagram, to)
+        };
+        // Pace: the switch and a TCG guest should see a storm, not a kernel socket overflow.
+        if i % 256 == 255 {
+            r.foreign += alien.pump();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if StdInstant::now() > deadline {
+            return Err(format!("the flood took over 300 s (at {i} of {count})"));
+        }
+    }
+    for _ in 0..200 {
+        r.foreign += alien.pump();
+    }
+    r.foreign_established = alien.layer.peer(target).is_some();
+
+    // After the storm: a fresh legitimate session still works.
+    let mut after = Peer::new(material, authority, rng.bytes(32).try_into().expect("32"))?;
+    let now = after.now();
+    let _ = after
+        .layer
+        .send(now, target, Channel::Overlay, b"still there?");
+    r.after_established = after.establish(target, Duration::from_secs(20));
+    r.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(r)
+}
