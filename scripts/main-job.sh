@@ -1,33 +1,59 @@
 #!/usr/bin/env bash
-# The main job, end to end on the embedded default (QEMU microvm; KVM when hardware-backed,
-# TCG otherwise): build the node image, boot a node, probe its diagnostic service over the
-# network from the host, and shut it down. Safe to re-run.
+# The main job on the embedded default (QEMU microvm; KVM when hardware-backed, TCG otherwise):
+# build the node image, start a local cluster of 6 VMs on 2 "servers" (their certificates
+# issued by each server's front-end under the trusted authority), watch them form one sealed
+# overlay, store a record in the DHT, kill a VM and a replica still answers, partition and heal
+# the network, and tear everything down. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build -q --release -p unipeer
-UNIPEER=./target/release/unipeer
-$UNIPEER image build --release
+U=./target/release/unipeer
+$U image build --release
 
-mkdir -p run
-INFO=run/main-job.json
-rm -f "$INFO"
-$UNIPEER vm run --name main-0 --json >"$INFO" &
-VM=$!
-trap 'kill $VM 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-    [ -s "$INFO" ] && break
-    kill -0 $VM 2>/dev/null || { echo "main-job: the VM failed to start" >&2; exit 1; }
-    sleep 0.1
+$U down >/dev/null 2>&1 || true
+trap '$U down >/dev/null 2>&1 || true' EXIT
+
+echo "== up: 6 nodes on 2 servers, 5 ms between servers"
+$U up -n 6 --servers 2 --server-delay 5ms --leaf-set 8
+
+echo "== waiting for every node to join the overlay"
+for _ in $(seq 120); do
+    if $U status --json | grep -o '"overlay_joined": *[a-z]*' | grep -q false; then
+        sleep 0.5
+    else
+        break
+    fi
 done
-[ -s "$INFO" ] || { echo "main-job: the VM did not get ready in 60 s" >&2; exit 1; }
-UDP=$(sed -E 's/.*"diag_udp":([0-9]+).*/\1/' "$INFO")
-TCP=$(sed -E 's/.*"diag_tcp":([0-9]+).*/\1/' "$INFO")
-echo "== node ready: $(cat "$INFO")"
-echo "== diagnostic report over UDP (127.0.0.1:$UDP -> guest 7001)"
-$UNIPEER vm probe "127.0.0.1:$UDP"
-echo "== shutting the node down over TCP (127.0.0.1:$TCP -> guest 7002)"
-echo shutdown | nc -w 5 127.0.0.1 "$TCP" || true
-wait $VM
+$U status
+
+echo "== lookups: the root of a key is the live node numerically closest to it"
+$U lookup hello
+$U lookup unipeer --from n6
+
+echo "== the DHT: put on n2, get on n5 (k = 3 copies on the root's leaf set)"
+$U ask n2 put greeting hello-from-unipeer
+$U ask n5 get greeting
+
+ROOT=$($U lookup greeting --json | sed -n 's/.*"root_addr": *"10\.77\.0\.1\([0-9]\):.*/n\1/p')
+echo "== killing the record's root ($ROOT); a replica takes over"
+$U vm kill "$ROOT"
+READER=n1; [ "$ROOT" = n1 ] && READER=n2
+for i in $(seq 60); do
+    if $U ask "$READER" get greeting | grep -q "value=hello-from-unipeer"; then
+        $U ask "$READER" get greeting
+        echo "   (answered after $i attempt(s))"
+        break
+    fi
+    sleep 1
+done
+
+echo "== partition {n1,n2,n3} | {n4,n5,n6}, then heal"
+$U net partition n1,n2,n3 n4,n5,n6
+$U vm ping n1 n5 --count 3 || true
+$U net heal
+$U vm ping n1 n5 --count 3
+
+$U down
 trap - EXIT
-echo "== done: the node exited cleanly"
+echo "== done"

@@ -78,6 +78,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one diagnostic command on a cluster node and print its answer
+    /// (`overlay`, `leafset`, `put KEY VALUE`, `get KEY`, `lookup KEY`, `probe IP`, `stats`).
+    Ask {
+        node: String,
+        #[arg(required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
     /// Stop the local cluster: VMs, switch, daemon, namespace.
     Down,
     /// The trusted authority: peers' certificates, users' pre-shared keys, revocation.
@@ -230,6 +237,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ca { command } => {
             unipeer::ca::run(command)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ask { node, command } => {
+            print!("{}", cluster::node_command(&run_dir, &node, &command.join(" "))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Down => {
