@@ -111,15 +111,15 @@ impl LeafSet {
         closer_cw < self.half || closer_ccw < self.half
     }
 
-    /// Offers a node; returns whether it became a member, and pushes the members it displaced
-    /// into `evicted` (they are alive, just no longer among the nearest).
-    pub fn insert(&mut self, contact: Contact, now: Instant, evicted: &mut Vec<Contact>) -> bool {
+    /// Offers a node, last heard of at `heard`; returns whether it became a member, and pushes
+    /// the members it displaced into `evicted` (they are alive, just no longer the nearest).
+    pub fn insert(&mut self, contact: Contact, heard: Instant, evicted: &mut Vec<Contact>) -> bool {
         if !self.would_admit(contact.id) {
             return false;
         }
         self.members.push(LeafMember {
             contact,
-            last_heard: now,
+            last_heard: heard,
             missed_acks: 0,
             rtt_us: None,
         });

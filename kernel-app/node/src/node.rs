@@ -62,6 +62,9 @@ pub struct Timing {
     pub leaf_probe_after_ms: u64,
     /// Silence after which a leaf-set member is declared failed.
     pub leaf_fail_ms: u64,
+    /// A member added on hearsay (another node's leaf set or row) must be heard from within
+    /// this long, so dead nodes passed around by peers that have not noticed yet drop out fast.
+    pub hearsay_grace_ms: u64,
     /// Period of leaf-set exchange with one random member.
     pub leaf_exchange_ms: u64,
     /// Period of asking a routing-table entry for a row.
@@ -92,6 +95,7 @@ impl Default for Timing {
             keepalive_ms: 2_000,
             leaf_probe_after_ms: 5_000,
             leaf_fail_ms: 8_000,
+            hearsay_grace_ms: 3_000,
             leaf_exchange_ms: 10_000,
             table_refresh_ms: 20_000,
             hop_timeout_ms: 1_000,
@@ -155,6 +159,7 @@ impl NodeConfig {
         let t = &self.timing;
         if t.keepalive_ms == 0
             || t.leaf_fail_ms <= t.keepalive_ms
+            || t.hearsay_grace_ms > t.leaf_fail_ms
             || t.hop_timeout_ms == 0
             || t.request_timeout_ms == 0
             || t.request_attempts == 0
@@ -347,6 +352,16 @@ struct Pending {
     attempts_left: u8,
 }
 
+/// A put served as root, acknowledged once `k` nodes hold it.
+#[derive(Clone, Debug)]
+struct PutAwaitingCopies {
+    key: Key,
+    version: u64,
+    nonce: u64,
+    origin: Contact,
+    expires: Instant,
+}
+
 #[derive(Clone, Debug)]
 struct InFlight {
     routed: Routed,
@@ -384,6 +399,7 @@ pub struct Node<S: Sealer = Plaintext> {
     join_nonce: u64,
     pending: Vec<Pending>,
     in_flight: Vec<InFlight>,
+    put_acks: Vec<PutAwaitingCopies>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     next_op: u64,
@@ -439,6 +455,7 @@ impl<S: Sealer> Node<S> {
             join_nonce: 0,
             pending: Vec::new(),
             in_flight: Vec::new(),
+            put_acks: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_op: 1,
@@ -508,6 +525,7 @@ impl<S: Sealer> Node<S> {
             + self.store.heap_bytes()
             + self.bootstrap.capacity() * size_of::<PeerAddr>()
             + self.pending.capacity() * size_of::<Pending>()
+            + self.put_acks.capacity() * size_of::<PutAwaitingCopies>()
             + self.in_flight.capacity() * (size_of::<InFlight>() + MAX_PATH * 16)
             + self.transmits.capacity() * size_of::<Transmit>()
             + self
@@ -586,7 +604,9 @@ impl<S: Sealer> Node<S> {
         self.start_request(now, key, PendingKind::Lookup)
     }
 
-    /// Stores `value` under `key` at its root and `k - 1` neighbours.
+    /// Stores `value` under `key` at its root and `k - 1` neighbours. `PutDone` comes only once
+    /// `k` nodes hold it, so an overlay smaller than `k` (or a partition side that small)
+    /// cannot acknowledge a put: it fails with `RequestFailed` instead.
     pub fn put(&mut self, now: Instant, key: Key, value: &[u8]) -> Result<OpId, RequestError> {
         if value.len() > MAX_VALUE_LEN {
             return Err(RequestError::ValueTooLarge);
@@ -810,7 +830,7 @@ impl<S: Sealer> Node<S> {
         now: Instant,
         sender: Contact,
         joined: bool,
-        gained: &mut Vec<Contact>,
+        gained: &mut Vec<(Contact, bool)>,
     ) {
         if let Some(m) = self.leaf.get_mut(sender.id) {
             m.last_heard = now;
@@ -826,7 +846,7 @@ impl<S: Sealer> Node<S> {
     /// Offers a node to leaf set, routing table and neighbourhood set. Hearsay (`direct ==
     /// false`) about a recently failed node is ignored, so the dead do not come back through
     /// peers that have not noticed yet.
-    fn learn(&mut self, now: Instant, c: Contact, direct: bool, gained: &mut Vec<Contact>) {
+    fn learn(&mut self, now: Instant, c: Contact, direct: bool, gained: &mut Vec<(Contact, bool)>) {
         if c.id == self.me.id || self.phase == Phase::Left {
             return;
         }
@@ -834,8 +854,14 @@ impl<S: Sealer> Node<S> {
             return;
         }
         let mut evicted = Vec::new();
-        if self.leaf.insert(c, now, &mut evicted) {
-            gained.push(c);
+        let heard = if direct {
+            now
+        } else {
+            let grace = self.timing.leaf_fail_ms - self.timing.hearsay_grace_ms;
+            Instant::from_micros(now.as_micros().saturating_sub(grace * 1000))
+        };
+        if self.leaf.insert(c, heard, &mut evicted) {
+            gained.push((c, direct));
             self.records_changed(now);
         }
         for e in evicted {
@@ -871,10 +897,16 @@ impl<S: Sealer> Node<S> {
     }
 
     /// Sends our leaf set to members we just gained (except `skip`, already answered).
-    fn welcome(&mut self, gained: &[Contact], skip: Option<NodeId>) {
-        for c in gained {
+    fn welcome(&mut self, gained: &[(Contact, bool)], skip: Option<NodeId>) {
+        for (c, direct) in gained {
             if Some(c.id) != skip && self.leaf.contains(c.id) {
-                self.send_leaf_set(c.addr, LeafKind::Push);
+                // Hearsay: ask for an answer, which also proves it alive.
+                let kind = if *direct {
+                    LeafKind::Push
+                } else {
+                    LeafKind::Exchange
+                };
+                self.send_leaf_set(c.addr, kind);
             }
         }
     }
@@ -1009,7 +1041,7 @@ impl<S: Sealer> Node<S> {
         sender: Contact,
         sender_joined: bool,
         message: Message,
-        gained: &mut Vec<Contact>,
+        gained: &mut Vec<(Contact, bool)>,
     ) -> bool {
         match message {
             Message::Ping { echo } => {
@@ -1124,6 +1156,7 @@ impl<S: Sealer> Node<S> {
             },
             Message::StoreAck { key, version } => {
                 self.store.confirm(key, version, sender.id);
+                self.check_put_acks(key);
             }
             Message::HandoffAck { key, version } => {
                 if !self.leaf.covers(key)
@@ -1331,21 +1364,32 @@ impl<S: Sealer> Node<S> {
             },
             RoutedBody::Put { value } => {
                 let version = self.store.get(r.key).map_or(1, |rec| rec.version + 1);
-                let version = match self.store.accept(r.key, version, &value) {
+                match self.store.accept(r.key, version, &value) {
                     Ok(_) => {
                         self.store.confirm(r.key, version, self.me.id);
+                        // Acknowledged only once k nodes hold it (see `check_put_acks`).
+                        self.put_acks.retain(|p| p.expires > now);
+                        if self.put_acks.len() < MAX_PENDING {
+                            self.put_acks.push(PutAwaitingCopies {
+                                key: r.key,
+                                version,
+                                nonce: r.nonce,
+                                origin,
+                                expires: now.plus_ms(self.timing.request_timeout_ms),
+                            });
+                        }
                         self.replicate_key(now, r.key);
-                        version
+                        self.check_put_acks(r.key);
+                        return;
                     }
                     Err(_) => {
                         self.counters.records_refused += 1;
-                        0
+                        Message::PutAck {
+                            nonce: r.nonce,
+                            key: r.key,
+                            version: 0,
+                        }
                     }
-                };
-                Message::PutAck {
-                    nonce: r.nonce,
-                    key: r.key,
-                    version,
                 }
             }
             RoutedBody::Handoff { version, value } => {
@@ -1377,6 +1421,11 @@ impl<S: Sealer> Node<S> {
                 }
             }
         };
+        self.answer(origin, reply);
+    }
+
+    /// Sends a root's answer to the origin, or completes it here if this node is the origin.
+    fn answer(&mut self, origin: Contact, reply: Message) {
         if origin.id == self.me.id {
             let me = self.me;
             match reply {
@@ -1558,6 +1607,32 @@ impl<S: Sealer> Node<S> {
         } else {
             self.record_cursor = keys.last().copied();
             self.timers.record_pass = now.plus_ms(1);
+        }
+    }
+
+    /// Acknowledges the puts of `key` whose version now has `k` confirmed copies.
+    fn check_put_acks(&mut self, key: Key) {
+        let Some(rec) = self.store.get(key) else {
+            return;
+        };
+        if rec.confirmed.len() < self.replicas {
+            return;
+        }
+        let held = rec.version;
+        let mut i = 0;
+        while i < self.put_acks.len() {
+            let p = &self.put_acks[i];
+            if p.key == key && p.version <= held {
+                let p = self.put_acks.swap_remove(i);
+                let ack = Message::PutAck {
+                    nonce: p.nonce,
+                    key,
+                    version: p.version,
+                };
+                self.answer(p.origin, ack);
+            } else {
+                i += 1;
+            }
         }
     }
 

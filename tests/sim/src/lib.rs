@@ -480,6 +480,9 @@ impl Sim {
             }
             if self.now.millis_since(self.last_record_check) >= 1000 {
                 self.last_record_check = self.now;
+                if let Ok(k) = std::env::var("SIM_TRACE_KEY") {
+                    self.trace_key(&k);
+                }
                 self.check_records();
             }
         }
@@ -709,6 +712,31 @@ impl Sim {
                 acked_at: Instant::from_micros(u64::MAX),
             },
         );
+    }
+
+    /// Debug aid: prints who holds the record whose key starts with `prefix` (hex).
+    fn trace_key(&self, prefix: &str) {
+        for key in self.acked.keys() {
+            if !format!("{key}").starts_with(prefix) {
+                continue;
+            }
+            let holders: Vec<String> = self
+                .slots
+                .iter()
+                .filter_map(|s| {
+                    let n = s.node.as_ref()?;
+                    let r = n.records().get(*key)?;
+                    Some(format!(
+                        "{:?}(v{} c{:?} live={})",
+                        s.id,
+                        r.version,
+                        r.confirmed,
+                        self.live.contains_key(&s.id)
+                    ))
+                })
+                .collect();
+            eprintln!("t={:?} {key:?}: {}", self.now, holders.join(" "));
+        }
     }
 
     /// Takes the hop counts gathered so far.
