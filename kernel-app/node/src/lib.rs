@@ -11,6 +11,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod id;
+pub mod jobs;
 pub mod launch;
 pub mod leaf_set;
 pub mod node;
