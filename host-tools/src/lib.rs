@@ -5,6 +5,7 @@ pub mod bench;
 pub mod diag;
 pub mod hostinfo;
 pub mod image;
+pub mod job;
 pub mod net;
 pub mod qemu;
 pub mod vm;
