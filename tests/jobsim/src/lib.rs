@@ -12,7 +12,7 @@ use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
 use unipeer_node::jobs::app::{AppSet, TaskError, TaskOutput};
 use unipeer_node::jobs::delegation::SharedKeyAuthority;
 use unipeer_node::jobs::{JobAgent, JobConfig, JobEvent, Submission};
-use unipeer_node::node::{Event, Node, NodeConfig, OpId, Timing};
+use unipeer_node::node::{Event, Node, NodeConfig, OpId};
 use unipeer_node::rng::Rng;
 use unipeer_node::{Instant, PeerAddr};
 use unipeer_sim::network::{Faults, Topology};
@@ -203,6 +203,8 @@ impl JobSim {
         n.agent = None;
         n.timer_at = None;
         n.works = 0;
+        // Work and timers of the crashed incarnation are void.
+        n.incarnation += 1;
     }
 
     pub fn is_up(&self, i: usize) -> bool {
@@ -368,9 +370,9 @@ impl JobSim {
                 *self.log.works.entry(w.task).or_insert(0) += 1;
                 let inputs: Vec<&[u8]> = w.inputs.iter().map(Vec::as_slice).collect();
                 let result = self.nodes[i].apps.run(&w.spec, &inputs);
-                // Cost: 50 ms + 10 ms per KiB of input + the app's own weight.
+                // Cost: 1.5 s + 10 ms per KiB of input + jitter, so crashes meet running tasks.
                 let bytes: usize = w.inputs.iter().map(Vec::len).sum();
-                let cost_ms = 50 + bytes as u64 / 100 + self.rng.below(50);
+                let cost_ms = 1_500 + bytes as u64 / 100 + self.rng.below(1_000);
                 let n = &mut self.nodes[i];
                 n.works += 1;
                 let inc = n.incarnation;
@@ -502,10 +504,5 @@ impl JobSim {
             .filter_map(|n| n.agent.as_ref())
             .map(|a| a.counters().delegations_accepted)
             .sum()
-    }
-
-    /// Default overlay timing is kept; the simulator only shortens nothing.
-    pub fn timing() -> Timing {
-        Timing::default()
     }
 }

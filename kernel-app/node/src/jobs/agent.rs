@@ -1765,7 +1765,9 @@ impl JobAgent {
             let Some(h) = self.chunks.held_mut(id) else {
                 continue;
             };
-            h.confirmed.retain(|n| rs.iter().any(|c| c.id == *n));
+            // A member that restarted keeps its id but not its chunks, so confirmations only
+            // last one pass: every pass offers again (offers are small).
+            h.confirmed.clear();
             let targets: Vec<Contact> = if ov.is_root(id) {
                 rs.iter()
                     .filter(|c| c.id != self.me.id && !h.confirmed.contains(&c.id))
