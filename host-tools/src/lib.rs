@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod diag;
 pub mod hostinfo;
 pub mod image;
+pub mod job;
 pub mod net;
 pub mod qemu;
 pub mod vm;

@@ -12,6 +12,7 @@ extern crate std;
 
 pub mod auth;
 pub mod id;
+pub mod jobs;
 pub mod launch;
 pub mod leaf_set;
 pub mod node;
