@@ -48,11 +48,17 @@ for i in $(seq 60); do
     sleep 1
 done
 
-echo "== partition {n1,n2,n3} | {n4,n5,n6}, then heal"
+echo "== restarting $ROOT: it rejoins the overlay with the same identity"
+$U vm restart "$ROOT"
+
+A=n1; [ "$ROOT" = n1 ] && A=n2
+B=n6; [ "$ROOT" = n6 ] && B=n4
+echo "== partition {n1,n2,n3} | {n4,n5,n6}: $A cannot reach $B; heal: it can"
 $U net partition n1,n2,n3 n4,n5,n6
-$U vm ping n1 n5 --count 3 || true
+$U vm ping "$A" "$B" --count 3 || true
 $U net heal
-$U vm ping n1 n5 --count 3
+$U vm ping "$A" "$B" --count 3
+$U status
 
 $U down
 trap - EXIT
