@@ -240,7 +240,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ask { node, command } => {
-            print!("{}", cluster::node_command(&run_dir, &node, &command.join(" "))?);
+            print!(
+                "{}",
+                cluster::node_command(&run_dir, &node, &command.join(" "))?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Down => {
