@@ -85,6 +85,16 @@ enum Command {
         #[arg(required = true, num_args = 1..)]
         command: Vec<String>,
     },
+    /// Push the authority's revocation list into the running cluster (through one node; it
+    /// spreads over the sealed sessions and running nodes cut revoked peers off).
+    PublishRevocations {
+        /// The node to hand it to (default: the first node up).
+        #[arg(long)]
+        node: Option<String>,
+        /// The authority store.
+        #[arg(long, default_value = "run/ca")]
+        ca: PathBuf,
+    },
     /// Stop the local cluster: VMs, switch, daemon, namespace.
     Down,
     /// The trusted authority: peers' certificates, users' pre-shared keys, revocation.
@@ -243,6 +253,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!(
                 "{}",
                 cluster::node_command(&run_dir, &node, &command.join(" "))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PublishRevocations { node, ca } => {
+            let ca = if ca.is_absolute() {
+                ca
+            } else {
+                image::repo_root().join(ca)
+            };
+            println!(
+                "{}",
+                cluster::publish_revocations(&run_dir, &ca, node.as_deref())?
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -334,8 +334,8 @@ impl Shared {
             }
             Request::VmProbe { from, to, count } => json(self.vm_probe(&from, &to, count)?),
             Request::NodeCommand { node, command } => {
-                if command.contains('\n') || command.len() > 120 {
-                    return Err("a node command is one line of at most 120 bytes".into());
+                if command.contains('\n') || command.len() > 4000 {
+                    return Err("a node command is one line of at most 4000 bytes".into());
                 }
                 let ip = self.reachable_ip(&node)?;
                 let reply = diag::tcp_command(

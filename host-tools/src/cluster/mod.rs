@@ -685,3 +685,34 @@ pub fn ensure_authority(path: &Path) -> Result<PathBuf, ClusterError> {
     }
     Ok(path.to_path_buf())
 }
+
+/// Pushes the authority's current revocation list into the running cluster through `node`
+/// (default: the first node up); the node installs it, cuts sessions with revoked peers and
+/// passes it on over its sealed sessions. Returns the node's answer.
+pub fn publish_revocations(
+    run_dir: &Path,
+    store: &Path,
+    node: Option<&str>,
+) -> Result<String, ClusterError> {
+    let authority = crate::ca::AuthorityStore::open(store)
+        .map_err(|e| ClusterError::BadInput(format!("authority store: {e:#}")))?;
+    let list = authority
+        .revocations()
+        .map_err(|e| ClusterError::BadInput(format!("revocation list: {e:#}")))?;
+    let node = match node {
+        Some(n) => n.to_string(),
+        None => status(run_dir, false)?
+            .nodes
+            .iter()
+            .find(|n| n.state == NodeState::Up)
+            .map(|n| n.name.clone())
+            .ok_or_else(|| ClusterError::Rejected("no node of the cluster is up".into()))?,
+    };
+    let hex = crate::ca::store::hex(&list.encode());
+    let reply = node_command(run_dir, &node, &format!("revoke {hex}"))?;
+    if reply.starts_with("revocations") {
+        Ok(format!("{node}: {}", reply.trim()))
+    } else {
+        Err(ClusterError::Rejected(format!("{node}: {}", reply.trim())))
+    }
+}

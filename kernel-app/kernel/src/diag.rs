@@ -30,7 +30,8 @@ pub const TCP_SESSIONS: usize = 12;
 /// `diag_idle_ms` extra setting overrides it).
 pub const TCP_IDLE_US: u64 = 10_000_000;
 /// Longest accepted command line.
-const LINE_MAX: usize = 128;
+/// (A revocation list travels as one hex line.)
+const LINE_MAX: usize = 4096;
 /// Local port of the probe client socket.
 const PROBE_CLIENT_PORT: u16 = 7100;
 /// How long a probe waits for each answer.
@@ -321,7 +322,7 @@ impl Diag {
             "help" => {
                 String::from("commands: stats, ping, probe <ipv4> [count], quit, shutdown, help\n")
             }
-            cmd if ["overlay", "leafset", "lookup", "get", "put"]
+            cmd if ["overlay", "leafset", "lookup", "get", "put", "revoke"]
                 .contains(&cmd.split_ascii_whitespace().next().unwrap_or("")) =>
             {
                 let words: alloc::vec::Vec<&str> = cmd.split_ascii_whitespace().collect();

@@ -13,7 +13,7 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
 use unipeer_node::auth::{
-    Channel, SEAL_OVERHEAD, SessionLayer, SessionLimits, TrustConfig, WallClock,
+    Channel, RevocationList, SEAL_OVERHEAD, SessionLayer, SessionLimits, TrustConfig, WallClock,
 };
 use unipeer_node::id::placeholder_public_key;
 use unipeer_node::launch::{LaunchConfig, PeerAddr};
@@ -65,6 +65,8 @@ pub struct Overlay {
     /// Authenticated, sealed sessions with peers; `None` when the launch config carries no
     /// trust material (a single development VM), and then the overlay runs in the clear.
     pub trust: Option<SessionLayer>,
+    /// Serial of this node's own certificate (what `unipeer ca revoke` names).
+    cert_serial: u64,
     socket: SocketHandle,
     waiting: BTreeMap<OpId, SocketHandle>,
     pub counters: OverlayCounters,
@@ -108,6 +110,10 @@ impl Overlay {
             let seed: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&seed_input).into();
             Some((tc, seed))
         };
+        let cert_serial = trust
+            .as_ref()
+            .and_then(|(tc, _)| tc.chain.leaf().map(|c| c.body.serial))
+            .unwrap_or(0);
         let public_key: Vec<u8> = match &trust {
             Some((tc, _)) => tc.identity.public().to_vec(),
             None => placeholder_public_key(&config.node_name).to_vec(),
@@ -156,6 +162,7 @@ impl Overlay {
         Ok(Overlay {
             node,
             trust,
+            cert_serial,
             socket,
             waiting: BTreeMap::new(),
             counters: OverlayCounters::default(),
@@ -338,6 +345,7 @@ impl Overlay {
                 out.push_str("end\n");
                 return Ok(Some(out));
             }
+            ["revoke", hex] => return self.install_revocations(now, hex).map(Some),
             ["lookup", key] => self.node.lookup(now, parse_key(key)),
             ["get", key] => self.node.get(now, parse_key(key)),
             ["put", key, value @ ..] if !value.is_empty() => {
@@ -357,6 +365,29 @@ impl Overlay {
             }
             Err(e) => Err(alloc::format!("{e}")),
         }
+    }
+
+    /// Takes a signed revocation list (hex of its encoding) from the host: installed if it is
+    /// this authority's and newer, sessions with revoked peers cut, and the list passed on to
+    /// every remaining session.
+    fn install_revocations(&mut self, now: Instant, hex: &str) -> Result<String, String> {
+        let layer = self
+            .trust
+            .as_mut()
+            .ok_or_else(|| String::from("this node runs without authentication"))?;
+        let bytes = decode_hex(hex).ok_or_else(|| String::from("not a hex string"))?;
+        let list = RevocationList::decode(&bytes).map_err(|e| alloc::format!("{e:?}"))?;
+        let cut = layer
+            .install_revocations(now, list)
+            .map_err(|e| alloc::format!("refused: {e:?}"))?;
+        log::info!(
+            "trust: revocation list version {} installed; {cut} session(s) cut",
+            layer.revocation_version()
+        );
+        Ok(alloc::format!(
+            "revocations version={} cut={cut}\n",
+            layer.revocation_version()
+        ))
     }
 
     /// `key=value` lines for the diagnostic report.
@@ -398,9 +429,10 @@ impl Overlay {
         let Some(layer) = &self.trust else {
             return String::from("trust=off\n");
         };
+        let serial = self.cert_serial;
         let c = layer.counters();
         alloc::format!(
-            "trust=on\ntrust_sessions={}\ntrust_established={}\ntrust_delivered={}\ntrust_rejected={}\n\
+            "trust=on\ntrust_serial={serial}\ntrust_sessions={}\ntrust_established={}\ntrust_delivered={}\ntrust_rejected={}\n\
              trust_bad_cookie={}\ntrust_cert_wrong_authority={}\ntrust_cert_other={}\n\
              trust_tampered={}\ntrust_replayed={}\ntrust_malformed={}\ntrust_unknown_session={}\n\
              trust_revocation_version={}\n\
@@ -428,4 +460,14 @@ impl Overlay {
             self.counters.trust_send_drops,
         )
     }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }

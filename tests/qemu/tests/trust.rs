@@ -184,3 +184,61 @@ fn a_node_survives_a_flood_of_forged_replayed_and_tampered_datagrams_accepting_n
         .unwrap_or_else(|e| panic!("lookup after the flood: {e}"));
     assert_eq!(a.hops, 0);
 }
+
+#[test]
+fn a_revoked_node_is_cut_off_by_the_running_nodes() {
+    let _guard = exclusive();
+    let c = Cluster {
+        dir: run_dir("revoke"),
+    };
+    let store = c.dir.join("authority");
+    let mut opts = UpOptions::new(4, accel(), unipeer_bin().clone());
+    opts.image = image().manifest.name.clone();
+    opts.ca_store = Some(store.clone());
+    let up = cluster::up(&c.dir, &opts).unwrap_or_else(|e| panic!("up failed: {e}"));
+    assert!(
+        matches!(up.status.uplink, UplinkStatus::Up { .. }),
+        "needs the host uplink (root)"
+    );
+    let nodes = ["n1", "n2", "n3", "n4"];
+    let formed = eventually(scaled(Duration::from_secs(60)), || {
+        nodes.iter().all(|n| num(&report(&c, n), "leaf_set") == 3)
+    });
+    assert!(formed, "the 4 nodes did not all see each other");
+    let r3 = report(&c, "n3");
+    let serial = num(&r3, "trust_serial");
+    let id3 = r3.get("overlay_id").cloned().expect("n3's id");
+    assert!(serial > 0, "{r3:?}");
+
+    // The authority revokes n3's certificate; the list goes to n1 only.
+    unipeer::ca::AuthorityStore::open(&store)
+        .and_then(|mut s| s.revoke(serial))
+        .unwrap_or_else(|e| panic!("revoke: {e:#}"));
+    let answer = cluster::publish_revocations(&c.dir, &store, Some("n1"))
+        .unwrap_or_else(|e| panic!("publish: {e}"));
+    assert!(answer.contains("version=2"), "{answer}");
+
+    // Within the bound (the list spreads at once; leaf sets drop n3 once its sessions are gone
+    // and its new handshakes fail), every other node holds the list and has cut n3 off.
+    let bound = scaled(Duration::from_secs(40));
+    let start = Instant::now();
+    let cut = eventually(bound, || {
+        ["n1", "n2", "n4"].iter().all(|n| {
+            let r = report(&c, n);
+            num(&r, "trust_revocation_version") == 2 && num(&r, "leaf_set") == 2
+        })
+    });
+    assert!(
+        cut,
+        "n3 not cut off within {bound:?}: {:#?}",
+        ["n1", "n2", "n4"].map(|n| report(&c, n))
+    );
+    for n in ["n1", "n2", "n4"] {
+        let leafs = cluster::node_command(&c.dir, n, "leafset").expect("leafset");
+        assert!(!leafs.contains(&id3), "{n} still lists n3: {leafs}");
+    }
+    println!(
+        "n3 cut off by every running node within {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
