@@ -203,15 +203,9 @@ enum BenchCommand {
     /// Simulated overlay: hops against log16 N, lookup consistency with and without churn,
     /// upkeep bytes, memory per node, simulation speed.
     Overlay(bench::overlay::OverlayBenchArgs),
-    /// Handshake time and per-message sealing overhead of the trust layer (host).
-    Auth {
-        /// Handshakes to time.
-        #[arg(long, default_value_t = 200)]
-        handshakes: u32,
-        /// Messages to seal and open per payload size.
-        #[arg(long, default_value_t = 20_000)]
-        messages: u32,
-    },
+    /// Handshake time and per-message sealing overhead of the trust layer (host; `--vm`: with
+    /// a node in a VM too).
+    Auth(bench::auth::AuthBenchArgs),
     /// Boot time, image size, memory, idle CPU and host<->VM round trips.
     Boot(bench::boot::BootBenchArgs),
     /// Local cluster: VM<->VM round trips through the switch, switch frames/s, time to bring up
@@ -367,13 +361,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            command:
-                BenchCommand::Auth {
-                    handshakes,
-                    messages,
-                },
+            command: BenchCommand::Auth(args),
         } => {
-            print!("{}", unipeer::ca::bench::bench(handshakes, messages)?);
+            bench::auth::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -347,6 +347,24 @@ impl Shared {
                 json(reply)
             }
             Request::Flood { node, legit, count } => json(self.flood(&node, legit, count)?),
+            Request::Handshakes { node, count } => {
+                let ip = self.reachable_ip(&node)?;
+                let (server, store) = self.trust_of(&node)?;
+                let authority = AuthorityStore::open(&store)
+                    .map_err(|e| format!("{e:#}"))?
+                    .authority_public();
+                let material = self.material("bench-peer", &server, &store)?;
+                let target = PeerAddr {
+                    ipv4: ip.octets(),
+                    port: OVERLAY_PORT,
+                };
+                json(super::flood::handshakes(
+                    target,
+                    authority,
+                    &material,
+                    count.clamp(1, 1000),
+                )?)
+            }
             Request::Shutdown => Ok(serde_json::Value::Null),
         }
     }
@@ -469,6 +487,20 @@ impl Shared {
         })
     }
 
+    /// A node's server and the authority store that certified it.
+    fn trust_of(&self, node: &str) -> Result<(String, PathBuf), String> {
+        let mut nodes = lock(&self.nodes);
+        let slot = find(&mut nodes, node)?;
+        let settings = lock(&self.settings).clone();
+        let store = slot
+            .plan
+            .ca_store
+            .clone()
+            .or(settings.and_then(|s| s.ca_store))
+            .ok_or("the cluster runs without authentication")?;
+        Ok((slot.plan.server.clone(), store))
+    }
+
     fn flood(
         &self,
         node: &str,
@@ -476,18 +508,7 @@ impl Shared {
         count: u64,
     ) -> Result<super::flood::FloodReport, String> {
         let ip = self.reachable_ip(node)?;
-        let (server, store) = {
-            let mut nodes = lock(&self.nodes);
-            let slot = find(&mut nodes, node)?;
-            let settings = lock(&self.settings).clone();
-            let store = slot
-                .plan
-                .ca_store
-                .clone()
-                .or(settings.and_then(|s| s.ca_store))
-                .ok_or("the cluster runs without authentication: nothing to flood")?;
-            (slot.plan.server.clone(), store)
-        };
+        let (server, store) = self.trust_of(node)?;
         if !(1..=1000).contains(&legit) || !(1..=1_000_000).contains(&count) {
             return Err("flood: legit must be 1..=1000 and count 1..=1000000".into());
         }

@@ -261,3 +261,27 @@ pub fn flood(
     r.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(r)
 }
+
+/// Times `count` fresh handshakes with `target`, one after another (each a new key exchange
+/// and certificate check on the node); returns milliseconds per handshake, failures left out.
+pub fn handshakes(
+    target: PeerAddr,
+    authority: [u8; 32],
+    material: &LaunchMaterial,
+    count: u32,
+) -> Result<Vec<f64>, String> {
+    let mut rng = XorShift(0x4a4e_5348_414b_4501);
+    let mut times = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let mut peer = Peer::new(material, authority, rng.bytes(32).try_into().expect("32"))?;
+        let t0 = StdInstant::now();
+        let now = peer.now();
+        peer.layer
+            .send(now, target, Channel::Overlay, b"timing")
+            .map_err(|e| e.to_string())?;
+        if peer.establish(target, Duration::from_secs(10)) {
+            times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(times)
+}

@@ -566,6 +566,17 @@ pub fn flood(
     )
 }
 
+/// Times `count` fresh handshakes of a certified peer with `node` (milliseconds each).
+pub fn handshakes(run_dir: &Path, node: &str, count: u32) -> Result<Vec<f64>, ClusterError> {
+    connect(run_dir)?.call_within(
+        &Request::Handshakes {
+            node: node.into(),
+            count,
+        },
+        Duration::from_secs(30) + Duration::from_secs(11) * count,
+    )
+}
+
 /// A node's serial log (the node must belong to the cluster, live or stale-but-present).
 pub fn serial_log(run_dir: &Path, node: &str) -> Result<PathBuf, ClusterError> {
     let st = state::load(run_dir).ok_or_else(|| ClusterError::NotRunning(run_dir.to_path_buf()))?;

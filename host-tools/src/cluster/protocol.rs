@@ -99,6 +99,8 @@ pub enum Request {
         legit: u64,
         count: u64,
     },
+    /// Times `count` fresh handshakes of a certified peer with a node; answers milliseconds.
+    Handshakes { node: String, count: u32 },
     /// Stops every VM and the switch; the daemon exits after answering.
     Shutdown,
 }
