@@ -35,6 +35,17 @@ pub struct ClusterBenchArgs {
     /// Run directory of the bench's own cluster.
     #[arg(long)]
     pub bench_dir: Option<PathBuf>,
+    /// Certify the nodes and seal the overlay, as `unipeer up` does by default. Off by
+    /// default here: the bench measures the VMs and the switch, and under TCG each sealed
+    /// handshake costs the guest about 50 ms of CPU, which swamps a large cluster while its
+    /// overlay forms (see `unipeer bench auth --vm`).
+    #[arg(long)]
+    pub trust: bool,
+    /// Run the overlay in the VMs. Off by default here: the bench measures what a VM and the
+    /// switch cost; with the overlay on, its upkeep (keepalives to 16 leaf-set members every
+    /// 2 s per node, each a wake-up of a TCG guest) is what limits density on 2 cores.
+    #[arg(long)]
+    pub overlay: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -57,6 +68,10 @@ pub struct DensityStep {
 pub struct ClusterBenchResult {
     pub accel: String,
     pub accel_reason: String,
+    /// Whether the nodes were certified and the overlay sealed.
+    pub sealed: bool,
+    /// Whether the VMs ran the overlay.
+    pub overlay: bool,
     pub uplink: String,
     pub switch_fake_rtt_p50_us: f64,
     pub switch_fake_rtt_p99_us: f64,
@@ -119,6 +134,10 @@ pub fn run(args: &ClusterBenchArgs) -> anyhow::Result<ClusterBenchResult> {
     opts.image = args.image.clone();
     opts.tb_size_mib = args.tb_size;
     opts.log_level = "warn".into();
+    if !args.trust {
+        opts.ca_store = None;
+    }
+    opts.overlay = args.overlay;
     if !args.json {
         eprintln!("bench cluster: up -n {} ...", args.nodes);
     }
@@ -213,6 +232,8 @@ fn measure(
         best = vms;
     }
     Ok(ClusterBenchResult {
+        sealed: args.trust,
+        overlay: args.overlay,
         accel: accel.accel.to_string(),
         accel_reason: accel.reason.clone(),
         uplink,
@@ -236,8 +257,14 @@ fn measure(
 
 fn print_table(r: &ClusterBenchResult) {
     println!(
-        "unipeer bench cluster — accelerator {} ({})",
-        r.accel, r.accel_reason
+        "unipeer bench cluster — accelerator {} ({}); overlay {}",
+        r.accel,
+        r.accel_reason,
+        match (r.overlay, r.sealed) {
+            (false, _) => "off (pass --overlay [--trust] to run it)",
+            (true, true) => "on, sealed",
+            (true, false) => "on, in the clear (pass --trust to seal it)",
+        }
     );
     println!("{:<46} {:>14} {:>12}", "figure", "value", "target");
     let row = |name: &str, value: String, target: &str| {

@@ -435,6 +435,9 @@ impl Shared {
         if let Some(l) = s.leaf_set {
             opts.extra.push(("leaf_set".to_string(), vec![l]));
         }
+        if !s.overlay {
+            opts.extra.push(("overlay".to_string(), vec![0]));
+        }
         let mac = vm::mac_for(&plan.name);
         let mut config = vm::launch_config(
             &opts,

@@ -99,6 +99,8 @@ pub struct UpOptions {
     /// The authority store that certifies the nodes (created if missing); `None`: no
     /// authentication.
     pub ca_store: Option<PathBuf>,
+    /// Run the overlay in the nodes (default); off for VM density measurements.
+    pub overlay: bool,
 }
 
 impl UpOptions {
@@ -119,6 +121,7 @@ impl UpOptions {
             use_netns: true,
             leaf_set: None,
             ca_store: Some(crate::image::repo_root().join(crate::ca::DEFAULT_STORE)),
+            overlay: true,
         }
     }
 }
@@ -307,6 +310,7 @@ pub fn up(run_dir: &Path, opts: &UpOptions) -> Result<UpReport, ClusterError> {
             Some(p) => Some(ensure_authority(p)?),
             None => None,
         },
+        overlay: opts.overlay,
     };
     let launch = launch(
         run_dir,
@@ -662,15 +666,7 @@ pub fn lookup_from(
     key: &str,
     from: Option<&str>,
 ) -> Result<LookupAnswer, ClusterError> {
-    let from = match from {
-        Some(f) => f.to_string(),
-        None => status(run_dir, false)?
-            .nodes
-            .iter()
-            .find(|n| n.state == NodeState::Up)
-            .map(|n| n.name.clone())
-            .ok_or_else(|| ClusterError::Rejected("no node of the cluster is up".into()))?,
-    };
+    let from = node_or_first_up(run_dir, from)?;
     let reply = node_command(run_dir, &from, &format!("lookup {key}"))?;
     let line = reply
         .lines()
@@ -710,20 +706,25 @@ pub fn publish_revocations(
     let list = authority
         .revocations()
         .map_err(|e| ClusterError::BadInput(format!("revocation list: {e:#}")))?;
-    let node = match node {
-        Some(n) => n.to_string(),
-        None => status(run_dir, false)?
-            .nodes
-            .iter()
-            .find(|n| n.state == NodeState::Up)
-            .map(|n| n.name.clone())
-            .ok_or_else(|| ClusterError::Rejected("no node of the cluster is up".into()))?,
-    };
+    let node = node_or_first_up(run_dir, node)?;
     let hex = crate::ca::store::hex(&list.encode());
     let reply = node_command(run_dir, &node, &format!("revoke {hex}"))?;
     if reply.starts_with("revocations") {
         Ok(format!("{node}: {}", reply.trim()))
     } else {
         Err(ClusterError::Rejected(format!("{node}: {}", reply.trim())))
+    }
+}
+
+/// `node` itself, or the first node of the cluster that is up.
+fn node_or_first_up(run_dir: &Path, node: Option<&str>) -> Result<String, ClusterError> {
+    match node {
+        Some(n) => Ok(n.to_string()),
+        None => status(run_dir, false)?
+            .nodes
+            .iter()
+            .find(|n| n.state == NodeState::Up)
+            .map(|n| n.name.clone())
+            .ok_or_else(|| ClusterError::Rejected("no node of the cluster is up".into())),
     }
 }

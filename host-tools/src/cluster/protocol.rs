@@ -32,6 +32,10 @@ pub struct NodePlan {
     pub ca_store: Option<PathBuf>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// How every VM of the cluster is launched.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LaunchSettings {
@@ -57,6 +61,10 @@ pub struct LaunchSettings {
     /// and certifies its VMs; `None`: no authentication (nodes talk in the clear).
     #[serde(default)]
     pub ca_store: Option<PathBuf>,
+    /// Run the overlay in the nodes (off: VMs with only their diagnostic services, for
+    /// density measurements).
+    #[serde(default = "yes")]
+    pub overlay: bool,
 }
 
 /// A daemon request.

@@ -190,7 +190,7 @@ impl Diag {
         &mut self,
         now_us: u64,
         stack: &mut Stack,
-        overlay: &mut Overlay,
+        mut overlay: Option<&mut Overlay>,
         info: NodeInfo<'_>,
     ) {
         // Echo: bounce every datagram back to its sender.
@@ -218,7 +218,7 @@ impl Diag {
             }
         }
         if !pending.is_empty() {
-            let report = self.report(now_us, stack, overlay, info);
+            let report = self.report(now_us, stack, overlay.as_deref(), info);
             let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
             let datagram = fit_datagram(&report);
             for ep in pending {
@@ -227,7 +227,7 @@ impl Diag {
         }
         // TCP sessions.
         for i in 0..self.sessions.len() {
-            self.service_session(i, now_us, stack, overlay, info);
+            self.service_session(i, now_us, stack, overlay.as_deref_mut(), info);
         }
         self.service_probe(now_us, stack);
         self.relisten(stack);
@@ -238,7 +238,7 @@ impl Diag {
         i: usize,
         now_us: u64,
         stack: &mut Stack,
-        overlay: &mut Overlay,
+        mut overlay: Option<&mut Overlay>,
         info: NodeInfo<'_>,
     ) {
         let handle = self.sessions[i].handle;
@@ -250,7 +250,7 @@ impl Diag {
             self.sessions[i].greeted = true;
             self.sessions[i].last_activity_us = now_us;
             self.counters.tcp_sessions += 1;
-            let report = self.report(now_us, stack, overlay, info);
+            let report = self.report(now_us, stack, overlay.as_deref(), info);
             let _ = stack
                 .sockets
                 .get_mut::<tcp::Socket>(handle)
@@ -277,7 +277,7 @@ impl Diag {
                     continue;
                 }
                 let line = core::mem::take(&mut s.line);
-                if !self.command(&line, handle, now_us, stack, overlay, info) {
+                if !self.command(&line, handle, now_us, stack, overlay.as_deref_mut(), info) {
                     break;
                 }
             } else if s.line.len() >= LINE_MAX {
@@ -312,12 +312,12 @@ impl Diag {
         handle: SocketHandle,
         now_us: u64,
         stack: &mut Stack,
-        overlay: &mut Overlay,
+        overlay: Option<&mut Overlay>,
         info: NodeInfo<'_>,
     ) -> bool {
         let text = core::str::from_utf8(line).unwrap_or("\u{fffd}");
         let reply: String = match text.trim() {
-            "" | "stats" => self.report(now_us, stack, overlay, info),
+            "" | "stats" => self.report(now_us, stack, overlay.as_deref(), info),
             "ping" => String::from("pong\n"),
             "help" => {
                 String::from("commands: stats, ping, probe <ipv4> [count], quit, shutdown, help\n")
@@ -326,6 +326,10 @@ impl Diag {
                 .contains(&cmd.split_ascii_whitespace().next().unwrap_or("")) =>
             {
                 let words: alloc::vec::Vec<&str> = cmd.split_ascii_whitespace().collect();
+                let Some(overlay) = overlay else {
+                    self.counters.bad_requests += 1;
+                    return self.reply(stack, handle, "error: the overlay is off on this node\n");
+                };
                 match overlay.command(now_us, &words, handle) {
                     Ok(Some(text)) => text,
                     Ok(None) => return true,
@@ -365,6 +369,15 @@ impl Diag {
             .sockets
             .get_mut::<tcp::Socket>(handle)
             .send_slice(reply.as_bytes());
+        true
+    }
+
+    /// Sends one reply line; the session goes on.
+    fn reply(&self, stack: &mut Stack, handle: SocketHandle, text: &str) -> bool {
+        let _ = stack
+            .sockets
+            .get_mut::<tcp::Socket>(handle)
+            .send_slice(text.as_bytes());
         true
     }
 
@@ -539,7 +552,7 @@ impl Diag {
         &self,
         now_us: u64,
         stack: &Stack,
-        overlay: &Overlay,
+        overlay: Option<&Overlay>,
         info: NodeInfo<'_>,
     ) -> String {
         let (facts, config) = (info.facts, info.config);
@@ -605,7 +618,10 @@ impl Diag {
             c.tcp_idle_closed,
             c.bad_requests,
             PhaseList(facts),
-            overlay.status_text() + &overlay.trust_text(),
+            overlay.map_or_else(
+                || String::from("overlay=off\n"),
+                |o| o.status_text() + &o.trust_text()
+            ),
         );
         out
     }

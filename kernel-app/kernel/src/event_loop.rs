@@ -33,11 +33,16 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
     let mut stack = Stack::new(&config, nic, clock::now_us());
     let mut diag = Diag::new(&mut stack, &config);
     let entropy = cpu::hardware_entropy();
-    let mut overlay = match Overlay::new(&config, &mut stack, clock::now_us(), &entropy) {
-        Ok(o) => o,
-        Err(e) => {
-            log::error!("boot: overlay: {e}");
-            arch::exit(GuestExit::BadConfig);
+    // `overlay=0` in the launch config leaves the overlay off (VM density measurements).
+    let mut overlay = if config.extra("overlay") == Some(&[0]) {
+        None
+    } else {
+        match Overlay::new(&config, &mut stack, clock::now_us(), &entropy) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                log::error!("boot: overlay: {e}");
+                arch::exit(GuestExit::BadConfig);
+            }
         }
     };
     facts.ready_tsc = cpu::rdtsc();
@@ -83,11 +88,13 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
     loop {
         let now = clock::now_us();
         stack.poll(now);
-        overlay.service(now, &mut stack);
+        if let Some(o) = overlay.as_mut() {
+            o.service(now, &mut stack);
+        }
         diag.service(
             now,
             &mut stack,
-            &mut overlay,
+            overlay.as_mut(),
             NodeInfo {
                 facts: &facts,
                 config: &config,
@@ -112,7 +119,8 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         }
         let now = clock::now_us();
         let mut delay = stack.poll_delay_us(now).unwrap_or(MAX_SLEEP_US);
-        for at in [diag.next_deadline_us(&stack), overlay.next_deadline_us()]
+        let overlay_at = overlay.as_ref().and_then(Overlay::next_deadline_us);
+        for at in [diag.next_deadline_us(&stack), overlay_at]
             .into_iter()
             .flatten()
         {

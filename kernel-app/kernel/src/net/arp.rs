@@ -20,9 +20,15 @@ const ENTRY_TTL_US: u64 = 300_000_000;
 /// Packets held per unresolved neighbour, and unresolved neighbours at once.
 const PENDING_PACKETS: usize = 8;
 const PENDING_HOSTS: usize = 64;
-/// Retry interval and attempts for an unanswered request.
+/// First retry interval for an unanswered request (doubling up to 1.6 s), and attempts. The
+/// back-off keeps a busy segment from an ARP storm: every request is a broadcast that wakes
+/// every VM.
 const RETRY_US: u64 = 100_000;
-const MAX_TRIES: u32 = 20;
+const MAX_TRIES: u32 = 8;
+
+fn retry_after_us(tries: u32) -> u64 {
+    RETRY_US << tries.saturating_sub(1).min(4)
+}
 
 /// Counters for the diagnostic report.
 #[derive(Default, Clone, Copy)]
@@ -131,8 +137,8 @@ impl Neighbours {
         p.packets.push_back(packet.to_vec());
         self.stats.queued += 1;
         if p.next_request_us <= now_us {
-            p.next_request_us = now_us + RETRY_US;
             p.tries += 1;
+            p.next_request_us = now_us + retry_after_us(p.tries);
             self.stats.requests_sent += 1;
             Some(self.request(hop))
         } else {
@@ -232,7 +238,7 @@ impl Neighbours {
                 let _ = give_up.push(*ip);
             } else {
                 p.tries += 1;
-                p.next_request_us = now_us + RETRY_US;
+                p.next_request_us = now_us + retry_after_us(p.tries);
                 let _ = ask.push(*ip);
             }
         }
