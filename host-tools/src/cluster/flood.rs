@@ -78,7 +78,7 @@ impl Peer {
         );
         let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
         socket
-            .set_read_timeout(Some(Duration::from_millis(5)))
+            .set_read_timeout(Some(Duration::from_micros(500)))
             .map_err(|e| e.to_string())?;
         Ok(Peer {
             layer,

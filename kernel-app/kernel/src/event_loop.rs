@@ -46,7 +46,7 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         }
     };
     facts.ready_tsc = cpu::rdtsc();
-    let _ = facts.phases.push(("stack", facts.ready_tsc));
+    let _ = facts.phases.push(("services", facts.ready_tsc));
     let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
     let ip = config.net.ipv4;
     console::println(format_args!(
