@@ -417,9 +417,7 @@ impl RunningVm {
             }
             if let Some(status) = self.try_exit() {
                 // One more read: the line may have landed just before exit.
-                if self.serial().lines().any(|l| l.contains(needle))
-                    && let Some(l) = self.serial().lines().find(|l| l.contains(needle))
-                {
+                if let Some(l) = self.serial().lines().find(|l| l.contains(needle)) {
                     return Ok((l.to_string(), Instant::now()));
                 }
                 return Err(LaunchError::Exited {

@@ -207,7 +207,7 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
             }
         })
         .map_err(|e| e.to_string())?;
-    run_main(&shared, main_rx);
+    run_main(main_rx);
     // Stop: every VM, then the switch, then the socket and the state.
     for slot in lock(&shared.nodes).iter_mut() {
         if let Some(mut vm) = slot.vm.take() {
@@ -221,8 +221,8 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
     Ok(())
 }
 
-fn run_main(shared: &Shared, jobs: Receiver<MainJob>) {
-    let _ = shared; // the main thread only spawns; state lives behind `shared`
+/// The main thread only spawns QEMUs (so they die with it); all state lives in `Shared`.
+fn run_main(jobs: Receiver<MainJob>) {
     for job in jobs.iter() {
         match job {
             MainJob::Spawn(spec, reply) => {

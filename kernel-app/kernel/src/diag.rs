@@ -339,7 +339,7 @@ impl Diag {
                     }
                 }
             }
-            cmd if cmd.starts_with("probe") => match self.start_probe(cmd, handle, now_us) {
+            cmd if cmd.starts_with("probe") => match self.start_probe(cmd, handle) {
                 Ok(()) => return true,
                 Err(e) => {
                     self.counters.bad_requests += 1;
@@ -395,12 +395,7 @@ impl Diag {
             .min()
     }
 
-    fn start_probe(
-        &mut self,
-        cmd: &str,
-        session: SocketHandle,
-        _now_us: u64,
-    ) -> Result<(), &'static str> {
+    fn start_probe(&mut self, cmd: &str, session: SocketHandle) -> Result<(), &'static str> {
         if self.probe.is_some() {
             return Err("busy");
         }
@@ -585,8 +580,8 @@ impl Diag {
             entry_to_ready_us,
             clock::boot_tsc(),
             facts.ready_tsc,
-            facts.tsc_khz,
-            facts.clock_source,
+            facts.calibration.tsc_khz,
+            facts.calibration.source,
             facts.apic_ticks_per_ms,
             facts.simd,
             facts.ram_bytes,

@@ -25,8 +25,6 @@ use arch::{apic, cpu, idt, ioapic, pit};
 
 /// Boot-time facts kept for the diagnostic report.
 pub struct BootFacts {
-    pub tsc_khz: u64,
-    pub clock_source: clock::ClockSource,
     pub apic_ticks_per_ms: u64,
     pub simd: &'static str,
     pub heap_bytes: u64,
@@ -95,8 +93,6 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     let _ = phases.push(("apic", cpu::rdtsc()));
     let ram_bytes: u64 = boot.ram.iter().map(|(s, e)| e - s).sum();
     let facts = BootFacts {
-        tsc_khz: calibration.tsc_khz,
-        clock_source: calibration.source,
         apic_ticks_per_ms,
         simd,
         heap_bytes: heap_end - heap_start,
