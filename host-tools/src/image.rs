@@ -26,6 +26,41 @@ pub struct Manifest {
     pub size_bytes: u64,
     pub target: String,
     pub built_unix_s: u64,
+    /// Applications linked into the kernel (`unipeer image build --apps a,b`).
+    #[serde(default)]
+    pub apps: Vec<String>,
+}
+
+/// Applications an image gets when `--apps` is not given: every shipped one.
+pub fn default_apps() -> Vec<String> {
+    unipeer_apps::ALL
+        .iter()
+        .map(|a| a.name().to_string())
+        .collect()
+}
+
+/// Checks an application list against the shipped applications; answers it deduplicated.
+pub fn check_apps(apps: &[String]) -> Result<Vec<String>, ImageError> {
+    let mut out: Vec<String> = Vec::new();
+    for a in apps {
+        let a = a.trim();
+        if unipeer_apps::by_name(a).is_none() {
+            return Err(ImageError::UnknownApp {
+                name: a.to_string(),
+                known: default_apps().join(", "),
+            });
+        }
+        if !out.iter().any(|o| o == a) {
+            out.push(a.to_string());
+        }
+    }
+    if out.is_empty() {
+        return Err(ImageError::UnknownApp {
+            name: String::new(),
+            known: default_apps().join(", "),
+        });
+    }
+    Ok(out)
 }
 
 /// Why an image could not be built or read.
@@ -41,6 +76,11 @@ pub enum ImageError {
     BadImage {
         dir: PathBuf,
         why: String,
+    },
+    /// `--apps` names an application this tree does not ship (empty name: none given).
+    UnknownApp {
+        name: String,
+        known: String,
     },
     Io(std::io::Error),
 }
@@ -62,6 +102,15 @@ impl fmt::Display for ImageError {
                 "image {} is unusable: {why}; rebuild it with: unipeer image build --release",
                 dir.display()
             ),
+            ImageError::UnknownApp { name, known } if name.is_empty() => {
+                write!(
+                    f,
+                    "an image needs at least one application (known: {known})"
+                )
+            }
+            ImageError::UnknownApp { name, known } => {
+                write!(f, "unknown application {name:?} (known: {known})")
+            }
             ImageError::Io(e) => write!(f, "image I/O error: {e}"),
         }
     }
@@ -120,8 +169,20 @@ fn target_installed() -> Option<bool> {
     )
 }
 
-/// Builds the kernel and writes the image directory. Returns the manifest.
+/// Builds the kernel with every shipped application and writes the image directory.
 pub fn build(name: &str, release: bool, quiet: bool) -> Result<Manifest, ImageError> {
+    build_with_apps(name, release, quiet, &default_apps())
+}
+
+/// Builds the kernel linking only `apps` (cargo features `app-<name>` of the kernel crate) and
+/// writes the image directory. Returns the manifest.
+pub fn build_with_apps(
+    name: &str,
+    release: bool,
+    quiet: bool,
+    apps: &[String],
+) -> Result<Manifest, ImageError> {
+    let apps = check_apps(apps)?;
     let root = repo_root();
     if Command::new("cargo").arg("--version").output().is_err() {
         return Err(ImageError::NoCargo);
@@ -131,7 +192,14 @@ pub fn build(name: &str, release: bool, quiet: bool) -> Result<Manifest, ImageEr
     }
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
-        .args(["build", "-p", "unipeer-kernel", "--target", KERNEL_TARGET]);
+        .args(["build", "-p", "unipeer-kernel", "--target", KERNEL_TARGET])
+        .args(["--no-default-features", "--features"])
+        .arg(
+            apps.iter()
+                .map(|a| format!("app-{a}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
     if release {
         cmd.arg("--release");
     }
@@ -174,6 +242,7 @@ pub fn build(name: &str, release: bool, quiet: bool) -> Result<Manifest, ImageEr
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        apps,
     };
     let text = toml::to_string(&manifest).map_err(|e| ImageError::BadImage {
         dir: dir.clone(),

@@ -120,6 +120,10 @@ enum ImageCommand {
         /// Image name.
         #[arg(long, default_value = "default")]
         name: String,
+        /// Applications linked into the image (default: every shipped one:
+        /// wordcount, primes, sha256, fail).
+        #[arg(long, value_delimiter = ',')]
+        apps: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -301,17 +305,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ImageCommand::Build {
                     release,
                     name,
+                    apps,
                     json,
                 },
         } => {
-            let m = image::build(&name, release, false)?;
+            let apps = if apps.is_empty() {
+                image::default_apps()
+            } else {
+                apps
+            };
+            let m = image::build_with_apps(&name, release, false, &apps)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
                 println!(
-                    "built image {} ({} profile): {} bytes, sha256 {}\n  {}",
+                    "built image {} ({} profile, apps {}): {} bytes, sha256 {}\n  {}",
                     m.name,
                     m.profile,
+                    m.apps.join(","),
                     m.size_bytes,
                     m.sha256,
                     image::image_dir(&name).display()
