@@ -22,6 +22,7 @@ pub mod keys;
 pub mod replay;
 pub mod revocation;
 pub mod session;
+pub mod stream;
 pub mod user_auth;
 pub mod users;
 

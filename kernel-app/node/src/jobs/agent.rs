@@ -19,6 +19,7 @@
 
 use super::app::{AppSet, MAX_INPUTS, MAX_PARTS, TaskError, TaskKind, TaskOutput, TaskSpec};
 use super::chunk::{ChunkError, ChunkId, ChunkStore};
+use super::client::SubmitRequest;
 use super::delegation::{DelegationGuard, DelegationToken, TokenAuthority};
 use super::overlay::Overlay;
 use super::record::{
@@ -159,6 +160,8 @@ pub enum SubmitError {
     OutOfBounds,
     /// Too many operations already in flight.
     Busy,
+    /// A task names an input chunk this node does not hold (put it first).
+    MissingInput,
 }
 
 impl core::fmt::Display for SubmitError {
@@ -167,6 +170,7 @@ impl core::fmt::Display for SubmitError {
             SubmitError::NotJoined => write!(f, "node has not joined the overlay"),
             SubmitError::OutOfBounds => write!(f, "job breaks a task, input or record bound"),
             SubmitError::Busy => write!(f, "too many job operations in flight"),
+            SubmitError::MissingInput => write!(f, "a task's input chunk was not put first"),
         }
     }
 }
@@ -418,20 +422,72 @@ impl JobAgent {
         if !ov.is_joined() {
             return Err(SubmitError::NotJoined);
         }
+        let mut tasks = Vec::with_capacity(s.tasks.len());
+        for (params, inputs) in &s.tasks {
+            let mut ids = Vec::with_capacity(inputs.len());
+            for d in inputs {
+                ids.push(
+                    self.store_input(now, d)
+                        .map_err(|_| SubmitError::OutOfBounds)?,
+                );
+            }
+            tasks.push((params.clone(), ids));
+        }
+        let req = SubmitRequest {
+            name: s.name.clone(),
+            app: s.app.clone(),
+            nonce: s.nonce,
+            tasks,
+            reducers: s.reducers,
+            exec_copies: s.exec_copies,
+        };
+        self.submit_stored(now, ov, &s.user, &req)
+    }
+
+    /// Keeps an input chunk here and uploads it to its root (which keeps `replicas` copies).
+    pub fn store_input(&mut self, now: Instant, data: &[u8]) -> Result<ChunkId, ChunkError> {
+        let id = Key::for_content(data);
+        self.chunks.insert(id, data)?;
+        self.uploads.insert(id, Upload { next_try: now });
+        Ok(id)
+    }
+
+    /// Stores the task records of a job whose inputs were stored with [`Self::store_input`];
+    /// `Submitted` follows once every record is stored. The same user, name and nonce name the
+    /// same job: submitting it again rewrites only records that are not already stored.
+    pub fn submit_stored(
+        &mut self,
+        now: Instant,
+        ov: &mut impl Overlay,
+        user: &str,
+        s: &SubmitRequest,
+    ) -> Result<JobId, SubmitError> {
+        if !ov.is_joined() {
+            return Err(SubmitError::NotJoined);
+        }
         let n = s.tasks.len();
         let bounded = n > 0
             && n <= u16::from(u8::MAX) as usize + 1
-            && s.user.len() <= MAX_USER
+            && user.len() <= MAX_USER
             && (1..=MAX_EXEC_COPIES).contains(&s.exec_copies)
             && (s.reducers as usize) <= MAX_PARTS
             && (s.reducers == 0 || n <= MAX_INPUTS);
         if !bounded {
             return Err(SubmitError::OutOfBounds);
         }
+        if let Some((_, ids)) = s
+            .tasks
+            .iter()
+            .find(|(_, ids)| ids.iter().any(|id| !self.chunks.contains(*id)))
+        {
+            let missing = ids.iter().find(|id| !self.chunks.contains(**id));
+            log::debug!("submission refused: input {missing:?} not stored here");
+            return Err(SubmitError::MissingInput);
+        }
         if self.record_puts.len() + n + 1 > MAX_OUTSTANDING {
             return Err(SubmitError::Busy);
         }
-        let job = job_id(&s.user, &s.name, s.nonce);
+        let job = job_id(user, &s.name, s.nonce);
         let kind = if s.reducers > 0 {
             TaskKind::Map {
                 reducers: s.reducers,
@@ -440,14 +496,13 @@ impl JobAgent {
             TaskKind::Single
         };
         let mut records = Vec::new();
-        for (i, (params, inputs)) in s.tasks.iter().enumerate() {
+        for (i, (params, ids)) in s.tasks.iter().enumerate() {
             let spec = TaskSpec {
                 app: s.app.clone(),
                 kind,
                 params: params.clone(),
             };
-            let ids: Vec<ChunkId> = inputs.iter().map(|d| Key::for_content(d)).collect();
-            let mut rec = TaskRecord::new(job, i as u16, &s.user, spec, ids);
+            let mut rec = TaskRecord::new(job, i as u16, user, spec, ids.clone());
             rec.exec_copies = s.exec_copies;
             if s.reducers > 0 {
                 rec.maps = n as u8;
@@ -457,23 +512,13 @@ impl JobAgent {
         }
         let jr = JobRecord {
             name: s.name.clone(),
-            user: s.user.clone(),
+            user: user.into(),
             app: s.app.clone(),
             tasks: n as u16,
             reducers: s.reducers,
             exec_copies: s.exec_copies,
         };
         records.push((job, jr.encode().ok_or(SubmitError::OutOfBounds)?));
-        for (_, inputs) in &s.tasks {
-            for d in inputs {
-                let id = Key::for_content(d);
-                match self.chunks.insert(id, d) {
-                    Ok(()) => {}
-                    Err(_) => return Err(SubmitError::OutOfBounds),
-                }
-                self.uploads.insert(id, Upload { next_try: now });
-            }
-        }
         self.jobs_in_submission.insert(job, records.len());
         for (key, value) in records {
             self.record_puts.insert(
@@ -489,6 +534,16 @@ impl JobAgent {
         }
         self.tick(now, ov);
         Ok(job)
+    }
+
+    /// Cancels a job's tasks: each task's root marks its record failed (`Cancelled`) unless it
+    /// is already final, and revokes the executors' leases. Answers how many tasks were asked.
+    pub fn cancel(&mut self, now: Instant, ov: &mut impl Overlay, tasks: &[TaskId]) -> usize {
+        for &task in tasks {
+            self.send_to_root(now, ov, task, JobMessage::Cancel { task });
+        }
+        self.tick(now, ov);
+        tasks.len()
     }
 
     /// Fetches a chunk (outputs, for the AA); completes with `ChunkFetched`.
@@ -1157,6 +1212,25 @@ impl JobAgent {
                 if let (true, Some(r)) = (known, reply) {
                     self.send(from, r);
                 }
+            }
+            JobMessage::Cancel { task } => {
+                self.with_supervision(now, ov, task, |me, s| {
+                    if s.rec.state.is_final() {
+                        return;
+                    }
+                    if let TaskState::Running { leases, .. } = &s.rec.state {
+                        for l in leases.clone() {
+                            me.send(
+                                l.executor,
+                                JobMessage::Revoke {
+                                    task,
+                                    attempt: l.attempt,
+                                },
+                            );
+                        }
+                    }
+                    me.finish(s, TaskState::Failed(TaskFailure::Cancelled));
+                });
             }
             JobMessage::Revoke { task, attempt } => {
                 if self

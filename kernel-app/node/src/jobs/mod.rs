@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod app;
 pub mod chunk;
+pub mod client;
 pub mod delegation;
 pub mod overlay;
 pub mod record;

@@ -69,6 +69,8 @@ pub enum TaskFailure {
     App(TaskError),
     /// Executors were lost this many times; the task is not retried again.
     AttemptsExhausted,
+    /// The user cancelled the job.
+    Cancelled,
 }
 
 /// Where a task stands.

@@ -131,6 +131,10 @@ pub enum JobMessage {
     ChunkOffer {
         id: ChunkId,
     },
+    /// To a task's root: the user cancelled the job (the record becomes `Failed(Cancelled)`).
+    Cancel {
+        task: TaskId,
+    },
 }
 
 /// An executor's answer to a dispatch.
