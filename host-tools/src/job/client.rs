@@ -279,3 +279,167 @@ fn unexpected(want: &str, got: &ClientReply) -> ClientError {
     text.truncate(200);
     ClientError::Protocol(format!("expected {want}, got {text}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use unipeer_node::auth::user_auth::UserAuthResponder;
+    use unipeer_node::auth::{Allowance, IdentityKey, UserEntry, UserList};
+    use unipeer_node::jobs::client::ClientRequest as Req;
+
+    /// A node's side of the protocol, enough to exercise the client: authenticates on the list,
+    /// then answers Ping, PutChunk and Fetch (a `Fetch` of `bad` answers bytes of another id).
+    fn fake_node(mut s: UnixStream, psk: [u8; 32], bad: Key) {
+        let authority = IdentityKey::from_seed(&[1; 32]);
+        let users = UserList::issue(
+            1,
+            0,
+            vec![UserEntry {
+                name: "alice".into(),
+                allowed: vec![Allowance::AnyPeer],
+            }],
+            &authority,
+        );
+        let creds = [UserCredential {
+            user: "alice".into(),
+            psk,
+        }];
+        let node = NodeId::default();
+        let mut reader = FrameReader::new(MAX_CLIENT_FRAME);
+        let mut buf = [0u8; 4096];
+        let mut next = |s: &mut UnixStream, reader: &mut FrameReader| loop {
+            if let Ok(Some(f)) = reader.next_frame() {
+                return Some(f);
+            }
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                return None;
+            }
+            reader.push(&buf[..n]);
+        };
+        let hello = next(&mut s, &mut reader).unwrap();
+        let Ok(Req::Auth(hello)) = ClientRequest::decode(&hello) else {
+            panic!("expected a Hello")
+        };
+        let (resp, challenge) =
+            match UserAuthResponder::on_hello(&hello, node, "s1", &users, &creds, [9; 32]) {
+                Ok(a) => a,
+                Err(e) => {
+                    let r = ClientReply::Error {
+                        code: ClientErrorCode::Auth,
+                        text: format!("{e:?}"),
+                    };
+                    let _ = s.write_all(&frame(&r.encode()));
+                    return;
+                }
+            };
+        s.write_all(&frame(&ClientReply::Auth(challenge).encode()))
+            .unwrap();
+        let proof = next(&mut s, &mut reader).unwrap();
+        let Ok(Req::Auth(proof)) = ClientRequest::decode(&proof) else {
+            panic!("expected a Proof")
+        };
+        let Ok(key) = resp.on_proof(&proof) else {
+            let r = ClientReply::Error {
+                code: ClientErrorCode::Auth,
+                text: "bad proof".into(),
+            };
+            let _ = s.write_all(&frame(&r.encode()));
+            return;
+        };
+        let mut sealer = StreamSealer::new(&key, CLIENT_STREAM_CONTEXT, StreamRole::Responder);
+        let mut reply = |s: &mut UnixStream, r: ClientReply, sealer: &mut StreamSealer| {
+            let _ = s.write_all(&frame(&sealer.seal(&r.encode()).unwrap()));
+        };
+        reply(
+            &mut s,
+            ClientReply::Ready {
+                node,
+                authenticated: true,
+            },
+            &mut sealer,
+        );
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        while let Some(mut f) = next(&mut s, &mut reader) {
+            let n = sealer.open(&mut f).expect("the client seals every request");
+            let r = match ClientRequest::decode(&f[..n]).unwrap() {
+                Req::Ping => ClientReply::Pong {
+                    node,
+                    joined: true,
+                    apps: vec!["primes".into()],
+                    slots: 2,
+                    running: 0,
+                },
+                Req::PutChunk { data } => {
+                    let id = Key::for_content(&data);
+                    held.push(data);
+                    ClientReply::ChunkStored { id }
+                }
+                Req::Fetch { id } if id == bad => ClientReply::Chunk {
+                    id,
+                    data: b"not it".to_vec(),
+                },
+                Req::Fetch { id } => match held.iter().find(|d| Key::for_content(d) == id) {
+                    Some(d) => ClientReply::Chunk {
+                        id,
+                        data: d.clone(),
+                    },
+                    None => ClientReply::Error {
+                        code: ClientErrorCode::Timeout,
+                        text: "no such chunk".into(),
+                    },
+                },
+                other => panic!("unexpected {other:?}"),
+            };
+            reply(&mut s, r, &mut sealer);
+        }
+    }
+
+    fn session(client_psk: [u8; 32]) -> Result<JobClient<UnixStream>> {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let bad = Key::for_name(b"bad");
+        std::thread::spawn(move || fake_node(b, [5; 32], bad));
+        JobClient::connect(
+            a,
+            &UserCredential {
+                user: "alice".into(),
+                psk: client_psk,
+            },
+        )
+    }
+
+    #[test]
+    fn authenticates_then_speaks_sealed() {
+        let mut c = session([5; 32]).unwrap();
+        assert!(c.authenticated);
+        assert_eq!(c.ping().unwrap().apps, vec!["primes".to_string()]);
+        let data = vec![7u8; 70_000.min(MAX_CLIENT_FRAME - 1100)];
+        let id = c.put_chunk(&data).unwrap();
+        assert_eq!(c.fetch(id).unwrap(), data);
+        // A chunk whose bytes do not hash to its id is refused by the client.
+        let err = c.fetch(Key::for_name(b"bad")).unwrap_err();
+        assert!(err.to_string().contains("does not hash"), "{err}");
+        // A node refusal is a clear error, and the session goes on.
+        let err = c.fetch(Key::for_name(b"missing")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Node {
+                    code: ClientErrorCode::Timeout,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(c.ping().is_ok());
+    }
+
+    #[test]
+    fn a_wrong_key_fails_authentication() {
+        let err = session([6; 32]).err().expect("wrong key refused");
+        assert!(matches!(err, ClientError::Auth(_)), "{err}");
+    }
+}
