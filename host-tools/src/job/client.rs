@@ -349,7 +349,7 @@ mod tests {
             return;
         };
         let mut sealer = StreamSealer::new(&key, CLIENT_STREAM_CONTEXT, StreamRole::Responder);
-        let mut reply = |s: &mut UnixStream, r: ClientReply, sealer: &mut StreamSealer| {
+        let reply = |s: &mut UnixStream, r: ClientReply, sealer: &mut StreamSealer| {
             let _ = s.write_all(&frame(&sealer.seal(&r.encode()).unwrap()));
         };
         reply(
