@@ -228,6 +228,9 @@ enum BenchCommand {
     /// Local cluster: VM<->VM round trips through the switch, switch frames/s, time to bring up
     /// N VMs, density (most VMs up and answering) with host memory per VM.
     Cluster(bench::cluster::ClusterBenchArgs),
+    /// Jobs: tasks per second on a cluster against the same tasks run natively, the slow-down
+    /// when a third of the VMs die mid-job, and re-dispatch time.
+    Jobs(bench::jobs::JobsBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -391,6 +394,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Auth(args),
         } => {
             bench::auth::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Jobs(args),
+        } => {
+            bench::jobs::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

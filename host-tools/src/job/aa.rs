@@ -832,3 +832,66 @@ impl Access for FrontendAccess {
         format!("front-end {}", self.frontend.url)
     }
 }
+
+/// Straight to a local cluster's daemon (no front-end): what benchmarks and tools on the
+/// cluster's own host use.
+pub struct ClusterAccess {
+    pub run_dir: PathBuf,
+    pub port: u16,
+}
+
+impl Access for ClusterAccess {
+    type Stream = std::os::unix::net::UnixStream;
+
+    fn nodes(&self) -> Result<Vec<NodeView>> {
+        let st = crate::cluster::status(&self.run_dir, false).map_err(|e| anyhow!("{e}"))?;
+        Ok(st
+            .nodes
+            .into_iter()
+            .map(|n| {
+                let apps = crate::image::open(&n.image)
+                    .map(|i| i.manifest.apps)
+                    .unwrap_or_default();
+                NodeView {
+                    ready: n.state == crate::cluster::NodeState::Up,
+                    name: n.name,
+                    image: n.image,
+                    apps,
+                }
+            })
+            .collect())
+    }
+
+    fn deploy(&self, image: &str, count: usize, memory_mb: u32) -> Result<Vec<String>> {
+        let before = crate::cluster::status(&self.run_dir, false)
+            .map_err(|e| anyhow!("{e}"))?
+            .nodes
+            .len();
+        crate::cluster::grow_nodes(
+            &self.run_dir,
+            &crate::cluster::GrowOptions {
+                count,
+                image: Some(image.to_string()),
+                server: None,
+                memory_mib: Some(memory_mb),
+                ca_store: None,
+            },
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        Ok((before + 1..=before + count)
+            .map(crate::cluster::node_name)
+            .collect())
+    }
+
+    fn connect(&self, node: &str) -> Result<Self::Stream> {
+        let s =
+            crate::cluster::relay(&self.run_dir, node, self.port).map_err(|e| anyhow!("{e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(150)))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        Ok(s)
+    }
+
+    fn describe(&self) -> String {
+        format!("cluster {}", self.run_dir.display())
+    }
+}

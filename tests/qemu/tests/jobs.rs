@@ -87,7 +87,13 @@ impl Env {
         let mut c = Command::new(unipeer_bin());
         c.arg("submit")
             .args(args)
-            .args(["--frontend", &self.url, "--json-progress", "--poll-ms", "250"])
+            .args([
+                "--frontend",
+                &self.url,
+                "--json-progress",
+                "--poll-ms",
+                "250",
+            ])
             .arg("--ca")
             .arg(self.dir.join("authority"))
             .arg("--state-dir")
@@ -154,7 +160,9 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 
 /// The last summary line an AA printed.
 fn summary(rx: &mpsc::Receiver<serde_json::Value>) -> Option<serde_json::Value> {
-    rx.try_iter().filter_map(|v| v.get("summary").cloned()).last()
+    rx.try_iter()
+        .filter_map(|v| v.get("summary").cloned())
+        .last()
 }
 
 #[test]
@@ -227,7 +235,11 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
             env.log("primes.log")
         );
         if let Ok(st) = pr_aa.try_wait() {
-            assert!(st.is_none(), "the primes AA ended early: {}", env.log("primes.log"));
+            assert!(
+                st.is_none(),
+                "the primes AA ended early: {}",
+                env.log("primes.log")
+            );
         }
         let Ok(v) = pr_rx.recv_timeout(Duration::from_secs(5)) else {
             continue;
