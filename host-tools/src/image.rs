@@ -313,6 +313,7 @@ mod tests {
             size_bytes: kernel.len() as u64,
             target: KERNEL_TARGET.into(),
             built_unix_s: 1,
+            apps: vec!["primes".into()],
         };
         fs::write(dir.join(MANIFEST_FILE), toml::to_string(&m).unwrap()).unwrap();
         assert_eq!(open_dir(&dir).unwrap().manifest, m);
@@ -322,6 +323,22 @@ mod tests {
         let err = open_dir(&dir).unwrap_err().to_string();
         assert!(err.contains("does not match"), "{err}");
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn app_lists_are_checked() {
+        assert_eq!(
+            check_apps(&["primes".into(), " primes".into(), "wordcount".into()]).unwrap(),
+            vec!["primes".to_string(), "wordcount".to_string()]
+        );
+        let err = check_apps(&["nope".into()]).unwrap_err().to_string();
+        assert!(err.contains("unknown application \"nope\""), "{err}");
+        assert!(
+            check_apps(&[])
+                .unwrap_err()
+                .to_string()
+                .contains("at least one")
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod ca;
 pub mod cluster;
 pub mod diag;
+pub mod frontend;
 pub mod hostinfo;
 pub mod image;
 pub mod job;

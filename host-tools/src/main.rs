@@ -12,6 +12,7 @@ use unipeer::qemu::Machine;
 use unipeer::{bench, cluster, diag, image, vm};
 
 mod cli_cluster;
+mod cli_frontend;
 use unipeer_node::launch::{GuestExit, LogLevel};
 
 #[derive(Parser)]
@@ -97,6 +98,9 @@ enum Command {
     },
     /// Stop the local cluster: VMs, switch, daemon, namespace.
     Down,
+    /// The front-end node of one server: an HTTP API that deploys VMs, lists them and relays
+    /// TCP connections to them (see the README).
+    Frontend(cli_frontend::FrontendArgs),
     /// The trusted authority: peers' certificates, users' pre-shared keys, revocation.
     Ca {
         #[command(subcommand)]
@@ -237,6 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let run_dir = cli_cluster::run_dir(cli.run_dir.clone())?;
     match cli.command {
         Command::Up(args) => cli_cluster::up(&run_dir, args),
+        Command::Frontend(args) => cli_frontend::run(&run_dir, args),
         Command::Status { json, no_probe } => cli_cluster::status(&run_dir, json, !no_probe),
         Command::Logs { node, follow } => cli_cluster::logs(&run_dir, &node, follow),
         Command::Net { command } => cli_cluster::net(&run_dir, command),

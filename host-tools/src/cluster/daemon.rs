@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -42,6 +42,8 @@ const INTERMEDIATE_VALID_MS: u64 = 7 * 24 * 3600 * 1000;
 const PEER_CERT_VALID_MS: u64 = 24 * 3600 * 1000;
 /// How long a node command (an overlay lookup, say) may take.
 const NODE_COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a relay waits for the node to accept its TCP connection.
+const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often booting VMs' serial logs are looked at.
 const READY_POLL: Duration = Duration::from_millis(10);
 /// How long a host probe of one node waits.
@@ -249,6 +251,21 @@ fn serve_connection(shared: &Arc<Shared>, conn: UnixStream) {
         }
         let (response, stop) = match serde_json::from_str::<Request>(&line) {
             Err(e) => (Response::failure(format!("bad request: {e}")), false),
+            Ok(Request::Relay { node, port }) => match shared.relay_connect(&node, port) {
+                Ok(tcp) => {
+                    let mut text = serde_json::to_string(&Response::success(None))
+                        .expect("responses serialise");
+                    text.push('\n');
+                    if out.write_all(text.as_bytes()).is_err() {
+                        return;
+                    }
+                    // The reader may hold bytes the client sent after its request line: it
+                    // is the client's side of the pipe, buffered bytes first.
+                    super::relay::pipe(reader, out, tcp);
+                    return;
+                }
+                Err(e) => (Response::failure(e), false),
+            },
             Ok(Request::Shutdown) => (Response::success(None), true),
             Ok(request) => (
                 match shared.handle(request) {
@@ -365,8 +382,22 @@ impl Shared {
                     count.clamp(1, 1000),
                 )?)
             }
+            Request::Relay { .. } => Err("a relay takes over its connection".into()),
             Request::Shutdown => Ok(serde_json::Value::Null),
         }
+    }
+
+    /// A TCP connection from the daemon (inside the namespace) to `port` on `node`.
+    fn relay_connect(&self, node: &str, port: u16) -> Result<TcpStream, String> {
+        if port == 0 {
+            return Err("relay: port 0".into());
+        }
+        let ip = self.reachable_ip(node)?;
+        let addr = SocketAddr::from((ip, port));
+        let tcp = TcpStream::connect_timeout(&addr, RELAY_CONNECT_TIMEOUT)
+            .map_err(|e| format!("relay to {node} ({addr}): {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
     }
 
     fn uplink_ok(&self) -> Result<(), String> {
@@ -427,10 +458,19 @@ impl Shared {
     ) -> Result<VmSpec, String> {
         let level = LogLevel::parse(&s.log_level)
             .ok_or_else(|| format!("unknown log level {:?}", s.log_level))?;
+        let kernel = match &plan.image {
+            Some(name) => {
+                crate::image::open(name)
+                    .map_err(|e| format!("image {name:?}: {e}"))?
+                    .kernel
+            }
+            None => s.kernel.clone(),
+        };
+        let memory_mib = plan.memory_mib.unwrap_or(s.memory_mib);
         let mut opts = VmOptions::new(&plan.name, vms_dir(&self.run_dir), s.machine, s.accel);
         opts.server_id = plan.server.clone();
         opts.cpu = s.cpu.clone();
-        opts.memory_mib = s.memory_mib;
+        opts.memory_mib = memory_mib;
         opts.log_level = level;
         if let Some(l) = s.leaf_set {
             opts.extra.push(("leaf_set".to_string(), vec![l]));
@@ -474,13 +514,13 @@ impl Shared {
         let backend = netdev.replacen(",id=net0", "", 1);
         Ok(VmSpec {
             name: plan.name.clone(),
-            kernel: s.kernel.clone(),
+            kernel,
             config_blob: blob,
             run_dir: vms_dir(&self.run_dir),
             machine: s.machine,
             accel: s.accel,
             cpu: s.cpu.clone(),
-            memory_mib: s.memory_mib,
+            memory_mib,
             mac,
             net: NetAttach::Netdev(backend),
             tb_size_mib: Some(s.tb_size_mib),
@@ -761,6 +801,7 @@ impl Shared {
                     .collect()
             })
             .unwrap_or_default();
+        let settings = lock(&self.settings).clone();
         let mut nodes: Vec<NodeStatus> = lock(&self.nodes)
             .iter_mut()
             .map(|slot| {
@@ -786,6 +827,17 @@ impl Shared {
                     ready_ms: slot.ready_ms,
                     answering: None,
                     diag: None,
+                    image: slot
+                        .plan
+                        .image
+                        .clone()
+                        .or_else(|| settings.as_ref().map(|s| s.image.clone()))
+                        .unwrap_or_default(),
+                    memory_mib: slot
+                        .plan
+                        .memory_mib
+                        .or(settings.as_ref().map(|s| s.memory_mib))
+                        .unwrap_or(0),
                 }
             })
             .collect();
@@ -816,7 +868,7 @@ impl Shared {
             daemon_pid: std::process::id(),
             netns: self.netns.clone(),
             uplink: self.uplink.clone(),
-            settings: lock(&self.settings).clone(),
+            settings,
             server_delay_us: self.server_delay_us.load(Ordering::Relaxed),
             nodes,
         }

@@ -20,9 +20,11 @@ pub mod daemon;
 pub mod flood;
 pub mod netns;
 pub mod protocol;
+pub mod relay;
 pub mod state;
 
 use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -71,6 +73,8 @@ pub fn plan(first: usize, count: usize, servers: usize) -> Vec<NodePlan> {
             server: format!("s{}", i * servers / count.max(1) + 1),
             ipv4: node_ip(first + i),
             ca_store: None,
+            image: None,
+            memory_mib: None,
         })
         .collect()
 }
@@ -101,6 +105,9 @@ pub struct UpOptions {
     pub ca_store: Option<PathBuf>,
     /// Run the overlay in the nodes (default); off for VM density measurements.
     pub overlay: bool,
+    /// Put every node on this server (a front-end starting the cluster with its own VMs);
+    /// `None`: split them over `servers` as `s1`, `s2`, ...
+    pub server: Option<String>,
 }
 
 impl UpOptions {
@@ -122,6 +129,7 @@ impl UpOptions {
             leaf_set: None,
             ca_store: Some(crate::image::repo_root().join(crate::ca::DEFAULT_STORE)),
             overlay: true,
+            server: None,
         }
     }
 }
@@ -312,13 +320,13 @@ pub fn up(run_dir: &Path, opts: &UpOptions) -> Result<UpReport, ClusterError> {
         },
         overlay: opts.overlay,
     };
-    let launch = launch(
-        run_dir,
-        settings,
-        plan(1, opts.nodes, opts.servers),
-        opts.server_delay,
-    )
-    .map_err(fail)?;
+    let mut nodes = plan(1, opts.nodes, opts.servers);
+    if let Some(server) = &opts.server {
+        for n in &mut nodes {
+            n.server = server.clone();
+        }
+    }
+    let launch = launch(run_dir, settings, nodes, opts.server_delay).map_err(fail)?;
     let status = status(run_dir, true).map_err(fail)?;
     Ok(UpReport {
         launch,
@@ -378,22 +386,83 @@ pub fn grow_with(
     count: usize,
     ca_store: Option<PathBuf>,
 ) -> Result<LaunchReport, ClusterError> {
+    grow_nodes(
+        run_dir,
+        &GrowOptions {
+            count,
+            ca_store,
+            ..GrowOptions::default()
+        },
+    )
+}
+
+/// Like [`grow`], the new nodes booting `image` (a name under `images/`; `None`: the
+/// cluster's) on `server` (e.g. `"s2"`; `None`: the last node's server).
+pub fn grow_image(
+    run_dir: &Path,
+    count: usize,
+    image: Option<&str>,
+    server: Option<&str>,
+) -> Result<LaunchReport, ClusterError> {
+    grow_nodes(
+        run_dir,
+        &GrowOptions {
+            count,
+            image: image.map(str::to_string),
+            server: server.map(str::to_string),
+            ..GrowOptions::default()
+        },
+    )
+}
+
+/// What [`grow_nodes`] adds.
+#[derive(Clone, Debug, Default)]
+pub struct GrowOptions {
+    pub count: usize,
+    /// Image under `images/` (`None`: the cluster's).
+    pub image: Option<String>,
+    /// Server tag of the new nodes (`None`: the last node's server, `s1` in an empty cluster).
+    pub server: Option<String>,
+    /// Guest RAM in MiB (`None`: the cluster's).
+    pub memory_mib: Option<u32>,
+    /// Authority store that certifies them (`None`: the cluster's).
+    pub ca_store: Option<PathBuf>,
+}
+
+/// Adds `opts.count` nodes to a live cluster, numbered after the last one; waits until all
+/// are ready.
+pub fn grow_nodes(run_dir: &Path, opts: &GrowOptions) -> Result<LaunchReport, ClusterError> {
+    if opts.count == 0 || opts.count > NODES_MAX {
+        return Err(ClusterError::BadInput(format!(
+            "{} node(s) is outside 1..={NODES_MAX}",
+            opts.count
+        )));
+    }
+    if let Some(name) = &opts.image {
+        crate::image::open(name).map_err(|e| ClusterError::BadInput(e.to_string()))?;
+    }
+    if opts.memory_mib == Some(0) {
+        return Err(ClusterError::BadInput("memory of 0 MiB".into()));
+    }
     let st = status(run_dir, false)?;
     let mut settings = st
         .settings
         .clone()
         .ok_or_else(|| ClusterError::Setup("the cluster has no launch settings".into()))?;
-    settings.ready_timeout_ms = ready_timeout(settings.accel, count).as_millis() as u64;
+    settings.ready_timeout_ms = ready_timeout(settings.accel, opts.count).as_millis() as u64;
     let first = st.nodes.len() + 1;
-    let server = st
-        .nodes
-        .last()
-        .map(|n| n.server.clone())
-        .unwrap_or("s1".into());
-    let mut nodes = plan(first, count, 1);
+    let server = opts.server.clone().unwrap_or_else(|| {
+        st.nodes
+            .last()
+            .map(|n| n.server.clone())
+            .unwrap_or("s1".into())
+    });
+    let mut nodes = plan(first, opts.count, 1);
     for n in &mut nodes {
         n.server = server.clone();
-        n.ca_store = ca_store.clone();
+        n.ca_store = opts.ca_store.clone();
+        n.image = opts.image.clone();
+        n.memory_mib = opts.memory_mib;
     }
     launch(
         run_dir,
@@ -401,6 +470,53 @@ pub fn grow_with(
         nodes,
         Duration::from_micros(st.server_delay_us),
     )
+}
+
+/// Opens a byte pipe to TCP `port` on `node` through the cluster daemon (which alone can
+/// reach the nodes' addresses, inside its namespace). The returned stream is positioned right
+/// after the daemon's OK line: what is written goes to the node, what the node sends can be
+/// read, until either side closes. An unknown node or a refused connection is an error.
+pub fn relay(run_dir: &Path, node: &str, port: u16) -> Result<UnixStream, ClusterError> {
+    use std::io::{Read, Write};
+    drop(connect(run_dir)?);
+    let mut stream = UnixStream::connect(run_dir.join(protocol::SOCKET_NAME))
+        .map_err(|_| ClusterError::NotRunning(run_dir.to_path_buf()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(ClusterError::Io)?;
+    let mut line = serde_json::to_string(&Request::Relay {
+        node: node.into(),
+        port,
+    })
+    .expect("requests serialise");
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(ClusterError::Io)?;
+    // Byte by byte: nothing past the answer line may be taken from the stream.
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err(ClusterError::NotRunning(run_dir.to_path_buf())),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if answer.len() >= 64 * 1024 => {
+                return Err(ClusterError::Setup("relay: answer line too long".into()));
+            }
+            Ok(_) => answer.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ClusterError::Io(e)),
+        }
+    }
+    let r: crate::net::Response = serde_json::from_slice(&answer)
+        .map_err(|e| ClusterError::Setup(format!("bad daemon answer: {e}")))?;
+    if !r.ok {
+        return Err(ClusterError::Rejected(
+            r.error.unwrap_or_else(|| "refused".into()),
+        ));
+    }
+    stream.set_read_timeout(None).map_err(ClusterError::Io)?;
+    Ok(stream)
 }
 
 fn spawn_daemon(run_dir: &Path, netns: Option<&str>, opts: &UpOptions) -> Result<Child, String> {

@@ -30,6 +30,13 @@ pub struct NodePlan {
     /// node); `None`: the cluster's.
     #[serde(default)]
     pub ca_store: Option<PathBuf>,
+    /// Launch this node from another image under `images/` than the cluster's (a front-end
+    /// deploying the image a job asked for); `None`: the settings' kernel.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Guest RAM of this node in MiB; `None`: the settings' `memory_mib`.
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -109,6 +116,10 @@ pub enum Request {
     },
     /// Times `count` fresh handshakes of a certified peer with a node; answers milliseconds.
     Handshakes { node: String, count: u32 },
+    /// Connects (inside the daemon's namespace) to `port` on the node's address over TCP
+    /// (5 s connect timeout); answers an OK line, after which the control connection is a raw
+    /// byte pipe to that TCP connection in both directions until either side closes.
+    Relay { node: String, port: u16 },
     /// Stops every VM and the switch; the daemon exits after answering.
     Shutdown,
 }
@@ -209,6 +220,12 @@ pub struct NodeStatus {
     /// `Some(true)` when the node answered its diagnostic port (status with probing).
     pub answering: Option<bool>,
     pub diag: Option<DiagSummary>,
+    /// The image the node runs (its own, else the cluster's).
+    #[serde(default)]
+    pub image: String,
+    /// Guest RAM in MiB.
+    #[serde(default)]
+    pub memory_mib: u32,
 }
 
 /// The whole cluster as the daemon sees it.

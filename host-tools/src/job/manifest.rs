@@ -15,7 +15,8 @@
 //! [tasks]                         # exactly one of list, range, files
 //! files = ["data/a.txt"]          # split into chunks of at most chunk_bytes at whitespace
 //! chunk_bytes = 65536
-//! reducers = 4                    # map tasks + in-overlay reduce (wordcount)
+//! reducers = 4                    # map tasks + in-overlay reduce (wordcount): at most 16 map
+//!                                 # tasks, each reading up to 16 consecutive chunks
 //! # range = { start = 0, end = 1000000, step = 100000 }   # primes: one task per step
 //! # list = [{ params = "...", inputs = ["x.bin"] }]       # tasks given one by one
 //! ```
@@ -37,6 +38,8 @@ pub const MAX_CHUNK_BYTES: u64 = unipeer_node::jobs::app::MAX_CHUNK_LEN as u64;
 pub const MAX_REDUCERS: u64 = unipeer_node::jobs::app::MAX_PARTS as u64;
 /// Most map tasks feeding in-overlay reduce tasks (the node core's `MAX_INPUTS`).
 pub const MAX_MAPS: u64 = unipeer_node::jobs::app::MAX_INPUTS as u64;
+/// Most input chunks one task reads (the node core's `MAX_INPUTS`).
+pub const MAX_TASK_INPUTS: usize = unipeer_node::jobs::app::MAX_INPUTS;
 /// Most copies of records and chunks.
 pub const MAX_REPLICATION: u8 = 5;
 
@@ -436,14 +439,38 @@ impl JobManifest {
                 }
             }
             TaskPlan::Files { files, chunk_bytes } => {
+                let mut chunks = Vec::new();
                 for f in files {
                     let data = read(f)?;
                     for c in split_at_whitespace(&data, *chunk_bytes as usize) {
-                        out.push(PlannedTask::Inputs {
-                            params: Vec::new(),
-                            inputs: vec![c.to_vec()],
-                        });
+                        chunks.push(c.to_vec());
                     }
+                }
+                // One task per chunk; with in-overlay reduce the map tasks are at most
+                // MAX_MAPS, each reading consecutive chunks (at most MAX_INPUTS of them).
+                let per_task = if self.reducers > 0 {
+                    chunks.len().div_ceil(MAX_MAPS as usize).max(1)
+                } else {
+                    1
+                };
+                if per_task > MAX_TASK_INPUTS {
+                    return Err(ManifestError {
+                        line: 0,
+                        column: 0,
+                        reason: format!(
+                            "input files make {} chunks; in-overlay reduce takes at most {} ({MAX_MAPS} map tasks of {MAX_TASK_INPUTS} chunks): raise chunk_bytes or split the job",
+                            chunks.len(),
+                            MAX_MAPS as usize * MAX_TASK_INPUTS
+                        ),
+                    });
+                }
+                let mut it = chunks.into_iter().peekable();
+                while it.peek().is_some() {
+                    let inputs: Vec<Vec<u8>> = it.by_ref().take(per_task).collect();
+                    out.push(PlannedTask::Inputs {
+                        params: Vec::new(),
+                        inputs,
+                    });
                 }
                 if out.len() as u64 > MAX_TASKS {
                     return Err(ManifestError {
@@ -451,16 +478,6 @@ impl JobManifest {
                         column: 0,
                         reason: format!(
                             "input files make {} tasks, more than {MAX_TASKS}",
-                            out.len()
-                        ),
-                    });
-                }
-                if self.reducers > 0 && out.len() as u64 > MAX_MAPS {
-                    return Err(ManifestError {
-                        line: 0,
-                        column: 0,
-                        reason: format!(
-                            "input files make {} map tasks; in-overlay reduce takes at most {MAX_MAPS}: raise chunk_bytes",
                             out.len()
                         ),
                     });

@@ -85,14 +85,16 @@ impl App for WordCount {
                 Ok(TaskOutput::single(render(&all)))
             }
             TaskKind::Map { reducers } => {
-                if inputs.len() != 1 || reducers == 0 {
+                if inputs.is_empty() || reducers == 0 {
                     return Err(TaskError::BadInput);
                 }
                 let mut parts: Vec<BTreeMap<String, u64>> =
                     (0..reducers).map(|_| BTreeMap::new()).collect();
-                for (w, c) in count_words(inputs[0]) {
-                    let p = partition_of(&w, reducers) as usize;
-                    parts[p].insert(w, c);
+                for i in inputs {
+                    for (w, c) in count_words(i) {
+                        let p = partition_of(&w, reducers) as usize;
+                        *parts[p].entry(w).or_insert(0) += c;
+                    }
                 }
                 Ok(TaskOutput {
                     parts: parts.iter().map(render).collect(),

@@ -440,6 +440,7 @@ impl JobAgent {
             tasks,
             reducers: s.reducers,
             exec_copies: s.exec_copies,
+            only: Vec::new(),
         };
         self.submit_stored(now, ov, &s.user, &req)
     }
@@ -508,7 +509,9 @@ impl JobAgent {
                 rec.maps = n as u8;
             }
             let value = rec.encode().ok_or(SubmitError::OutOfBounds)?;
-            records.push((rec.id(), value));
+            if s.only.is_empty() || s.only.contains(&(i as u16)) {
+                records.push((rec.id(), value));
+            }
         }
         let jr = JobRecord {
             name: s.name.clone(),

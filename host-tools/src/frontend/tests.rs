@@ -1,0 +1,288 @@
+//! The front-end's HTTP parser, its answers without a cluster, and the client against fake
+//! front-ends on loopback. No root, no QEMU.
+
+use std::io::{Cursor, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use super::client::{Frontend, pick_nearest};
+use super::*;
+
+fn parse(bytes: &[u8]) -> Result<HttpRequest, HttpError> {
+    read_request(&mut Cursor::new(bytes.to_vec()))
+}
+
+#[test]
+fn parses_a_good_request_with_body_and_trailing_bytes() {
+    let r = parse(
+        b"POST /v1/deploy?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-Y:  z \r\n\r\nhelloEXTRA",
+    )
+    .unwrap();
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.path(), "/v1/deploy");
+    assert_eq!(r.query("x"), Some("1"));
+    assert_eq!(r.header("x-y"), Some("z"));
+    assert_eq!(r.body, b"hello");
+    assert_eq!(r.rest, b"EXTRA");
+    let g = parse(b"GET /v1/info HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!((g.method.as_str(), g.body.len()), ("GET", 0));
+    let c = parse(b"CONNECT n3:7002 HTTP/1.1\r\nHost: n3:7002\r\n\r\nstats\n").unwrap();
+    assert_eq!(c.rest, b"stats\n");
+    assert_eq!(
+        parse_connect_target(&c.target).unwrap(),
+        ("n3".into(), 7002)
+    );
+}
+
+#[test]
+fn oversize_heads_are_refused() {
+    let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', HEAD_MAX + 10));
+    big.extend_from_slice(b"\r\n\r\n");
+    assert_eq!(parse(&big).unwrap_err().status, 431);
+    // No end of head at all.
+    let endless = vec![b'a'; HEAD_MAX * 2];
+    assert_eq!(parse(&endless).unwrap_err().status, 431);
+    let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+    for i in 0..200 {
+        many.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    assert_eq!(parse(&many).unwrap_err().status, 431);
+}
+
+#[test]
+fn bad_request_lines_and_headers_are_400() {
+    for bad in [
+        &b"GET /\r\n\r\n"[..],
+        b"get / HTTP/1.1\r\n\r\n",
+        b"GET  / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1 extra\r\n\r\n",
+        b"\r\n\r\n",
+        b"GET /\x01 HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+        b"GET / HTTP/1.1\r\nbad name: v\r\n\r\n",
+        b"GET / HTTP/1.1\r\n folded: v\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: \xff\xfe\r\n\r\n",
+    ] {
+        let e = parse(bad).unwrap_err();
+        assert_eq!(e.status, 400, "{:?}: {e:?}", String::from_utf8_lossy(bad));
+    }
+    assert_eq!(parse(b"GET / HTTP/2.0\r\n\r\n").unwrap_err().status, 505);
+    // Closed before the head ended; closed without a byte (no answer at all).
+    assert_eq!(parse(b"GET / HTTP/1.1\r\n").unwrap_err().status, 400);
+    assert_eq!(parse(b"").unwrap_err().status, 0);
+}
+
+#[test]
+fn content_length_is_checked() {
+    // Missing: no body.
+    let r = parse(b"POST /v1/deploy HTTP/1.1\r\n\r\n").unwrap();
+    assert!(r.body.is_empty());
+    let too_big = format!(
+        "POST /v1/deploy HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        BODY_MAX + 1
+    );
+    assert_eq!(parse(too_big.as_bytes()).unwrap_err().status, 413);
+    let huge = "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
+    assert_eq!(parse(huge.as_bytes()).unwrap_err().status, 400);
+    for bad in ["abc", "-1", "+5", "1 2", ""] {
+        let t = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+        assert_eq!(parse(t.as_bytes()).unwrap_err().status, 400, "{bad:?}");
+    }
+    let conflict = "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab";
+    assert_eq!(parse(conflict.as_bytes()).unwrap_err().status, 400);
+    let short = "POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc";
+    assert_eq!(parse(short.as_bytes()).unwrap_err().status, 400);
+    let chunked = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(parse(chunked.as_bytes()).unwrap_err().status, 501);
+    let connect_body = "CONNECT n1:1 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+    assert_eq!(parse(connect_body.as_bytes()).unwrap_err().status, 400);
+}
+
+/// A front-end on loopback over a run directory with no cluster.
+fn start_frontend() -> String {
+    let run_dir = std::env::temp_dir().join(format!(
+        "unipeer-frontend-test-{}-{:?}",
+        std::process::id(),
+        thread::current().id()
+    ));
+    let server = FrontendServer::bind(FrontendConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        server: "s1".into(),
+        run_dir,
+        daemon_exe: "/nonexistent/unipeer".into(),
+        accel: AccelChoice::Tcg,
+        ca_store: None,
+    })
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    thread::spawn(move || server.serve());
+    format!("http://{addr}")
+}
+
+/// Sends raw bytes, answers (status, body).
+fn raw(url: &str, bytes: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(url.strip_prefix("http://").unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn the_server_answers_errors_as_json_without_a_cluster() {
+    let url = start_frontend();
+    let fe = Frontend::new(url.clone());
+    let info = fe.info().unwrap();
+    assert_eq!(info.server, "s1");
+    assert!(!info.cluster);
+    assert_eq!((info.nodes, info.ready), (0, 0));
+    assert!(fe.nodes().unwrap().is_empty());
+
+    let post = |path: &str, body: &str| {
+        raw(
+            &url,
+            format!(
+                "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    for (body, want) in [
+        ("{not json", 400),
+        ("", 400),
+        ("[1,2]", 400),
+        ("{\"image\":\"default\",\"count\":0}", 400),
+        ("{\"image\":\"default\",\"count\":1,\"bogus\":1}", 400),
+        ("{\"image\":\"../x\",\"count\":1}", 400),
+        ("{\"image\":\"no-such-image\",\"count\":1}", 400),
+        ("{\"image\":\"default\",\"count\":1,\"accel\":\"xen\"}", 400),
+        ("{\"image\":\"default\",\"count\":1,\"memory_mb\":1}", 400),
+    ] {
+        let (status, text) = post("/v1/deploy", body);
+        assert_eq!(status, want, "{body}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["error"].is_string(), "{text}");
+    }
+    let e = fe.deploy("no-such-image", 1, None).unwrap_err();
+    assert_eq!(e.status, Some(400), "{e}");
+    assert_eq!(post("/v1/nodes/n1/kill", "").0, 409);
+    assert_eq!(post("/v1/nodes/n..1/kill", "").0, 409);
+    assert_eq!(post("/v1/nodes/n1/explode", "").0, 404);
+    assert_eq!(post("/v1/info", "").0, 405);
+    assert_eq!(raw(&url, b"GET /v1/deploy HTTP/1.1\r\n\r\n").0, 405);
+    assert_eq!(raw(&url, b"GET /nope HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(raw(&url, b"GET http://x/v1/info HTTP/1.1\r\n\r\n").0, 400);
+    assert_eq!(raw(&url, b"\x00\x01garbage\r\n\r\n").0, 400);
+    assert_eq!(raw(&url, b"CONNECT n1 HTTP/1.1\r\n\r\n").0, 400);
+    assert_eq!(raw(&url, b"CONNECT n1:0 HTTP/1.1\r\n\r\n").0, 400);
+    assert_eq!(raw(&url, b"CONNECT n1:7002 HTTP/1.1\r\n\r\n").0, 502);
+    let e = fe.connect("n1", 7002).unwrap_err();
+    assert_eq!(e.status, Some(502), "{e}");
+    // Still serving after all that.
+    assert!(fe.info().is_ok());
+}
+
+/// A fake front-end answering `GET /v1/info` after `delay` with images offering `apps`;
+/// `CONNECT` answers 200 and echoes.
+fn fake_frontend(delay: Duration, apps: &[&str]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let info = FrontendInfo {
+        server: "s9".into(),
+        run_dir: "/nowhere".into(),
+        cluster: true,
+        nodes: 1,
+        ready: 1,
+        images: vec![ImageEntry {
+            name: "default".into(),
+            apps: apps.iter().map(|a| a.to_string()).collect(),
+        }],
+    };
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let info = info.clone();
+            thread::spawn(move || {
+                let Ok(req) = read_request(&mut s) else {
+                    return;
+                };
+                if req.method == "CONNECT" {
+                    s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\nhi\n")
+                        .unwrap();
+                    let mut back = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut s, &mut back);
+                    return;
+                }
+                thread::sleep(delay);
+                let _ = respond(&mut s, 200, &serde_json::to_value(&info).unwrap());
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn pick_nearest_takes_the_fastest_that_offers_the_apps() {
+    let slow = fake_frontend(Duration::from_millis(120), &["wordcount", "primes"]);
+    let fast = fake_frontend(Duration::from_millis(5), &["wordcount", "primes"]);
+    let fastest_but_lacking = fake_frontend(Duration::ZERO, &["wordcount"]);
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let urls = vec![
+        slow.clone(),
+        dead.clone(),
+        fastest_but_lacking.clone(),
+        fast.clone(),
+    ];
+    let need = vec!["primes".to_string(), "wordcount".to_string()];
+    let (fe, rtt) = pick_nearest(&urls, &need).unwrap();
+    assert_eq!(fe.url, fast);
+    assert!(
+        rtt >= Duration::from_millis(5) && rtt < Duration::from_millis(120),
+        "{rtt:?}"
+    );
+
+    // Without an application requirement the lacking one wins.
+    let (fe, _) = pick_nearest(&urls, &[]).unwrap();
+    assert_eq!(fe.url, fastest_but_lacking);
+
+    // Nobody fits: the error names each URL and why.
+    let err = pick_nearest(&[dead.clone(), fastest_but_lacking.clone()], &need).unwrap_err();
+    assert!(
+        err.contains(&dead) && err.contains("does not answer"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&fastest_but_lacking) && err.contains("do not offer primes"),
+        "{err}"
+    );
+    assert!(pick_nearest(&[], &need).is_err());
+    assert!(pick_nearest(&["ftp://x".into()], &[]).is_err());
+}
+
+#[test]
+fn client_connect_keeps_the_first_bytes() {
+    let url = fake_frontend(Duration::ZERO, &[]);
+    let mut s = Frontend::new(url).connect("n1", 7002).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut first = [0u8; 3];
+    s.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"hi\n");
+    s.write_all(b"stats\n").unwrap();
+    let mut echo = [0u8; 6];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"stats\n");
+}
