@@ -342,6 +342,24 @@ impl Diag {
                 Some(j) => j.status_text() + "end\n",
                 None => String::from("jobs=off\nend\n"),
             },
+            cmd if cmd.starts_with("job-sha256") => {
+                let n = cmd
+                    .split_ascii_whitespace()
+                    .nth(1)
+                    .and_then(|w| w.parse().ok());
+                let result = match (n, jobs, overlay) {
+                    (Some(n), Some(j), Some(o)) => j.submit_sha256(now_us, o, n),
+                    (Some(_), _, _) => Err(String::from("jobs are off on this node")),
+                    _ => Err(String::from("usage: job-sha256 TASKS")),
+                };
+                match result {
+                    Ok(text) => text,
+                    Err(e) => {
+                        self.counters.bad_requests += 1;
+                        alloc::format!("error: {e}\n")
+                    }
+                }
+            }
             cmd if cmd.starts_with("job-primes") => {
                 let nums: Vec<Option<u64>> = cmd
                     .split_ascii_whitespace()
@@ -367,7 +385,7 @@ impl Diag {
             }
             "ping" => String::from("pong\n"),
             "help" => String::from(
-                "commands: stats, ping, probe <ipv4> [count], overlay, leafset, lookup, get, put, jobs, job-primes START END TASKS, quit, shutdown, help\n",
+                "commands: stats, ping, probe <ipv4> [count], overlay, leafset, lookup, get, put, jobs, job-primes START END TASKS, job-sha256 TASKS, quit, shutdown, help\n",
             ),
             cmd if ["overlay", "leafset", "lookup", "get", "put", "revoke"]
                 .contains(&cmd.split_ascii_whitespace().next().unwrap_or("")) =>

@@ -946,6 +946,52 @@ impl JobHost {
         Ok(alloc::format!("job-primes job={job} tasks={n}\n"))
     }
 
+    /// `job-sha256 TASKS` from the diagnostic port: TASKS tasks of the `sha256` app, each over
+    /// one full-size (64 KiB) pseudo-random input chunk made here: a smoke test of big frames
+    /// on the job channel (chunk uploads to their roots, executors' input fetches).
+    pub fn submit_sha256(
+        &mut self,
+        now_us: u64,
+        overlay: &mut Overlay,
+        tasks: u64,
+    ) -> Result<String, String> {
+        if tasks == 0 || tasks > 16 {
+            return Err(String::from("usage: job-sha256 TASKS (1..=16)"));
+        }
+        self.diag_nonce += 1;
+        let nonce = now_us ^ (self.diag_nonce << 48);
+        let mut list = Vec::new();
+        for t in 0..tasks {
+            let mut data = vec![0u8; unipeer_node::jobs::app::MAX_CHUNK_LEN];
+            let mut block = [0u8; 32];
+            for (i, piece) in data.chunks_mut(32).enumerate() {
+                if i == 0 {
+                    block = Sha256::digest([nonce.to_le_bytes(), t.to_le_bytes()].concat()).into();
+                } else {
+                    block = Sha256::digest(block).into();
+                }
+                piece.copy_from_slice(&block[..piece.len()]);
+            }
+            list.push((Vec::new(), vec![data]));
+        }
+        let s = Submission {
+            name: alloc::format!("diag-sha256-{nonce:x}"),
+            user: String::from("diag"),
+            app: String::from("sha256"),
+            nonce,
+            tasks: list,
+            reducers: 0,
+            exec_copies: 1,
+        };
+        let job = self
+            .agent
+            .submit(instant(now_us), &mut overlay.node, &s)
+            .map_err(|e| alloc::format!("{e}"))?;
+        self.counters.diag_submits += 1;
+        log::info!("jobs: diag submitted sha256 job {job} ({tasks} tasks of 64 KiB)");
+        Ok(alloc::format!("job-sha256 job={job} tasks={tasks}\n"))
+    }
+
     /// `key=value` lines for the report and the `jobs` command.
     pub fn status_text(&self) -> String {
         let a = self.agent.counters();
