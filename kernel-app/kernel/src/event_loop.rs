@@ -88,6 +88,9 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         facts.transport,
         stack.phy.nic.mac,
     );
+    if let Some(j) = jobs.as_ref() {
+        j.log_summary();
+    }
     if config.extra("exit_after_ready").is_some() {
         log::info!("exit_after_ready set: leaving");
         arch::exit(GuestExit::Success);

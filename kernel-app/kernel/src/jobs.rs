@@ -724,6 +724,7 @@ pub struct JobHost {
     rng: Csprng,
     pub counters: HostCounters,
     diag_nonce: u64,
+    chunk_bytes_max: usize,
 }
 
 impl JobHost {
@@ -778,13 +779,6 @@ impl JobHost {
         };
         let channel = JobChannel::new(stack, me);
         let client = ClientPort::new(stack, config, overlay, &mut rng);
-        log::info!(
-            "jobs: apps [{}], {} slots, chunk store {} KiB, job port {}",
-            AppsList(&apps),
-            cfg.slots,
-            cfg.max_chunk_bytes / 1024,
-            channel.port
-        );
         JobHost {
             agent,
             apps,
@@ -794,7 +788,19 @@ impl JobHost {
             rng,
             counters: HostCounters::default(),
             diag_nonce: 0,
+            chunk_bytes_max: cfg.max_chunk_bytes,
         }
+    }
+
+    /// One line about the host, for the log after the ready line (serial output is slow).
+    pub fn log_summary(&self) {
+        log::info!(
+            "jobs: apps [{}], {} slots, chunk store {} KiB, job port {} (TCP)",
+            AppsList(&self.apps),
+            self.agent.slots(),
+            self.chunk_bytes_max / 1024,
+            self.channel.port
+        );
     }
 
     /// An overlay event: the agent's, a client session's, or not ours (false).
