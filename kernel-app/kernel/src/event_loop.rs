@@ -46,6 +46,7 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
             }
         }
     };
+    let _ = facts.phases.push(("services", cpu::rdtsc()));
     // The job host (agent, job channel, client port) runs wherever the overlay does.
     let mut jobs = overlay.as_mut().map(|o| {
         JobHost::new(
@@ -58,7 +59,7 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         )
     });
     facts.ready_tsc = cpu::rdtsc();
-    let _ = facts.phases.push(("services", facts.ready_tsc));
+    let _ = facts.phases.push(("jobs", facts.ready_tsc));
     let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
     let ip = config.net.ipv4;
     console::println(format_args!(
