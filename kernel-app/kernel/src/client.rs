@@ -165,6 +165,8 @@ pub struct ClientPort {
     auth: Option<ClientAuth>,
     node: NodeId,
     server: String,
+    /// A session can take its next request (bytes already in its socket): pass again at once.
+    wake_now: bool,
     pub counters: ClientCounters,
 }
 
@@ -201,6 +203,7 @@ impl ClientPort {
             auth: overlay.client_auth.take(),
             node: overlay.node.id(),
             server: config.server_id.clone(),
+            wake_now: false,
             counters: ClientCounters::default(),
         };
         port.relisten(stack);
@@ -426,6 +429,9 @@ impl ClientPort {
         };
         match (phase, req) {
             (P::Hello, ClientRequest::Auth(hello @ UserAuthMessage::Hello { .. })) => {
+                if let UserAuthMessage::Hello { user, .. } = &hello {
+                    s.user = user.clone();
+                }
                 let Some(auth) = self.auth.as_ref() else {
                     s.phase = Phase::Ready;
                     s.reply(&ClientReply::Ready {
@@ -454,9 +460,6 @@ impl ClientPort {
                     nonce,
                 ) {
                     Ok((responder, challenge)) => {
-                        if let UserAuthMessage::Hello { user, .. } = &hello {
-                            s.user = user.clone();
-                        }
                         s.reply(&ClientReply::Auth(challenge));
                         s.phase = Phase::AwaitProof(responder);
                     }
@@ -590,6 +593,7 @@ impl ClientPort {
 
     /// Streams queued replies into the sockets; closes sessions that are done.
     pub fn flush(&mut self, now_us: u64, stack: &mut Stack) {
+        self.wake_now = false;
         for s in &mut self.sessions {
             if !s.active {
                 continue;
@@ -607,6 +611,10 @@ impl ClientPort {
             if s.out_offset == s.out.len() && !s.out.is_empty() {
                 s.out = Vec::new();
                 s.out_offset = 0;
+            }
+            let readable = socket.can_recv();
+            if readable && s.pending.is_none() && s.out.is_empty() {
+                self.wake_now |= !matches!(s.phase, Phase::Closing);
             }
             if matches!(s.phase, Phase::Closing)
                 && s.out.is_empty()
@@ -626,7 +634,8 @@ impl ClientPort {
         self.relisten(stack);
     }
 
-    pub fn next_deadline_us(&self) -> Option<u64> {
+    pub fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
+        let wake = self.wake_now.then_some(now_us);
         self.sessions
             .iter()
             .filter(|s| s.active)
@@ -634,6 +643,7 @@ impl ClientPort {
                 Some(p) => p.deadline_us(),
                 None => s.last_activity_us + IDLE_US + 1,
             })
+            .chain(wake)
             .min()
     }
 

@@ -218,6 +218,8 @@ pub struct JobChannel {
     total_queued: usize,
     next_port: u16,
     loopback: VecDeque<Vec<u8>>,
+    /// Input is waiting that the last pass left for the next (bounded work per pass).
+    wake_now: bool,
     pub counters: ChannelCounters,
 }
 
@@ -242,6 +244,7 @@ impl JobChannel {
             total_queued: 0,
             next_port: EPHEMERAL.0,
             loopback: VecDeque::new(),
+            wake_now: false,
             counters: ChannelCounters::default(),
         };
         ch.relisten(stack);
@@ -518,6 +521,7 @@ impl JobChannel {
         mut trust: Option<&mut SessionLayer>,
         mut deliver: impl FnMut(&[u8]),
     ) {
+        self.wake_now = false;
         while let Some(m) = self.loopback.pop_front() {
             deliver(&m);
         }
@@ -573,6 +577,12 @@ impl JobChannel {
                         Ok(Some(b)) => b,
                         Ok(None) => break,
                         Err(_) => {
+                            // Too long: a hello that is not one, or a frame over the bound.
+                            if c.state == InState::AwaitHello {
+                                self.counters.refused += 1;
+                            } else {
+                                self.counters.bad_frames += 1;
+                            }
                             bad = true;
                             break;
                         }
@@ -632,14 +642,12 @@ impl JobChannel {
                 }
             }
             if bad {
-                if c.state == InState::Open {
-                    // Too long (the hello path counts its own refusals).
-                    if c.reader.next_frame().is_err() {
-                        self.counters.bad_frames += 1;
-                    }
-                }
                 socket.abort();
                 continue;
+            }
+            if c.state == InState::Open && socket.can_recv() {
+                // Budget spent with bytes left: come back at once.
+                self.wake_now = true;
             }
             if !socket.may_recv() && state == tcp::State::CloseWait {
                 socket.close();
@@ -654,7 +662,7 @@ impl JobChannel {
     fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
         let mut at: Option<u64> = None;
         let mut take = |t: u64| at = Some(at.map_or(t, |a: u64| a.min(t)));
-        if !self.loopback.is_empty() {
+        if !self.loopback.is_empty() || self.wake_now {
             take(now_us);
         }
         for o in &self.outgoing {
@@ -901,7 +909,7 @@ impl JobHost {
             busy.then_some(now_us),
             agent,
             self.channel.next_deadline_us(now_us),
-            self.client.next_deadline_us(),
+            self.client.next_deadline_us(now_us),
         ]
         .into_iter()
         .flatten()
