@@ -104,6 +104,11 @@ fn credential(u: &UserArgs) -> Result<UserCredential> {
         }
         None => {
             let store = absolute(&u.ca);
+            if !store.exists() {
+                // The local cluster's authority: the first deploy would create it; create it now
+                // (with the default user) so the user's key exists before any VM does.
+                unipeer::cluster::ensure_authority(&store).map_err(|e| anyhow!("{e}"))?;
+            }
             AuthorityStore::open(&store)
                 .with_context(|| format!("authority store {}", store.display()))?
                 .user_psk(&u.user)
