@@ -77,6 +77,12 @@ const HELLO_MAGIC: &[u8; 2] = b"UJ";
 const HELLO_VERSION: u8 = 1;
 /// Hello body: magic (2), version (1), IPv4 (4), port (2, big-endian), nonce (16).
 pub const HELLO_LEN: usize = 25;
+/// A quiet agent (nothing running, supervised, queued or asked for lately) is ticked at most
+/// this often: its timers are retries and periodic adverts, and any packet that arrives runs a
+/// due tick anyway. Keeps an idle node's wake-ups low.
+pub const QUIET_TICK_US: u64 = 2_000_000;
+/// Activity (a submission, a client request, a task run) keeps the agent's own pace this long.
+pub const QUIET_AFTER_US: u64 = 10_000_000;
 /// Default task slots (launch-config extra `job_slots`, one byte, overrides).
 pub const DEFAULT_SLOTS: u8 = 2;
 
@@ -733,6 +739,10 @@ pub struct JobHost {
     pub counters: HostCounters,
     diag_nonce: u64,
     chunk_bytes_max: usize,
+    /// When the agent's timers last ran.
+    last_tick_us: u64,
+    /// Last submission, client request or task run.
+    last_busy_us: u64,
 }
 
 impl JobHost {
@@ -797,6 +807,8 @@ impl JobHost {
             counters: HostCounters::default(),
             diag_nonce: 0,
             chunk_bytes_max: cfg.max_chunk_bytes,
+            last_tick_us: now_us,
+            last_busy_us: 0,
         }
     }
 
@@ -830,14 +842,20 @@ impl JobHost {
         }
         if self.agent.poll_timeout().is_some_and(|t| t <= now) {
             self.agent.handle_timeout(now, &mut overlay.node);
+            self.last_tick_us = now_us;
         }
+        let requests = self.client.counters.requests;
         self.client
             .service(now_us, stack, overlay, &mut self.agent, &mut self.rng);
         // One task per pass, so the network keeps being serviced between tasks.
         while let Some(w) = self.agent.poll_work() {
             self.work.push_back(w);
         }
+        if self.client.counters.requests != requests {
+            self.last_busy_us = now_us;
+        }
         if let Some(w) = self.work.pop_front() {
+            self.last_busy_us = now_us;
             let inputs: Vec<&[u8]> = w.inputs.iter().map(Vec::as_slice).collect();
             let started = crate::clock::now_us();
             let result = self.apps.run(&w.spec, &inputs);
@@ -904,7 +922,10 @@ impl JobHost {
     /// The earliest time the host needs a pass.
     pub fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
         let busy = !self.work.is_empty();
-        let agent = self.agent.poll_timeout().map(Instant::as_micros);
+        let mut agent = self.agent.poll_timeout().map(Instant::as_micros);
+        if self.quiet(now_us) {
+            agent = agent.map(|t| t.max(self.last_tick_us + QUIET_TICK_US));
+        }
         [
             busy.then_some(now_us),
             agent,
@@ -914,6 +935,16 @@ impl JobHost {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Nothing running, supervised, queued or asked for lately.
+    fn quiet(&self, now_us: u64) -> bool {
+        self.agent.running() == 0
+            && self.agent.supervising() == 0
+            && self.work.is_empty()
+            && self.channel.queued_frames() == 0
+            && !self.client.has_pending()
+            && now_us.saturating_sub(self.last_busy_us) > QUIET_AFTER_US
     }
 
     /// `job-primes START END TASKS` from the diagnostic port: a primes job submitted from
@@ -956,6 +987,7 @@ impl JobHost {
             .submit(instant(now_us), &mut overlay.node, &s)
             .map_err(|e| alloc::format!("{e}"))?;
         self.counters.diag_submits += 1;
+        self.last_busy_us = now_us;
         log::info!("jobs: diag submitted primes job {job} ({n} tasks over [{start}, {end}))");
         Ok(alloc::format!("job-primes job={job} tasks={n}\n"))
     }
@@ -1002,6 +1034,7 @@ impl JobHost {
             .submit(instant(now_us), &mut overlay.node, &s)
             .map_err(|e| alloc::format!("{e}"))?;
         self.counters.diag_submits += 1;
+        self.last_busy_us = now_us;
         log::info!("jobs: diag submitted sha256 job {job} ({tasks} tasks of 64 KiB)");
         Ok(alloc::format!("job-sha256 job={job} tasks={tasks}\n"))
     }
