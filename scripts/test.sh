@@ -9,9 +9,10 @@ cargo fmt --all --check
 cargo clippy -q --all-targets -- -D warnings
 cargo clippy -q -p unipeer-kernel --target x86_64-unknown-none --release -- -D warnings
 
-echo "== build the test image once"
+echo "== build the test images once"
 cargo build -q -p unipeer
 ./target/debug/unipeer image build --release --name test
+./target/debug/unipeer image build --release --name test-wc --apps wordcount,sha256
 
 echo "== tests"
 # QEMU tests serialise themselves; the image above is reused by every one of them.

@@ -13,6 +13,7 @@ use unipeer::{bench, cluster, diag, image, vm};
 
 mod cli_cluster;
 mod cli_frontend;
+mod cli_jobs;
 use unipeer_node::launch::{GuestExit, LogLevel};
 
 #[derive(Parser)]
@@ -101,6 +102,14 @@ enum Command {
     /// The front-end node of one server: an HTTP API that deploys VMs, lists them and relays
     /// TCP connections to them (see the README).
     Frontend(cli_frontend::FrontendArgs),
+    /// The Application Agent: run a job (manifest) on the cluster through the nearest
+    /// front-end, show progress, retrieve the outputs; `--resume JOB` continues one.
+    Submit(cli_jobs::SubmitArgs),
+    /// Jobs: status, cancel, list.
+    Job {
+        #[command(subcommand)]
+        command: cli_jobs::JobCommand,
+    },
     /// The trusted authority: peers' certificates, users' pre-shared keys, revocation.
     Ca {
         #[command(subcommand)]
@@ -219,6 +228,9 @@ enum BenchCommand {
     /// Local cluster: VM<->VM round trips through the switch, switch frames/s, time to bring up
     /// N VMs, density (most VMs up and answering) with host memory per VM.
     Cluster(bench::cluster::ClusterBenchArgs),
+    /// Jobs: tasks per second on a cluster against the same tasks run natively, the slow-down
+    /// when a third of the VMs die mid-job, and re-dispatch time.
+    Jobs(bench::jobs::JobsBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -242,6 +254,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => cli_cluster::up(&run_dir, args),
         Command::Frontend(args) => cli_frontend::run(&run_dir, args),
+        Command::Submit(args) => cli_jobs::submit(args),
+        Command::Job { command } => cli_jobs::job(command),
         Command::Status { json, no_probe } => cli_cluster::status(&run_dir, json, !no_probe),
         Command::Logs { node, follow } => cli_cluster::logs(&run_dir, &node, follow),
         Command::Net { command } => cli_cluster::net(&run_dir, command),
@@ -380,6 +394,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Auth(args),
         } => {
             bench::auth::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Jobs(args),
+        } => {
+            bench::jobs::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -4,5 +4,6 @@
 pub mod auth;
 pub mod boot;
 pub mod cluster;
+pub mod jobs;
 pub mod linux_baseline;
 pub mod overlay;

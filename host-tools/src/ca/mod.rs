@@ -23,6 +23,8 @@ use unipeer_node::auth::{
 
 /// Default location of the authority store.
 pub const DEFAULT_STORE: &str = "run/ca";
+/// The user a new store gets (allowed on every peer), whom `unipeer submit` acts for by default.
+pub const DEFAULT_USER: &str = "demo";
 const DAY_MS: u64 = 86_400_000;
 
 /// Where the authority store lives.

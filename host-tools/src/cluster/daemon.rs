@@ -599,7 +599,16 @@ impl Shared {
         let issued = issuer
             .issue_peer(crate::ca::store::now_unix_ms(), PEER_CERT_VALID_MS)
             .map_err(err)?;
-        let m = crate::ca::launch_material_issued(&authority, &issued, &[]).map_err(err)?;
+        // Every VM holds the credentials of the users registered when it launched (users added
+        // later reach it only through credential delegation).
+        let users: Vec<String> = authority
+            .state
+            .users
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        let users: Vec<&str> = users.iter().map(String::as_str).collect();
+        let m = crate::ca::launch_material_issued(&authority, &issued, &users).map_err(err)?;
         lock(&self.materials).insert(node.to_string(), m.clone());
         Ok(m)
     }

@@ -796,15 +796,31 @@ pub fn lookup_from(
 /// Opens the authority store at `path`, creating one when there is none; returns its path.
 pub fn ensure_authority(path: &Path) -> Result<PathBuf, ClusterError> {
     if !path.exists() {
-        crate::ca::AuthorityStore::init(path)
+        let mut store = crate::ca::AuthorityStore::init(path)
             .map_err(|e| ClusterError::Setup(format!("creating the authority store: {e:#}")))?;
+        store
+            .add_user(
+                crate::ca::DEFAULT_USER,
+                vec![unipeer_node::auth::Allowance::AnyPeer],
+            )
+            .map_err(|e| ClusterError::Setup(format!("adding the default user: {e:#}")))?;
         eprintln!(
-            "created a trusted-authority store at {} (manage it with `unipeer ca`)",
-            path.display()
+            "created a trusted-authority store at {} with user {:?} (manage it with `unipeer ca`)",
+            path.display(),
+            crate::ca::DEFAULT_USER
         );
     } else {
-        crate::ca::AuthorityStore::open(path)
+        let mut store = crate::ca::AuthorityStore::open(path)
             .map_err(|e| ClusterError::Setup(format!("authority store: {e:#}")))?;
+        // A store made before users existed gets the default one, so `unipeer submit` works.
+        if store.state.users.is_empty() {
+            store
+                .add_user(
+                    crate::ca::DEFAULT_USER,
+                    vec![unipeer_node::auth::Allowance::AnyPeer],
+                )
+                .map_err(|e| ClusterError::Setup(format!("adding the default user: {e:#}")))?;
+        }
     }
     Ok(path.to_path_buf())
 }

@@ -302,6 +302,9 @@ pub struct Counters {
     pub rejected: u64,
     /// Inbound datagrams ignored (claiming our own id, or while not running).
     pub ignored: u64,
+    /// Authenticated datagrams whose header named another sender than the verified peer
+    /// (see [`Node::handle_authenticated_datagram`]).
+    pub sender_mismatch: u64,
     /// Outbound messages over a bound (a bug if ever non-zero).
     pub encode_failures: u64,
     pub transmit_drops: u64,
@@ -644,29 +647,59 @@ impl<S: Sealer> Node<S> {
 
     /// Handles one datagram from `from`. Anything malformed is dropped and counted.
     pub fn handle_datagram(&mut self, now: Instant, from: PeerAddr, bytes: &[u8]) {
+        if let Some(packet) = self.receive(from, bytes) {
+            self.process(now, from, packet);
+        }
+    }
+
+    /// Like [`Self::handle_datagram`], for a datagram the trust layer delivered from a session
+    /// whose peer proved it is `verified`: a packet whose header names another sender is
+    /// dropped and counted in `sender_mismatch` (a peer may not speak for another node).
+    pub fn handle_authenticated_datagram(
+        &mut self,
+        now: Instant,
+        from: PeerAddr,
+        verified: NodeId,
+        bytes: &[u8],
+    ) {
+        let Some(packet) = self.receive(from, bytes) else {
+            return;
+        };
+        if packet.header.sender != verified {
+            self.counters.sender_mismatch += 1;
+            return;
+        }
+        self.process(now, from, packet);
+    }
+
+    /// Counts an inbound datagram and decodes it, or counts why not.
+    fn receive(&mut self, from: PeerAddr, bytes: &[u8]) -> Option<wire::Packet> {
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += bytes.len() as u64;
         if matches!(self.phase, Phase::Idle | Phase::Left) {
             self.counters.ignored += 1;
-            return;
+            return None;
         }
-        let packet = match self.sealer.open(from, bytes) {
+        match self.sealer.open(from, bytes) {
             Err(_) => {
                 self.counters.rejected += 1;
-                return;
+                None
             }
             Ok(plain) => match wire::decode(&plain) {
-                Ok(p) => p,
+                Ok(p) => Some(p),
                 Err(wire::DecodeError::Version(_)) => {
                     self.counters.bad_version += 1;
-                    return;
+                    None
                 }
                 Err(_) => {
                     self.counters.undecodable += 1;
-                    return;
+                    None
                 }
             },
-        };
+        }
+    }
+
+    fn process(&mut self, now: Instant, from: PeerAddr, packet: wire::Packet) {
         let h = packet.header;
         if h.sender == self.me.id {
             self.counters.ignored += 1;
@@ -1882,5 +1915,91 @@ mod tests {
         );
         assert!(a.records().get(key).is_some() && b.records().get(key).is_some());
         assert_eq!(a.counters().undecodable + b.counters().undecodable, 0);
+    }
+
+    /// Like `exchange`, through `handle_authenticated_datagram`; `verified` answers the
+    /// NodeId the trust layer proved for a datagram from node `i` to node `j`.
+    fn exchange_authenticated(
+        nodes: &mut [Node],
+        now: Instant,
+        verified: impl Fn(usize, usize) -> NodeId,
+    ) {
+        for _ in 0..100 {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                while let Some(t) = nodes[i].poll_transmit() {
+                    moved = true;
+                    let from = nodes[i].contact().addr;
+                    if let Some(j) = nodes.iter().position(|n| n.contact().addr == t.dst) {
+                        nodes[j].handle_authenticated_datagram(
+                            now,
+                            from,
+                            verified(i, j),
+                            &t.payload,
+                        );
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the nodes never went quiet");
+    }
+
+    fn joining_pair() -> [Node; 2] {
+        let mut a = Node::new(config(1), Instant::ZERO).unwrap();
+        a.join(Instant::ZERO, &[]);
+        let mut b = Node::new(config(2), Instant::ZERO).unwrap();
+        b.join(Instant::ZERO, &[addr(1)]);
+        [a, b]
+    }
+
+    #[test]
+    fn authenticated_datagrams_must_name_the_verified_sender() {
+        // Genuine: each header names the node the session verified; the join goes through.
+        let mut nodes = joining_pair();
+        let ids = [nodes[0].id(), nodes[1].id()];
+        exchange_authenticated(&mut nodes, Instant::from_millis(1), |i, _| ids[i]);
+        let [a, b] = &mut nodes;
+        assert!(b.is_joined());
+        assert!(a.leaf_set().contains(b.id()));
+        assert_eq!(
+            a.counters().sender_mismatch + b.counters().sender_mismatch,
+            0
+        );
+
+        // Forged: node 2's session verified another identity than its headers claim.
+        let mut nodes = joining_pair();
+        let impostor = Id::for_name(b"someone else");
+        let a_id = nodes[0].id();
+        exchange_authenticated(&mut nodes, Instant::from_millis(1), |i, _| {
+            if i == 1 { impostor } else { a_id }
+        });
+        let [a, b] = &mut nodes;
+        assert!(!b.is_joined());
+        assert!(!a.leaf_set().contains(b.id()));
+        assert!(a.counters().sender_mismatch >= 1);
+        assert_eq!(
+            a.counters().datagrams_in,
+            a.counters().sender_mismatch,
+            "every datagram from the impostor was dropped"
+        );
+        assert_eq!(b.counters().sender_mismatch, 0);
+        // The clear-mode entry point does not check (the simulator and clear mode use it).
+        let before = a.counters().sender_mismatch;
+        let packet = Packet {
+            header: Header {
+                version: WIRE_VERSION,
+                sender: b.id(),
+                server: ServerTag(1),
+                joined: true,
+            },
+            message: Message::Ping { echo: None },
+        };
+        let bytes = wire::encode(&packet, MAX_DATAGRAM).unwrap();
+        a.handle_datagram(Instant::from_millis(2), addr(2), &bytes);
+        assert_eq!(a.counters().sender_mismatch, before);
+        assert_eq!(a.counters().undecodable + a.counters().rejected, 0);
     }
 }

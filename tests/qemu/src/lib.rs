@@ -10,10 +10,15 @@ use unipeer::image::{self, Image};
 use unipeer::qemu::{self, Machine};
 use unipeer::vm::VmOptions;
 
-/// Name of the image the tests build and boot.
+/// Name of the image the tests build and boot (every shipped application).
 pub const TEST_IMAGE: &str = "test";
+/// A second image with another application set (jobs tests mix the two).
+pub const TEST_WC_IMAGE: &str = "test-wc";
+/// Applications of [`TEST_WC_IMAGE`].
+pub const TEST_WC_APPS: &[&str] = &["wordcount", "sha256"];
 
 static IMAGE: OnceLock<Result<Image, String>> = OnceLock::new();
+static WC_IMAGE: OnceLock<Result<Image, String>> = OnceLock::new();
 static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Serialises QEMU tests inside a test binary (the test harness runs tests on threads).
@@ -26,24 +31,40 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
 /// The release image, built on first use (`UNIPEER_TEST_IMAGE_PREBUILT=1` reuses
 /// images/test as it is, as the test script does after building it once).
 pub fn image() -> &'static Image {
-    let result = IMAGE.get_or_init(|| {
+    built(&IMAGE, TEST_IMAGE, &image::default_apps())
+}
+
+/// The second test image ([`TEST_WC_IMAGE`], applications [`TEST_WC_APPS`]), built on first use
+/// like [`image`].
+pub fn wc_image() -> &'static Image {
+    let apps: Vec<String> = TEST_WC_APPS.iter().map(|a| a.to_string()).collect();
+    built(&WC_IMAGE, TEST_WC_IMAGE, &apps)
+}
+
+fn built(
+    cell: &'static OnceLock<Result<Image, String>>,
+    name: &str,
+    apps: &[String],
+) -> &'static Image {
+    let result = cell.get_or_init(|| {
         assert!(
             qemu::qemu_available(),
             "{} is required for the QEMU tests: apt-get install -y qemu-system-x86 (scripts/setup.sh does it)",
             qemu::QEMU
         );
         if std::env::var_os("UNIPEER_TEST_IMAGE_PREBUILT").is_some()
-            && let Ok(img) = image::open(TEST_IMAGE)
+            && let Ok(img) = image::open(name)
+            && img.manifest.apps == apps
         {
             return Ok(img);
         }
-        image::build(TEST_IMAGE, true, true)
-            .and_then(|_| image::open(TEST_IMAGE))
+        image::build_with_apps(name, true, true, apps)
+            .and_then(|_| image::open(name))
             .map_err(|e| e.to_string())
     });
     match result {
         Ok(img) => img,
-        Err(e) => panic!("cannot build the test image: {e}"),
+        Err(e) => panic!("cannot build the test image {name}: {e}"),
     }
 }
 

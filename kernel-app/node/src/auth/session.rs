@@ -10,7 +10,9 @@
 //! R → I  sealed ack; then sealed data both ways
 //! ```
 //! `th` hashes both indices, nonces, ephemeral X25519 keys and R's chain; `th'` adds I's chain.
-//! Keys come from HKDF-SHA256(salt = th, ikm = X25519). Every signature check is preceded by a
+//! Keys come from HKDF-SHA256(salt = th, ikm = X25519), and from the same HKDF, under its own
+//! label, a per-session stream secret both ends share (for sealed TCP streams, see
+//! [`SessionLayer::stream_secret`]). Every signature check is preceded by a
 //! cheap one: the cookie (a responder spends no signature or DH on a spoofed source), then the
 //! handshake MAC (only someone holding the ephemeral secret gets to a signature check).
 //!
@@ -388,7 +390,15 @@ struct SessionKeys {
     r_to_i: [u8; 32],
     mac_r: [u8; 32],
     mac_i: [u8; 32],
+    /// The session's stream secret (see [`SessionLayer::stream_secret`]), identical at both
+    /// ends.
+    stream: [u8; 32],
 }
+
+/// HKDF info label of the per-session stream secret (distinct from the session keys').
+const STREAM_SECRET_INFO: &[u8] = b"unipeer stream secret v1";
+/// HKDF info label of a per-connection stream secret, followed by the connection's nonce.
+const STREAM_CONNECTION_INFO: &[u8] = b"unipeer stream connection v1";
 
 fn derive(th: &[u8; 32], shared: &[u8; 32]) -> SessionKeys {
     let hk = Hkdf::<Sha256>::new(Some(th), shared);
@@ -400,7 +410,10 @@ fn derive(th: &[u8; 32], shared: &[u8; 32]) -> SessionKeys {
         r_to_i: [0; 32],
         mac_r: [0; 32],
         mac_i: [0; 32],
+        stream: [0; 32],
     };
+    hk.expand(STREAM_SECRET_INFO, &mut k.stream)
+        .expect("32 bytes is a valid HKDF-SHA256 length");
     k.i_to_r.copy_from_slice(&okm[..32]);
     k.r_to_i.copy_from_slice(&okm[32..64]);
     k.mac_r.copy_from_slice(&okm[64..96]);
@@ -445,6 +458,10 @@ struct Session {
     addr: PeerAddr,
     peer: VerifiedPeer,
     peer_index: u32,
+    /// The handshake transcript hash: the same at both ends, it orders duplicated sessions.
+    th: [u8; 32],
+    /// 32 bytes from the handshake's HKDF, identical at both ends (for sealed streams).
+    stream_secret: [u8; 32],
     send: ChaCha20Poly1305,
     recv: ChaCha20Poly1305,
     send_seq: u64,
@@ -563,6 +580,80 @@ impl SessionLayer {
         self.sessions.get(idx).map(|s| &s.peer)
     }
 
+    /// How far apart two sessions with one address may have been established and still count
+    /// as made at once (a simultaneous open, or both ends renewing together): the longest a
+    /// handshake can run.
+    fn concurrent_window_ms(&self) -> u64 {
+        self.limits.handshake_retry_ms * self.limits.handshake_attempts as u64
+    }
+
+    /// The session whose stream secret answers for `addr`: among the confirmed sessions with
+    /// `addr`, those established within [`Self::concurrent_window_ms`] of the newest one, and
+    /// of these the one with the smallest transcript hash. Both ends hold the same transcript
+    /// hash for a session, so once both have confirmed the same sessions they pick the same one
+    /// (see [`Self::stream_secret`]).
+    fn stream_session(&self, addr: PeerAddr) -> Option<&Session> {
+        let live = || {
+            self.sessions
+                .values()
+                .filter(move |s| s.addr == addr && s.confirmed)
+        };
+        let newest = live().map(|s| s.established).max()?;
+        let window = self.concurrent_window_ms();
+        live()
+            .filter(|s| newest.millis_since(s.established) <= window)
+            .min_by_key(|s| s.th)
+    }
+
+    /// A 32-byte secret shared with the peer at `addr` only, for keying sealed streams
+    /// ([`super::stream::StreamSealer`]); `None` without a confirmed session with `addr`.
+    ///
+    /// It comes from the handshake's HKDF (same salt and input as the session keys, its own
+    /// label), so both ends of one session derive the same bytes. When several sessions with
+    /// `addr` exist (a simultaneous open, a renewal), the answer comes from the newest
+    /// generation: the sessions established within one handshake's lifetime of the newest,
+    /// and of these the one with the smallest transcript hash, which both ends agree on.
+    /// The ends can still disagree for about one round trip, while one end has confirmed a
+    /// new session the other has not; a caller accepting a stream should therefore try
+    /// [`Self::stream_secret_candidates_for`] rather than give up on the first.
+    pub fn stream_secret(&self, peer: PeerAddr) -> Option<[u8; 32]> {
+        self.stream_session(peer).map(|s| s.stream_secret)
+    }
+
+    /// The stream secret for one connection: HKDF-Expand of [`Self::stream_secret`] with the
+    /// connection's `nonce` (chosen fresh by the end that connects and sent in the clear), so
+    /// every connection gets its own keys.
+    pub fn stream_secret_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Option<[u8; 32]> {
+        self.stream_secret(peer)
+            .map(|secret| connection_secret(&secret, nonce))
+    }
+
+    /// Every connection secret `peer` may have used for `nonce`, the one
+    /// [`Self::stream_secret_for`] answers first, then those of the other sessions with `peer`
+    /// (newest first; including a session this node initiated whose ack is still on its way,
+    /// which the peer already counts as established). The accepting end tries them in turn
+    /// on the first frame: one opening it proves the peer holds that session's keys.
+    pub fn stream_secret_candidates_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Vec<[u8; 32]> {
+        let first = self.stream_session(peer);
+        let mut rest: Vec<&Session> = self
+            .sessions
+            .values()
+            .filter(|s| s.addr == peer && first.is_none_or(|f| f.th != s.th))
+            .collect();
+        rest.sort_by(|a, b| b.established.cmp(&a.established).then(a.th.cmp(&b.th)));
+        first
+            .into_iter()
+            .chain(rest)
+            .map(|s| connection_secret(&s.stream_secret, nonce))
+            .collect()
+    }
+
+    /// The verified NodeId behind [`Self::stream_secret`]'s session with `peer` (the holder of
+    /// that secret).
+    pub fn verified_peer_id(&self, peer: PeerAddr) -> Option<NodeId> {
+        self.stream_session(peer).map(|s| s.peer.node_id)
+    }
+
     /// Established sessions (both directions of a simultaneous open count twice).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
@@ -631,11 +722,7 @@ impl SessionLayer {
         }
         let key = addr_key(to);
         if let Some(&idx) = self.current.get(&key) {
-            let needs_rekey = self.sessions.get(&idx).is_some_and(|s| {
-                now.millis_since(s.established) >= self.limits.rekey_after_ms
-                    || s.send_seq >= self.limits.rekey_after_messages
-            });
-            if needs_rekey && !self.initiating_by_addr.contains_key(&key) {
+            if self.needs_rekey(now, idx) && !self.initiating_by_addr.contains_key(&key) {
                 // Best effort: the old session carries traffic until the new one is confirmed.
                 let _ = self.start_handshake(now, to);
             }
@@ -652,6 +739,40 @@ impl SessionLayer {
         }
         q.push_back((channel, Vec::from(payload)));
         Ok(())
+    }
+
+    fn needs_rekey(&self, now: Instant, idx: u32) -> bool {
+        self.sessions.get(&idx).is_some_and(|s| {
+            now.millis_since(s.established) >= self.limits.rekey_after_ms
+                || s.send_seq >= self.limits.rekey_after_messages
+        })
+    }
+
+    /// Makes sure a session with `peer` exists or is on its way, sending no payload: starts a
+    /// handshake as [`Self::send`] would unless there is a confirmed session with `peer`, a
+    /// handshake this node started towards it, or a handshake `peer` started that is past the
+    /// cookie (waiting for it avoids a duplicate session). Renews a confirmed session past its
+    /// rekey age, as `send` does. Idempotent; bounded by `max_initiating` (a full table is
+    /// counted in `queue_drops`, as by `send`, and a later call tries again).
+    pub fn ensure_session(&mut self, now: Instant, peer: PeerAddr) {
+        let key = addr_key(peer);
+        if self.initiating_by_addr.contains_key(&key) {
+            return;
+        }
+        if let Some(&idx) = self.current.get(&key) {
+            if self.needs_rekey(now, idx) {
+                let _ = self.start_handshake(now, peer);
+            }
+            return;
+        }
+        if self
+            .half_open
+            .values()
+            .any(|h| h.addr == peer && h.expires > now)
+        {
+            return;
+        }
+        let _ = self.start_handshake(now, peer);
     }
 
     fn start_handshake(&mut self, now: Instant, to: PeerAddr) -> Result<(), SendError> {
@@ -951,17 +1072,7 @@ impl SessionLayer {
         hs.retry_at = now.plus_ms(self.limits.handshake_retry_ms);
         hs.attempts = 1;
         // The session exists (to open the ack) but carries nothing until confirmed.
-        self.insert_session(
-            now,
-            my_idx,
-            from,
-            peer,
-            r.sender,
-            &keys.i_to_r,
-            &keys.r_to_i,
-            false,
-            None,
-        );
+        self.insert_session(now, my_idx, from, peer, r.sender, &th, &keys, None);
     }
 
     fn on_finish(&mut self, now: Instant, from: PeerAddr, f: Finish) {
@@ -1007,15 +1118,16 @@ impl SessionLayer {
             from,
             peer,
             ho.peer_index,
-            &ho.keys.r_to_i,
-            &ho.keys.i_to_r,
-            true,
+            &ho.th,
+            &ho.keys,
             Some(f.mac),
         );
         self.seal_to(f.receiver, CHANNEL_ACK, &[]);
         self.flush_queue(from);
     }
 
+    /// Records a session. The responder passes the initiator's Finish MAC (its session is
+    /// confirmed at once); the initiator passes `None` and waits for the responder's ack.
     #[allow(clippy::too_many_arguments)]
     fn insert_session(
         &mut self,
@@ -1024,11 +1136,16 @@ impl SessionLayer {
         addr: PeerAddr,
         peer: VerifiedPeer,
         peer_index: u32,
-        send_key: &[u8; 32],
-        recv_key: &[u8; 32],
-        confirmed: bool,
+        th: &[u8; 32],
+        keys: &SessionKeys,
         finish_mac: Option<[u8; 32]>,
     ) {
+        let confirmed = finish_mac.is_some();
+        let (send_key, recv_key) = if confirmed {
+            (&keys.r_to_i, &keys.i_to_r)
+        } else {
+            (&keys.i_to_r, &keys.r_to_i)
+        };
         while self.sessions.len() >= self.limits.max_sessions {
             let Some((&lru, _)) = self.sessions.iter().min_by_key(|(_, s)| s.last_heard) else {
                 break;
@@ -1046,6 +1163,8 @@ impl SessionLayer {
                 addr,
                 peer,
                 peer_index,
+                th: *th,
+                stream_secret: keys.stream,
                 send: ChaCha20Poly1305::new(send_key.into()),
                 recv: ChaCha20Poly1305::new(recv_key.into()),
                 send_seq: 0,
@@ -1275,6 +1394,16 @@ impl SessionLayer {
             self.counters.sessions_expired += 1;
         }
     }
+}
+
+/// HKDF-Expand of a session's stream secret (already uniform: a valid PRK) with a connection
+/// nonce.
+fn connection_secret(secret: &[u8; 32], nonce: &[u8; 16]) -> [u8; 32] {
+    let hk = Hkdf::<Sha256>::from_prk(secret).expect("32 bytes is a valid HKDF-SHA256 PRK");
+    let mut out = [0u8; 32];
+    hk.expand_multi_info(&[STREAM_CONNECTION_INFO, nonce], &mut out)
+        .expect("32 bytes is a valid HKDF-SHA256 length");
+    out
 }
 
 fn seq_nonce(seq: u64) -> [u8; 12] {

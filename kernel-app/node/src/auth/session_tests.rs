@@ -758,3 +758,210 @@ fn delegation_grants_to_allowed_peers_and_refuses_others() {
         Some(DelegationEvent::Failed { user: "bob".into() })
     );
 }
+
+/// Whether `secret` keys a stream between the two ends: the connector seals with it, the
+/// acceptor opens.
+fn stream_works(connector: &[u8; 32], acceptor: &[u8; 32]) -> bool {
+    use crate::auth::stream::{StreamRole, StreamSealer};
+    let mut c = StreamSealer::new(connector, b"test stream", StreamRole::Initiator);
+    let mut a = StreamSealer::new(acceptor, b"test stream", StreamRole::Responder);
+    let mut frame = c.seal(b"first frame").unwrap();
+    a.open(&mut frame).is_ok()
+}
+
+#[test]
+fn ensure_session_gives_both_ends_one_stream_secret() {
+    let mut net = Net::new(vec![layer(1), layer(2), layer(3)]);
+    let now = net.now;
+    assert_eq!(net.nodes[0].stream_secret(addr(1)), None);
+    // Idempotent: one Hello however often it is called.
+    net.nodes[0].ensure_session(now, addr(1));
+    net.nodes[0].ensure_session(now, addr(1));
+    assert_eq!(net.nodes[0].transmits.len(), 1);
+    assert_eq!(net.nodes[0].initiating.len(), 1);
+    net.pump();
+    // No payload travelled; both ends hold one session and the same secret.
+    assert!(net.delivered(0).is_empty() && net.delivered(1).is_empty());
+    assert_eq!(net.nodes[0].session_count(), 1);
+    assert_eq!(net.nodes[1].session_count(), 1);
+    let s01 = net.nodes[0].stream_secret(addr(1)).unwrap();
+    let s10 = net.nodes[1].stream_secret(addr(0)).unwrap();
+    assert_eq!(s01, s10);
+    assert_eq!(
+        net.nodes[0].verified_peer_id(addr(1)),
+        Some(net.nodes[1].node_id())
+    );
+    assert_eq!(
+        net.nodes[1].verified_peer_id(addr(0)),
+        Some(net.nodes[0].node_id())
+    );
+    // Established: calling again sends nothing.
+    net.nodes[0].ensure_session(net.now, addr(1));
+    net.nodes[1].ensure_session(net.now, addr(0));
+    assert!(net.nodes[0].transmits.is_empty() && net.nodes[1].transmits.is_empty());
+    // Per connection: equal at both ends, distinct per nonce and from the session secret.
+    let c1 = net.nodes[0].stream_secret_for(addr(1), &[1; 16]).unwrap();
+    assert_eq!(net.nodes[1].stream_secret_for(addr(0), &[1; 16]), Some(c1));
+    let c2 = net.nodes[0].stream_secret_for(addr(1), &[2; 16]).unwrap();
+    assert_ne!(c1, c2);
+    assert_ne!(c1, s01);
+    assert!(stream_works(&c1, &c1));
+    assert_eq!(
+        net.nodes[1].stream_secret_candidates_for(addr(0), &[1; 16]),
+        vec![c1]
+    );
+    // A third party's session with node 1 has another secret.
+    net.nodes[2].ensure_session(net.now, addr(1));
+    net.pump();
+    let s21 = net.nodes[2].stream_secret(addr(1)).unwrap();
+    assert_eq!(net.nodes[1].stream_secret(addr(2)), Some(s21));
+    assert_ne!(s21, s01);
+    assert!(!stream_works(
+        &net.nodes[2].stream_secret_for(addr(1), &[1; 16]).unwrap(),
+        &c1
+    ));
+    for n in &net.nodes {
+        assert_eq!(n.counters().rejected(), 0, "{:?}", n.counters());
+    }
+}
+
+#[test]
+fn simultaneous_opens_agree_on_one_stream_secret() {
+    let mut net = Net::new(vec![layer(1), layer(2)]);
+    let now = net.now;
+    net.nodes[0].ensure_session(now, addr(1));
+    net.nodes[1].ensure_session(now, addr(0));
+    net.pump();
+    // Two handshakes crossed: each end holds two sessions and may send on either one ...
+    assert_eq!(net.nodes[0].session_count(), 2);
+    assert_eq!(net.nodes[1].session_count(), 2);
+    // ... but both pick the same one for streams.
+    let s = net.nodes[0].stream_secret(addr(1)).unwrap();
+    assert_eq!(net.nodes[1].stream_secret(addr(0)), Some(s));
+    let nonce = [7; 16];
+    let c = net.nodes[0].stream_secret_for(addr(1), &nonce).unwrap();
+    let cands = net.nodes[1].stream_secret_candidates_for(addr(0), &nonce);
+    assert_eq!(cands.len(), 2);
+    assert_eq!(cands[0], c);
+    // Either end's other session is the other's second candidate.
+    let other0 = net.nodes[0].stream_secret_candidates_for(addr(1), &nonce)[1];
+    assert_eq!(other0, cands[1]);
+    assert_ne!(other0, c);
+
+    // Renewal: past the rekey age, ensure_session starts a new handshake (as send would);
+    // the new session's secret replaces the old at both ends.
+    let limits = SessionLimits::default();
+    net.advance_to(Instant::from_millis(limits.rekey_after_ms + 10));
+    net.nodes[0].ensure_session(net.now, addr(1));
+    net.pump();
+    assert_eq!(net.nodes[0].session_count(), 3);
+    let renewed = net.nodes[0].stream_secret(addr(1)).unwrap();
+    assert_ne!(renewed, s);
+    assert_eq!(net.nodes[1].stream_secret(addr(0)), Some(renewed));
+    // Once the old sessions expire the answer stays the same.
+    net.advance_to(Instant::from_millis(limits.reject_after_ms + 20));
+    assert_eq!(net.nodes[0].session_count(), 1);
+    assert_eq!(net.nodes[0].stream_secret(addr(1)), Some(renewed));
+    assert_eq!(net.nodes[1].stream_secret(addr(0)), Some(renewed));
+}
+
+#[test]
+fn ensure_session_waits_for_the_peers_handshake_and_is_bounded() {
+    // Node 1's handshake towards node 0 is past the cookie (its Finish lost): node 0 waits
+    // for it instead of opening a second session.
+    let mut net = Net::new(vec![layer(1), layer(2)]);
+    let now = net.now;
+    net.nodes[1].ensure_session(now, addr(0));
+    let mut lost = false;
+    net.pump_with(|i, _, d| {
+        if i == 1 && d[0] == TYPE_FINISH && !lost {
+            lost = true;
+            return false;
+        }
+        true
+    });
+    assert_eq!(net.nodes[0].half_open.len(), 1);
+    net.nodes[0].ensure_session(net.now, addr(1));
+    assert!(net.nodes[0].initiating.is_empty());
+    net.advance_to(net.now.plus_ms(1_100));
+    assert_eq!(net.nodes[0].session_count(), 1);
+    assert_eq!(
+        net.nodes[0].stream_secret(addr(1)),
+        net.nodes[1].stream_secret(addr(0))
+    );
+    assert!(net.nodes[0].stream_secret(addr(1)).is_some());
+
+    // Handshakes started are bounded by max_initiating; the rest are counted.
+    let limits = SessionLimits {
+        max_initiating: 2,
+        ..SessionLimits::default()
+    };
+    let mut l = layer_with(1, |k| chain_on(k, 1, "server-a", &authority()), limits);
+    for i in 1..6 {
+        l.ensure_session(Instant::from_millis(1), addr(i));
+    }
+    assert_eq!(l.initiating.len(), 2);
+    assert_eq!(l.counters().queue_drops, 3);
+    assert_eq!(l.stream_secret(addr(1)), None);
+}
+
+#[test]
+fn revoked_and_expired_peers_get_no_stream_secret() {
+    // Revoked before the handshake, whichever end starts it.
+    let mut net = Net::new(vec![layer(1), layer(2)]);
+    let list = RevocationList::issue(1, T0, vec![1], &authority());
+    net.nodes[1].install_revocations(net.now, list).unwrap();
+    let now = net.now;
+    net.nodes[0].ensure_session(now, addr(1));
+    net.nodes[1].ensure_session(now, addr(0));
+    net.pump();
+    assert_eq!(net.nodes[0].stream_secret(addr(1)), None);
+    assert_eq!(net.nodes[1].stream_secret(addr(0)), None);
+    assert_eq!(net.nodes[1].verified_peer_id(addr(0)), None);
+    assert!(
+        net.nodes[1]
+            .stream_secret_candidates_for(addr(0), &[0; 16])
+            .is_empty()
+    );
+    assert_eq!(net.nodes[1].counters().cert_revoked, 2);
+
+    // Revoked while a session runs: its secret goes with it.
+    let mut net = Net::new(vec![layer(1), layer(2)]);
+    let now = net.now;
+    net.nodes[0].ensure_session(now, addr(1));
+    net.pump();
+    assert!(net.nodes[1].stream_secret(addr(0)).is_some());
+    let list = RevocationList::issue(1, T0, vec![1], &authority());
+    net.nodes[1].install_revocations(net.now, list).unwrap();
+    assert_eq!(net.nodes[1].stream_secret(addr(0)), None);
+
+    // Expired (by the responder's clock).
+    let late = {
+        let key = IdentityKey::from_seed(&[2; 32]);
+        let chain = chain_on(&key, 2, "server-a", &authority());
+        SessionLayer::new(
+            key,
+            &chain,
+            authority().public(),
+            WallClock::new(T0 + 2 * DAY, Instant::ZERO),
+            SessionLimits::default(),
+            [2; 32],
+        )
+    };
+    let mut net = Net::new(vec![layer(1), late]);
+    let now = net.now;
+    net.nodes[0].ensure_session(now, addr(1));
+    net.pump();
+    assert_eq!(net.nodes[1].counters().cert_expired, 1);
+    assert_eq!(net.nodes[0].stream_secret(addr(1)), None);
+    assert_eq!(net.nodes[1].stream_secret(addr(0)), None);
+    // Certificates end at T0 + DAY: a running session's secret ends with them.
+    let mut net = Net::new(vec![layer(1), layer(2)]);
+    let now = net.now;
+    net.nodes[0].ensure_session(now, addr(1));
+    net.pump();
+    assert!(net.nodes[0].stream_secret(addr(1)).is_some());
+    net.advance_to(Instant::from_millis(DAY + 1_000));
+    assert_eq!(net.nodes[0].stream_secret(addr(1)), None);
+    assert_eq!(net.nodes[1].stream_secret(addr(0)), None);
+}

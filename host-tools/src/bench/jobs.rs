@@ -1,0 +1,291 @@
+//! `unipeer bench jobs`: a `primes` job on a local cluster, run by the Application Agent's own
+//! code — undisturbed, then again with a third of the VMs killed when a quarter of the tasks
+//! are final — against the same tasks run natively on the host. Reports tasks per second, the
+//! slow-down from the kills (target ≤ 1.5×), and the time from a VM's death until every task
+//! it held is leased to another node or done (re-dispatch), read from the task records.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use unipeer_node::auth::UserCredential;
+use unipeer_node::jobs::client::CLIENT_PORT;
+use unipeer_node::jobs::record::TaskState;
+
+use crate::bench::boot::stats;
+use crate::cluster::{self, UpOptions};
+use crate::hostinfo::{self, AccelChoice};
+use crate::job::aa::{self, ClusterAccess, Gateway, JobState, SubmitOptions, Tracked};
+use crate::job::{JobManifest, result};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct JobsBenchArgs {
+    /// VMs in the cluster (a third of them are killed in the second run).
+    #[arg(long, default_value_t = 6)]
+    pub vms: usize,
+    /// primes tasks per job.
+    #[arg(long, default_value_t = 36)]
+    pub tasks: u64,
+    /// Numbers per task (from 10^9: every prime takes ~16k trial divisions).
+    #[arg(long, default_value_t = 200_000)]
+    pub span: u64,
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pub accel: AccelChoice,
+    /// Image name under images/ (must link primes).
+    #[arg(long, default_value = "default")]
+    pub image: String,
+}
+
+struct RunResult {
+    secs: f64,
+    /// Per killed VM: seconds from its death until each of its tasks was re-leased or done.
+    redispatch_s: Vec<f64>,
+    killed: usize,
+}
+
+fn manifest(args: &JobsBenchArgs, name: &str) -> Result<JobManifest> {
+    let start = 1_000_000_000u64;
+    let text = format!(
+        "name = \"{name}\"\nimage = \"{}\"\napplication = \"primes\"\n\
+         [requirements]\nvms = {}\nmemory_mb = 64\n\
+         [tasks]\nrange = {{ start = {start}, end = {}, step = {} }}\n",
+        args.image,
+        args.vms,
+        start + args.tasks * args.span,
+        args.span
+    );
+    JobManifest::parse(&text).map_err(|e| anyhow!("bench manifest: {e}"))
+}
+
+/// Runs one job; with `kill`, kills a third of the VMs (never the AA's gateway) once a quarter
+/// of the tasks are final and measures re-dispatch from the records.
+fn run_job(
+    run_dir: &Path,
+    m: &JobManifest,
+    user: &UserCredential,
+    state_dir: &Path,
+    kill: usize,
+) -> Result<RunResult> {
+    let access = ClusterAccess {
+        run_dir: run_dir.to_path_buf(),
+        port: CLIENT_PORT,
+    };
+    let path = state_dir.join(format!("{}.toml", m.name));
+    let opts = SubmitOptions {
+        user: user.clone(),
+        out_dir: Some(state_dir.join(&m.name)),
+        run_root: state_dir.to_path_buf(),
+        json_progress: true,
+        check: true,
+        exec_copies: 1,
+        poll: Duration::from_millis(250),
+    };
+    let started = Instant::now();
+    let m2 = m.clone();
+    let path2 = path.clone();
+    let worker = std::thread::spawn(move || -> Result<aa::Summary> {
+        let mut quiet = |_: &str| {};
+        aa::run(&access, &m2, &path2, None, &opts, &mut quiet)
+    });
+    let mut redispatch_s = Vec::new();
+    let mut killed = 0;
+    if kill > 0 {
+        // Watch the job through a gateway of our own.
+        let access = ClusterAccess {
+            run_dir: run_dir.to_path_buf(),
+            port: CLIENT_PORT,
+        };
+        let mut gw = Gateway::new(&access, user.clone());
+        let st = loop {
+            if worker.is_finished() {
+                break None;
+            }
+            if let Ok(st) = latest_state(state_dir, &m.name)
+                && st.submitted
+            {
+                break Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if let Some(st) = st {
+            let ids = st.task_ids()?;
+            let status = cluster::status(run_dir, false)?;
+            let ip_of: BTreeMap<String, [u8; 4]> = status
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.ipv4.octets()))
+                .collect();
+            loop {
+                let tracked = gw.track(&ids)?;
+                let p = aa::Progress::of(&tracked);
+                if p.finals() * 4 >= p.total || worker.is_finished() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let gw_node = gw.node().unwrap_or("").to_string();
+            let victims: Vec<String> = ip_of
+                .keys()
+                .filter(|n| **n != gw_node)
+                .rev()
+                .take(kill)
+                .cloned()
+                .collect();
+            let victim_ips: Vec<[u8; 4]> = victims.iter().map(|v| ip_of[v]).collect();
+            let held = |t: &Tracked| match t {
+                Tracked::Record(r) => match &r.state {
+                    TaskState::Running { leases, .. } => leases
+                        .iter()
+                        .any(|l| victim_ips.contains(&l.executor.addr.ipv4)),
+                    _ => false,
+                },
+                _ => false,
+            };
+            let before = gw.track(&ids)?;
+            let mut waiting: Vec<usize> = (0..ids.len()).filter(|&i| held(&before[i])).collect();
+            let t0 = Instant::now();
+            for v in &victims {
+                cluster::kill(run_dir, v)?;
+            }
+            killed = victims.len();
+            while !waiting.is_empty() && t0.elapsed() < Duration::from_secs(300) {
+                std::thread::sleep(Duration::from_millis(250));
+                let Ok(now) = gw.track(&ids) else { continue };
+                waiting.retain(|&i| {
+                    let moved = !held(&now[i]) && !matches!(now[i], Tracked::Unknown);
+                    if moved {
+                        redispatch_s.push(t0.elapsed().as_secs_f64());
+                    }
+                    !moved
+                });
+            }
+        }
+    }
+    let summary = worker
+        .join()
+        .map_err(|_| anyhow!("the AA thread panicked"))??;
+    let secs = started.elapsed().as_secs_f64();
+    if summary.reference_match != Some(true) || !summary.failures.is_empty() {
+        anyhow::bail!(
+            "job {} did not match the host reference: {:?}",
+            summary.job,
+            summary.failures
+        );
+    }
+    Ok(RunResult {
+        secs,
+        redispatch_s,
+        killed,
+    })
+}
+
+fn latest_state(state_dir: &Path, name: &str) -> Result<JobState> {
+    let dir = aa::jobs_dir(state_dir);
+    let mut newest: Option<(u64, JobState)> = None;
+    for e in std::fs::read_dir(&dir)?.flatten() {
+        if let Ok(text) = std::fs::read(e.path())
+            && let Ok(st) = serde_json::from_slice::<JobState>(&text)
+            && st.name == name
+            && newest
+                .as_ref()
+                .is_none_or(|(t, _)| st.submitted_unix_s >= *t)
+        {
+            newest = Some((st.submitted_unix_s, st));
+        }
+    }
+    newest
+        .map(|(_, s)| s)
+        .ok_or_else(|| anyhow!("no state yet"))
+}
+
+pub fn run(args: &JobsBenchArgs) -> Result<()> {
+    let accel = hostinfo::choose_accel(args.accel);
+    let run_dir = crate::image::repo_root().join("run").join("bench-jobs");
+    let _ = cluster::down(&run_dir);
+    let state_dir = run_dir.join("aa");
+    let exe = std::env::current_exe().context("locating the unipeer binary")?;
+    let mut opts = UpOptions::new(args.vms, accel.accel, exe);
+    opts.image = args.image.clone();
+    opts.memory_mib = 64;
+    opts.ca_store = Some(run_dir.join("authority"));
+
+    // The native baseline: the same tasks, one after another on one host core.
+    let m = manifest(args, "bench-native")?;
+    let planned = m.plan(Path::new("."))?;
+    let t = Instant::now();
+    let native = result::native_outputs("primes", &planned)?;
+    let native_s = t.elapsed().as_secs_f64();
+    drop(native);
+
+    let outcome = (|| -> Result<(RunResult, RunResult)> {
+        cluster::up(&run_dir, &opts)?;
+        cluster::wait_answering(&run_dir, Duration::from_secs(60))?;
+        std::fs::create_dir_all(&state_dir)?;
+        let store = crate::ca::AuthorityStore::open(&run_dir.join("authority"))?;
+        let user = UserCredential {
+            user: crate::ca::DEFAULT_USER.into(),
+            psk: store.user_psk(crate::ca::DEFAULT_USER)?,
+        };
+        // The overlay settles (joins, capacity adverts) before the clock starts.
+        let access = ClusterAccess {
+            run_dir: run_dir.clone(),
+            port: CLIENT_PORT,
+        };
+        let mut gw = Gateway::new(&access, user.clone());
+        gw.ping()?;
+        std::thread::sleep(Duration::from_secs(3));
+        let calm = run_job(
+            &run_dir,
+            &manifest(args, "bench-calm")?,
+            &user,
+            &state_dir,
+            0,
+        )?;
+        let kills = (args.vms / 3).max(1);
+        let hurt = run_job(
+            &run_dir,
+            &manifest(args, "bench-kill")?,
+            &user,
+            &state_dir,
+            kills,
+        )?;
+        Ok((calm, hurt))
+    })();
+    let _ = cluster::down(&run_dir);
+    let (calm, hurt) = outcome?;
+    let n = args.tasks as f64;
+    let r = stats(hurt.redispatch_s.clone());
+    println!(
+        "bench jobs: primes, {} tasks of {} numbers from 10^9; {} VMs (microvm, {}, 64 MiB, 2 task slots each), trust on, results checked against the host",
+        args.tasks, args.span, args.vms, accel.accel
+    );
+    println!("| figure | measured | ratio | target |");
+    println!("|---|---|---|---|");
+    println!(
+        "| native on the host, 1 core | {native_s:.2} s ({:.1} tasks/s) | 1.00 (baseline) | |",
+        n / native_s
+    );
+    println!(
+        "| cluster, undisturbed | {:.2} s ({:.2} tasks/s) | {:.2}× native | |",
+        calm.secs,
+        n / calm.secs,
+        calm.secs / native_s
+    );
+    println!(
+        "| cluster, {} of {} VMs killed at 25 % | {:.2} s ({:.2} tasks/s) | {:.2}× undisturbed | ≤ 1.5× |",
+        hurt.killed,
+        args.vms,
+        hurt.secs,
+        n / hurt.secs,
+        hurt.secs / calm.secs
+    );
+    println!(
+        "| VM death → its tasks re-leased or done | p50 {:.2} s, max {:.2} s ({} tasks) | | lease {} s |",
+        r.p50,
+        r.max,
+        r.n,
+        unipeer_node::jobs::JobConfig::default().lease_ms / 1000
+    );
+    Ok(())
+}
