@@ -17,10 +17,12 @@
 //! the address's IP is the TCP source IP (it waits up to [`VERIFY_WAIT_US`] for the session
 //! to finish, then refuses, counted); the connector opens a connection only once it has a
 //! session with the destination, keeping frames queued meanwhile (bounded, up to
-//! [`SESSION_WAIT_US`]). Frames after the hello are sealed ([`StreamSealer`], context
-//! [`JOB_STREAM_CONTEXT`]) under the session's stream secret mixed with the hello's nonce, when
-//! the trust layer provides stream secrets ([`stream_secret`]); until then they travel in the
-//! clear on an authenticated connection.
+//! [`SESSION_WAIT_US`], asking the trust layer to open one). Every frame after the hello is
+//! sealed ([`StreamSealer`], context [`JOB_STREAM_CONTEXT`]) under the connection secret
+//! `SessionLayer::stream_secret_for(peer, hello nonce)`; the acceptor tries the candidates
+//! `stream_secret_candidates_for` gives on the first frame (both ends may briefly disagree on
+//! the newest session) and refuses the connection when none opens it. Without trust material
+//! (a development VM) the channel runs in the clear.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -101,24 +103,8 @@ pub fn linked_apps() -> AppSet {
     AppSet::new(apps)
 }
 
-/// The per-connection secret a trust session provides for job streams. The trust layer does
-/// not export one yet (`SessionLayer::stream_secret` is being added): until it does, job
-/// streams are authenticated by the hello check but not sealed.
-fn stream_secret(_trust: &SessionLayer, _peer: PeerAddr) -> Option<[u8; 32]> {
-    None
-}
-
-/// Asks the trust layer for a session with `peer` (no-op until `ensure_session` exists: the
-/// overlay's own traffic opens sessions with every neighbour meanwhile).
-fn ensure_session(_trust: &mut SessionLayer, _now: Instant, _peer: PeerAddr) {}
-
-fn sealer_for(secret: &[u8; 32], nonce: &[u8; 16], role: StreamRole) -> StreamSealer {
-    let mut h = Sha256::new();
-    h.update(b"unipeer job stream secret");
-    h.update(secret);
-    h.update(nonce);
-    let mixed: [u8; 32] = h.finalize().into();
-    StreamSealer::new(&mixed, JOB_STREAM_CONTEXT, role)
+fn sealer_for(connection_secret: &[u8; 32], role: StreamRole) -> StreamSealer {
+    StreamSealer::new(connection_secret, JOB_STREAM_CONTEXT, role)
 }
 
 fn encode_hello(me: PeerAddr, nonce: &[u8; 16]) -> Vec<u8> {
@@ -211,6 +197,8 @@ struct Incoming {
     reader: FrameReader,
     state: InState,
     sealer: Option<StreamSealer>,
+    /// Connection secrets the peer may have used, tried on the first frame after the hello.
+    candidates: Vec<[u8; 32]>,
     active: bool,
     last_activity_us: u64,
 }
@@ -238,6 +226,7 @@ impl JobChannel {
                 reader: FrameReader::new(MAX_JOB_MESSAGE),
                 state: InState::AwaitHello,
                 sealer: None,
+                candidates: Vec::new(),
                 active: false,
                 last_activity_us: 0,
             })
@@ -264,6 +253,7 @@ impl JobChannel {
                 c.reader = FrameReader::new(MAX_JOB_MESSAGE);
                 c.state = InState::AwaitHello;
                 c.sealer = None;
+                c.candidates = Vec::new();
                 c.active = false;
                 let _ = socket.listen(self.port);
             }
@@ -380,17 +370,19 @@ impl JobChannel {
             if o.closing {
                 return false;
             }
+            let mut nonce = [0u8; 16];
+            rng.fill(&mut nonce);
             let mut secret = None;
             if let Some(layer) = trust {
-                if layer.peer(o.dst).is_none() {
+                secret = layer.stream_secret_for(o.dst, &nonce);
+                if secret.is_none() {
                     if now_us.saturating_sub(o.since_us) > SESSION_WAIT_US {
                         self.counters.dropped_no_session += o.queue.len() as u64;
                         return false;
                     }
-                    ensure_session(layer, instant(now_us), o.dst);
+                    layer.ensure_session(instant(now_us), o.dst);
                     return true;
                 }
-                secret = stream_secret(layer, o.dst);
             }
             let local = self.ephemeral_port();
             let o = &mut self.outgoing[i];
@@ -408,8 +400,8 @@ impl JobChannel {
                 self.counters.dropped_failed += o.queue.len() as u64;
                 return false;
             }
-            rng.fill(&mut o.nonce);
-            o.sealer = secret.map(|s| sealer_for(&s, &o.nonce, StreamRole::Initiator));
+            o.nonce = nonce;
+            o.sealer = secret.map(|s| sealer_for(&s, StreamRole::Initiator));
             o.handle = Some(stack.sockets.add(socket));
             o.since_us = now_us;
             o.last_activity_us = now_us;
@@ -551,9 +543,9 @@ impl JobChannel {
                 until_us,
             } = c.state
             {
-                match verify(trust.as_deref_mut(), now_us, peer) {
-                    Verdict::Ok(secret) => {
-                        c.sealer = secret.map(|s| sealer_for(&s, &nonce, StreamRole::Responder));
+                match verify(trust.as_deref_mut(), now_us, peer, &nonce) {
+                    Verdict::Ok(candidates) => {
+                        c.candidates = candidates;
                         c.state = InState::Open;
                     }
                     Verdict::Wait if now_us < until_us => continue,
@@ -606,11 +598,9 @@ impl JobChannel {
                                         nonce,
                                         until_us: now_us + VERIFY_WAIT_US,
                                     };
-                                    match verify(trust.as_deref_mut(), now_us, peer) {
-                                        Verdict::Ok(secret) => {
-                                            c.sealer = secret.map(|s| {
-                                                sealer_for(&s, &nonce, StreamRole::Responder)
-                                            });
+                                    match verify(trust.as_deref_mut(), now_us, peer, &nonce) {
+                                        Verdict::Ok(candidates) => {
+                                            c.candidates = candidates;
                                             c.state = InState::Open;
                                         }
                                         // Stop reading until the session is there.
@@ -627,6 +617,28 @@ impl JobChannel {
                         InState::Verifying { .. } => break,
                         InState::Open => {
                             let mut body = body;
+                            if c.sealer.is_none() && !c.candidates.is_empty() {
+                                // The first sealed frame: the secret that opens it is the
+                                // session the peer keyed the connection with.
+                                let mut opened = None;
+                                for k in core::mem::take(&mut c.candidates) {
+                                    let mut sealer = sealer_for(&k, StreamRole::Responder);
+                                    let mut copy = body.clone();
+                                    if let Ok(n) = sealer.open(&mut copy) {
+                                        opened = Some((sealer, copy, n));
+                                        break;
+                                    }
+                                }
+                                let Some((sealer, copy, n)) = opened else {
+                                    self.counters.refused += 1;
+                                    bad = true;
+                                    break;
+                                };
+                                c.sealer = Some(sealer);
+                                self.counters.frames_in += 1;
+                                deliver(&copy[..n]);
+                                continue;
+                            }
                             let len = match c.sealer.as_mut() {
                                 Some(s) => match s.open(&mut body) {
                                     Ok(n) => n,
@@ -702,20 +714,27 @@ impl JobChannel {
 }
 
 enum Verdict {
-    /// Verified; the stream secret if the trust layer gives one.
-    Ok(Option<[u8; 32]>),
+    /// A session with the peer exists: the connection secrets to try on the first frame
+    /// (none without trust: the channel runs in the clear).
+    Ok(Vec<[u8; 32]>),
     Wait,
 }
 
-fn verify(trust: Option<&mut SessionLayer>, now_us: u64, peer: PeerAddr) -> Verdict {
+fn verify(
+    trust: Option<&mut SessionLayer>,
+    now_us: u64,
+    peer: PeerAddr,
+    nonce: &[u8; 16],
+) -> Verdict {
     let Some(layer) = trust else {
-        return Verdict::Ok(None);
+        return Verdict::Ok(Vec::new());
     };
-    if layer.peer(peer).is_some() {
-        Verdict::Ok(stream_secret(layer, peer))
-    } else {
-        ensure_session(layer, instant(now_us), peer);
+    let candidates = layer.stream_secret_candidates_for(peer, nonce);
+    if candidates.is_empty() {
+        layer.ensure_session(instant(now_us), peer);
         Verdict::Wait
+    } else {
+        Verdict::Ok(candidates)
     }
 }
 
