@@ -760,8 +760,8 @@ pub struct JobHost {
     chunk_bytes_max: usize,
     /// When the agent's timers last ran.
     last_tick_us: u64,
-    /// Last submission, client request or task run.
-    last_busy_us: u64,
+    /// Last submission, client request or task run (None: never).
+    last_busy_us: Option<u64>,
 }
 
 impl JobHost {
@@ -827,7 +827,7 @@ impl JobHost {
             diag_nonce: 0,
             chunk_bytes_max: cfg.max_chunk_bytes,
             last_tick_us: now_us,
-            last_busy_us: 0,
+            last_busy_us: None,
         }
     }
 
@@ -871,10 +871,10 @@ impl JobHost {
             self.work.push_back(w);
         }
         if self.client.counters.requests != requests {
-            self.last_busy_us = now_us;
+            self.last_busy_us = Some(now_us);
         }
         if let Some(w) = self.work.pop_front() {
-            self.last_busy_us = now_us;
+            self.last_busy_us = Some(now_us);
             let inputs: Vec<&[u8]> = w.inputs.iter().map(Vec::as_slice).collect();
             let started = crate::clock::now_us();
             let result = self.apps.run(&w.spec, &inputs);
@@ -963,7 +963,9 @@ impl JobHost {
             && self.work.is_empty()
             && self.channel.queued_frames() == 0
             && !self.client.has_pending()
-            && now_us.saturating_sub(self.last_busy_us) > QUIET_AFTER_US
+            && self
+                .last_busy_us
+                .is_none_or(|t| now_us.saturating_sub(t) > QUIET_AFTER_US)
     }
 
     /// `job-primes START END TASKS` from the diagnostic port: a primes job submitted from
@@ -1006,7 +1008,7 @@ impl JobHost {
             .submit(instant(now_us), &mut overlay.node, &s)
             .map_err(|e| alloc::format!("{e}"))?;
         self.counters.diag_submits += 1;
-        self.last_busy_us = now_us;
+        self.last_busy_us = Some(now_us);
         log::info!("jobs: diag submitted primes job {job} ({n} tasks over [{start}, {end}))");
         Ok(alloc::format!("job-primes job={job} tasks={n}\n"))
     }
@@ -1053,7 +1055,7 @@ impl JobHost {
             .submit(instant(now_us), &mut overlay.node, &s)
             .map_err(|e| alloc::format!("{e}"))?;
         self.counters.diag_submits += 1;
-        self.last_busy_us = now_us;
+        self.last_busy_us = Some(now_us);
         log::info!("jobs: diag submitted sha256 job {job} ({tasks} tasks of 64 KiB)");
         Ok(alloc::format!("job-sha256 job={job} tasks={tasks}\n"))
     }
