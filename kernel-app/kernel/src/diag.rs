@@ -751,6 +751,11 @@ const COMPACT_KEYS: &[&str] = &[
     "trust_established",
     "trust_delivered",
     "trust_rejected",
+    "jobs",
+    "jobs_slots",
+    "jobs_running",
+    "jobs_supervising",
+    "jobs_works_run",
 ];
 
 /// The report as one datagram: whole if it fits, else the `COMPACT_KEYS` lines (the TCP port

@@ -65,7 +65,7 @@ pub const VERIFY_WAIT_US: u64 = 3_000_000;
 /// Frames queued per destination, and bytes.
 pub const OUT_QUEUE_FRAMES: usize = 256;
 pub const OUT_QUEUE_BYTES: usize = 1 << 20;
-/// Bytes queued over every destination.
+/// Bytes queued over every destination: at most this, and at most an eighth of the heap.
 pub const OUT_TOTAL_BYTES: usize = 4 << 20;
 /// TCP buffers of every job socket (frames are streamed through them).
 const SOCKET_BUF: usize = 16 * 1024;
@@ -210,6 +210,7 @@ pub struct JobChannel {
     outgoing: Vec<Outgoing>,
     incoming: Vec<Incoming>,
     total_queued: usize,
+    total_limit: usize,
     next_port: u16,
     loopback: VecDeque<Vec<u8>>,
     /// Input is waiting that the last pass left for the next (bounded work per pass).
@@ -218,7 +219,7 @@ pub struct JobChannel {
 }
 
 impl JobChannel {
-    fn new(stack: &mut Stack, me: PeerAddr) -> Self {
+    fn new(stack: &mut Stack, me: PeerAddr, heap_bytes: u64) -> Self {
         let port = me.port.wrapping_add(JOB_PORT_OFFSET);
         let incoming = (0..IN_SOCKETS)
             .map(|_| Incoming {
@@ -237,6 +238,7 @@ impl JobChannel {
             outgoing: Vec::new(),
             incoming,
             total_queued: 0,
+            total_limit: OUT_TOTAL_BYTES.min((heap_bytes / 8) as usize),
             next_port: EPHEMERAL.0,
             loopback: VecDeque::new(),
             wake_now: false,
@@ -271,7 +273,7 @@ impl JobChannel {
             self.loopback.push_back(payload);
             return;
         }
-        if self.total_queued + payload.len() > OUT_TOTAL_BYTES {
+        if self.total_queued + payload.len() > self.total_limit {
             self.counters.dropped_full += 1;
             return;
         }
@@ -814,7 +816,7 @@ impl JobHost {
             ipv4: config.net.ipv4,
             port: config.net.overlay_port,
         };
-        let channel = JobChannel::new(stack, me);
+        let channel = JobChannel::new(stack, me, heap_bytes);
         let client = ClientPort::new(stack, config, overlay, &mut rng);
         JobHost {
             agent,
