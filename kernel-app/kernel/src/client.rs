@@ -647,6 +647,11 @@ impl ClientPort {
             .min()
     }
 
+    /// Whether a session waits for the overlay or the agent.
+    pub fn has_pending(&self) -> bool {
+        self.sessions.iter().any(|s| s.pending.is_some())
+    }
+
     pub fn status_text(&self) -> String {
         let c = &self.counters;
         alloc::format!(

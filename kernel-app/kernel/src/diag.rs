@@ -55,6 +55,8 @@ pub struct DiagCounters {
     pub busy_polls: u64,
     /// Busy streaks cut short by a nap (should stay near 0).
     pub busy_naps: u64,
+    /// Sleeps with a deadline, by the service that set it: stack, diag, overlay, jobs.
+    pub sleeps_until: [u64; 4],
 }
 
 /// A running `probe`: first the peer's name from its diagnostic port, then `count` echo round
@@ -635,6 +637,7 @@ impl Diag {
              rx_frames={}\ntx_frames={}\nrx_bytes={}\ntx_bytes={}\nrx_errors={}\ntx_queue_full={}\nrx_ignored={}\n\
              arp_neighbours={}\narp_requests={}\narp_replies={}\narp_queued={}\narp_dropped={}\n\
              irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\nbusy_polls={}\nbusy_naps={}\n\
+             sleeps_until_stack={}\nsleeps_until_diag={}\nsleeps_until_overlay={}\nsleeps_until_jobs={}\n\
              udp_requests={}\necho_packets={}\ntcp_sessions={}\ntcp_idle_closed={}\nbad_requests={}\n\
              boot_phases_us={}\n{}{}\
              end\n",
@@ -673,6 +676,10 @@ impl Diag {
             c.wakeups,
             c.busy_polls,
             c.busy_naps,
+            c.sleeps_until[0],
+            c.sleeps_until[1],
+            c.sleeps_until[2],
+            c.sleeps_until[3],
             c.udp_requests,
             c.echo_packets,
             c.tcp_sessions,
@@ -744,6 +751,11 @@ const COMPACT_KEYS: &[&str] = &[
     "trust_established",
     "trust_delivered",
     "trust_rejected",
+    "jobs",
+    "jobs_slots",
+    "jobs_running",
+    "jobs_supervising",
+    "jobs_works_run",
 ];
 
 /// The report as one datagram: whole if it fits, else the `COMPACT_KEYS` lines (the TCP port

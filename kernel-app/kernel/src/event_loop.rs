@@ -140,13 +140,23 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         }
         let now = clock::now_us();
         let mut delay = stack.poll_delay_us(now).unwrap_or(MAX_SLEEP_US);
+        // Which service set the deadline (counted per sleep, for the report).
+        let mut cause = 0;
         let overlay_at = overlay.as_ref().and_then(Overlay::next_deadline_us);
         let jobs_at = jobs.as_ref().and_then(|j| j.next_deadline_us(now));
-        for at in [diag.next_deadline_us(&stack), overlay_at, jobs_at]
+        for (i, at) in [diag.next_deadline_us(&stack), overlay_at, jobs_at]
             .into_iter()
-            .flatten()
+            .enumerate()
         {
-            delay = delay.min(at.saturating_sub(now));
+            if let Some(at) = at
+                && at.saturating_sub(now) < delay
+            {
+                delay = at.saturating_sub(now);
+                cause = i + 1;
+            }
+        }
+        if delay < MAX_SLEEP_US {
+            diag.counters.sleeps_until[cause] += 1;
         }
         if shutdown_at.is_some() {
             delay = delay.min(1_000);

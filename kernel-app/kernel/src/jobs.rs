@@ -17,10 +17,12 @@
 //! the address's IP is the TCP source IP (it waits up to [`VERIFY_WAIT_US`] for the session
 //! to finish, then refuses, counted); the connector opens a connection only once it has a
 //! session with the destination, keeping frames queued meanwhile (bounded, up to
-//! [`SESSION_WAIT_US`]). Frames after the hello are sealed ([`StreamSealer`], context
-//! [`JOB_STREAM_CONTEXT`]) under the session's stream secret mixed with the hello's nonce, when
-//! the trust layer provides stream secrets ([`stream_secret`]); until then they travel in the
-//! clear on an authenticated connection.
+//! [`SESSION_WAIT_US`], asking the trust layer to open one). Every frame after the hello is
+//! sealed ([`StreamSealer`], context [`JOB_STREAM_CONTEXT`]) under the connection secret
+//! `SessionLayer::stream_secret_for(peer, hello nonce)`; the acceptor tries the candidates
+//! `stream_secret_candidates_for` gives on the first frame (both ends may briefly disagree on
+//! the newest session) and refuses the connection when none opens it. Without trust material
+//! (a development VM) the channel runs in the clear.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -63,7 +65,7 @@ pub const VERIFY_WAIT_US: u64 = 3_000_000;
 /// Frames queued per destination, and bytes.
 pub const OUT_QUEUE_FRAMES: usize = 256;
 pub const OUT_QUEUE_BYTES: usize = 1 << 20;
-/// Bytes queued over every destination.
+/// Bytes queued over every destination: at most this, and at most an eighth of the heap.
 pub const OUT_TOTAL_BYTES: usize = 4 << 20;
 /// TCP buffers of every job socket (frames are streamed through them).
 const SOCKET_BUF: usize = 16 * 1024;
@@ -77,6 +79,12 @@ const HELLO_MAGIC: &[u8; 2] = b"UJ";
 const HELLO_VERSION: u8 = 1;
 /// Hello body: magic (2), version (1), IPv4 (4), port (2, big-endian), nonce (16).
 pub const HELLO_LEN: usize = 25;
+/// A quiet agent (nothing running, supervised, queued or asked for lately) is ticked at most
+/// this often: its timers are retries and periodic adverts, and any packet that arrives runs a
+/// due tick anyway. Keeps an idle node's wake-ups low.
+pub const QUIET_TICK_US: u64 = 2_000_000;
+/// Activity (a submission, a client request, a task run) keeps the agent's own pace this long.
+pub const QUIET_AFTER_US: u64 = 10_000_000;
 /// Default task slots (launch-config extra `job_slots`, one byte, overrides).
 pub const DEFAULT_SLOTS: u8 = 2;
 
@@ -95,24 +103,8 @@ pub fn linked_apps() -> AppSet {
     AppSet::new(apps)
 }
 
-/// The per-connection secret a trust session provides for job streams. The trust layer does
-/// not export one yet (`SessionLayer::stream_secret` is being added): until it does, job
-/// streams are authenticated by the hello check but not sealed.
-fn stream_secret(_trust: &SessionLayer, _peer: PeerAddr) -> Option<[u8; 32]> {
-    None
-}
-
-/// Asks the trust layer for a session with `peer` (no-op until `ensure_session` exists: the
-/// overlay's own traffic opens sessions with every neighbour meanwhile).
-fn ensure_session(_trust: &mut SessionLayer, _now: Instant, _peer: PeerAddr) {}
-
-fn sealer_for(secret: &[u8; 32], nonce: &[u8; 16], role: StreamRole) -> StreamSealer {
-    let mut h = Sha256::new();
-    h.update(b"unipeer job stream secret");
-    h.update(secret);
-    h.update(nonce);
-    let mixed: [u8; 32] = h.finalize().into();
-    StreamSealer::new(&mixed, JOB_STREAM_CONTEXT, role)
+fn sealer_for(connection_secret: &[u8; 32], role: StreamRole) -> StreamSealer {
+    StreamSealer::new(connection_secret, JOB_STREAM_CONTEXT, role)
 }
 
 fn encode_hello(me: PeerAddr, nonce: &[u8; 16]) -> Vec<u8> {
@@ -205,6 +197,8 @@ struct Incoming {
     reader: FrameReader,
     state: InState,
     sealer: Option<StreamSealer>,
+    /// Connection secrets the peer may have used, tried on the first frame after the hello.
+    candidates: Vec<[u8; 32]>,
     active: bool,
     last_activity_us: u64,
 }
@@ -216,6 +210,7 @@ pub struct JobChannel {
     outgoing: Vec<Outgoing>,
     incoming: Vec<Incoming>,
     total_queued: usize,
+    total_limit: usize,
     next_port: u16,
     loopback: VecDeque<Vec<u8>>,
     /// Input is waiting that the last pass left for the next (bounded work per pass).
@@ -224,7 +219,7 @@ pub struct JobChannel {
 }
 
 impl JobChannel {
-    fn new(stack: &mut Stack, me: PeerAddr) -> Self {
+    fn new(stack: &mut Stack, me: PeerAddr, heap_bytes: u64) -> Self {
         let port = me.port.wrapping_add(JOB_PORT_OFFSET);
         let incoming = (0..IN_SOCKETS)
             .map(|_| Incoming {
@@ -232,6 +227,7 @@ impl JobChannel {
                 reader: FrameReader::new(MAX_JOB_MESSAGE),
                 state: InState::AwaitHello,
                 sealer: None,
+                candidates: Vec::new(),
                 active: false,
                 last_activity_us: 0,
             })
@@ -242,6 +238,7 @@ impl JobChannel {
             outgoing: Vec::new(),
             incoming,
             total_queued: 0,
+            total_limit: OUT_TOTAL_BYTES.min((heap_bytes / 8) as usize),
             next_port: EPHEMERAL.0,
             loopback: VecDeque::new(),
             wake_now: false,
@@ -258,6 +255,7 @@ impl JobChannel {
                 c.reader = FrameReader::new(MAX_JOB_MESSAGE);
                 c.state = InState::AwaitHello;
                 c.sealer = None;
+                c.candidates = Vec::new();
                 c.active = false;
                 let _ = socket.listen(self.port);
             }
@@ -275,7 +273,7 @@ impl JobChannel {
             self.loopback.push_back(payload);
             return;
         }
-        if self.total_queued + payload.len() > OUT_TOTAL_BYTES {
+        if self.total_queued + payload.len() > self.total_limit {
             self.counters.dropped_full += 1;
             return;
         }
@@ -374,17 +372,19 @@ impl JobChannel {
             if o.closing {
                 return false;
             }
+            let mut nonce = [0u8; 16];
+            rng.fill(&mut nonce);
             let mut secret = None;
             if let Some(layer) = trust {
-                if layer.peer(o.dst).is_none() {
+                secret = layer.stream_secret_for(o.dst, &nonce);
+                if secret.is_none() {
                     if now_us.saturating_sub(o.since_us) > SESSION_WAIT_US {
                         self.counters.dropped_no_session += o.queue.len() as u64;
                         return false;
                     }
-                    ensure_session(layer, instant(now_us), o.dst);
+                    layer.ensure_session(instant(now_us), o.dst);
                     return true;
                 }
-                secret = stream_secret(layer, o.dst);
             }
             let local = self.ephemeral_port();
             let o = &mut self.outgoing[i];
@@ -402,8 +402,8 @@ impl JobChannel {
                 self.counters.dropped_failed += o.queue.len() as u64;
                 return false;
             }
-            rng.fill(&mut o.nonce);
-            o.sealer = secret.map(|s| sealer_for(&s, &o.nonce, StreamRole::Initiator));
+            o.nonce = nonce;
+            o.sealer = secret.map(|s| sealer_for(&s, StreamRole::Initiator));
             o.handle = Some(stack.sockets.add(socket));
             o.since_us = now_us;
             o.last_activity_us = now_us;
@@ -545,9 +545,9 @@ impl JobChannel {
                 until_us,
             } = c.state
             {
-                match verify(trust.as_deref_mut(), now_us, peer) {
-                    Verdict::Ok(secret) => {
-                        c.sealer = secret.map(|s| sealer_for(&s, &nonce, StreamRole::Responder));
+                match verify(trust.as_deref_mut(), now_us, peer, &nonce) {
+                    Verdict::Ok(candidates) => {
+                        c.candidates = candidates;
                         c.state = InState::Open;
                     }
                     Verdict::Wait if now_us < until_us => continue,
@@ -600,11 +600,9 @@ impl JobChannel {
                                         nonce,
                                         until_us: now_us + VERIFY_WAIT_US,
                                     };
-                                    match verify(trust.as_deref_mut(), now_us, peer) {
-                                        Verdict::Ok(secret) => {
-                                            c.sealer = secret.map(|s| {
-                                                sealer_for(&s, &nonce, StreamRole::Responder)
-                                            });
+                                    match verify(trust.as_deref_mut(), now_us, peer, &nonce) {
+                                        Verdict::Ok(candidates) => {
+                                            c.candidates = candidates;
                                             c.state = InState::Open;
                                         }
                                         // Stop reading until the session is there.
@@ -621,6 +619,28 @@ impl JobChannel {
                         InState::Verifying { .. } => break,
                         InState::Open => {
                             let mut body = body;
+                            if c.sealer.is_none() && !c.candidates.is_empty() {
+                                // The first sealed frame: the secret that opens it is the
+                                // session the peer keyed the connection with.
+                                let mut opened = None;
+                                for k in core::mem::take(&mut c.candidates) {
+                                    let mut sealer = sealer_for(&k, StreamRole::Responder);
+                                    let mut copy = body.clone();
+                                    if let Ok(n) = sealer.open(&mut copy) {
+                                        opened = Some((sealer, copy, n));
+                                        break;
+                                    }
+                                }
+                                let Some((sealer, copy, n)) = opened else {
+                                    self.counters.refused += 1;
+                                    bad = true;
+                                    break;
+                                };
+                                c.sealer = Some(sealer);
+                                self.counters.frames_in += 1;
+                                deliver(&copy[..n]);
+                                continue;
+                            }
                             let len = match c.sealer.as_mut() {
                                 Some(s) => match s.open(&mut body) {
                                     Ok(n) => n,
@@ -696,20 +716,27 @@ impl JobChannel {
 }
 
 enum Verdict {
-    /// Verified; the stream secret if the trust layer gives one.
-    Ok(Option<[u8; 32]>),
+    /// A session with the peer exists: the connection secrets to try on the first frame
+    /// (none without trust: the channel runs in the clear).
+    Ok(Vec<[u8; 32]>),
     Wait,
 }
 
-fn verify(trust: Option<&mut SessionLayer>, now_us: u64, peer: PeerAddr) -> Verdict {
+fn verify(
+    trust: Option<&mut SessionLayer>,
+    now_us: u64,
+    peer: PeerAddr,
+    nonce: &[u8; 16],
+) -> Verdict {
     let Some(layer) = trust else {
-        return Verdict::Ok(None);
+        return Verdict::Ok(Vec::new());
     };
-    if layer.peer(peer).is_some() {
-        Verdict::Ok(stream_secret(layer, peer))
-    } else {
-        ensure_session(layer, instant(now_us), peer);
+    let candidates = layer.stream_secret_candidates_for(peer, nonce);
+    if candidates.is_empty() {
+        layer.ensure_session(instant(now_us), peer);
         Verdict::Wait
+    } else {
+        Verdict::Ok(candidates)
     }
 }
 
@@ -733,6 +760,10 @@ pub struct JobHost {
     pub counters: HostCounters,
     diag_nonce: u64,
     chunk_bytes_max: usize,
+    /// When the agent's timers last ran.
+    last_tick_us: u64,
+    /// Last submission, client request or task run (None: never).
+    last_busy_us: Option<u64>,
 }
 
 impl JobHost {
@@ -785,7 +816,7 @@ impl JobHost {
             ipv4: config.net.ipv4,
             port: config.net.overlay_port,
         };
-        let channel = JobChannel::new(stack, me);
+        let channel = JobChannel::new(stack, me, heap_bytes);
         let client = ClientPort::new(stack, config, overlay, &mut rng);
         JobHost {
             agent,
@@ -797,6 +828,8 @@ impl JobHost {
             counters: HostCounters::default(),
             diag_nonce: 0,
             chunk_bytes_max: cfg.max_chunk_bytes,
+            last_tick_us: now_us,
+            last_busy_us: None,
         }
     }
 
@@ -830,14 +863,20 @@ impl JobHost {
         }
         if self.agent.poll_timeout().is_some_and(|t| t <= now) {
             self.agent.handle_timeout(now, &mut overlay.node);
+            self.last_tick_us = now_us;
         }
+        let requests = self.client.counters.requests;
         self.client
             .service(now_us, stack, overlay, &mut self.agent, &mut self.rng);
         // One task per pass, so the network keeps being serviced between tasks.
         while let Some(w) = self.agent.poll_work() {
             self.work.push_back(w);
         }
+        if self.client.counters.requests != requests {
+            self.last_busy_us = Some(now_us);
+        }
         if let Some(w) = self.work.pop_front() {
+            self.last_busy_us = Some(now_us);
             let inputs: Vec<&[u8]> = w.inputs.iter().map(Vec::as_slice).collect();
             let started = crate::clock::now_us();
             let result = self.apps.run(&w.spec, &inputs);
@@ -904,7 +943,10 @@ impl JobHost {
     /// The earliest time the host needs a pass.
     pub fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
         let busy = !self.work.is_empty();
-        let agent = self.agent.poll_timeout().map(Instant::as_micros);
+        let mut agent = self.agent.poll_timeout().map(Instant::as_micros);
+        if self.quiet(now_us) {
+            agent = agent.map(|t| t.max(self.last_tick_us + QUIET_TICK_US));
+        }
         [
             busy.then_some(now_us),
             agent,
@@ -914,6 +956,18 @@ impl JobHost {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Nothing running, supervised, queued or asked for lately.
+    fn quiet(&self, now_us: u64) -> bool {
+        self.agent.running() == 0
+            && self.agent.supervising() == 0
+            && self.work.is_empty()
+            && self.channel.queued_frames() == 0
+            && !self.client.has_pending()
+            && self
+                .last_busy_us
+                .is_none_or(|t| now_us.saturating_sub(t) > QUIET_AFTER_US)
     }
 
     /// `job-primes START END TASKS` from the diagnostic port: a primes job submitted from
@@ -956,6 +1010,7 @@ impl JobHost {
             .submit(instant(now_us), &mut overlay.node, &s)
             .map_err(|e| alloc::format!("{e}"))?;
         self.counters.diag_submits += 1;
+        self.last_busy_us = Some(now_us);
         log::info!("jobs: diag submitted primes job {job} ({n} tasks over [{start}, {end}))");
         Ok(alloc::format!("job-primes job={job} tasks={n}\n"))
     }
@@ -1002,6 +1057,7 @@ impl JobHost {
             .submit(instant(now_us), &mut overlay.node, &s)
             .map_err(|e| alloc::format!("{e}"))?;
         self.counters.diag_submits += 1;
+        self.last_busy_us = Some(now_us);
         log::info!("jobs: diag submitted sha256 job {job} ({tasks} tasks of 64 KiB)");
         Ok(alloc::format!("job-sha256 job={job} tasks={tasks}\n"))
     }
