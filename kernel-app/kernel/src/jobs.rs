@@ -37,7 +37,7 @@ use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
 use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
 use unipeer_node::auth::{Csprng, SessionLayer};
 use unipeer_node::jobs::JobAgent;
-use unipeer_node::jobs::app::{App, AppSet};
+use unipeer_node::jobs::app::{App, AppSet, Slice, SliceState};
 use unipeer_node::jobs::delegation::SharedKeyAuthority;
 use unipeer_node::jobs::wire::{JOB_PORT_OFFSET, MAX_JOB_MESSAGE};
 use unipeer_node::jobs::{JobConfig, JobEvent, Submission, Work};
@@ -87,6 +87,8 @@ pub const QUIET_TICK_US: u64 = 2_000_000;
 pub const QUIET_AFTER_US: u64 = 10_000_000;
 /// Default task slots (launch-config extra `job_slots`, one byte, overrides).
 pub const DEFAULT_SLOTS: u8 = 2;
+/// CPU time one slice of a task may take before the loop services the network again.
+const SLICE_US: u64 = 3_000;
 
 /// The applications linked into this image (kernel features `app-<name>`).
 pub fn linked_apps() -> AppSet {
@@ -744,6 +746,8 @@ fn verify(
 #[derive(Default, Clone, Copy)]
 pub struct HostCounters {
     pub works_run: u64,
+    /// Slices of tasks run (a long task runs in many).
+    pub slices: u64,
     pub works_failed: u64,
     pub events_unclaimed: u64,
     pub diag_submits: u64,
@@ -756,6 +760,8 @@ pub struct JobHost {
     pub channel: JobChannel,
     pub client: ClientPort,
     work: VecDeque<Work>,
+    /// The task being run in slices, and the app's progress.
+    current: Option<(Work, SliceState, u64)>,
     rng: Csprng,
     pub counters: HostCounters,
     diag_nonce: u64,
@@ -779,6 +785,12 @@ impl JobHost {
     ) -> JobHost {
         let mut cfg = JobConfig::default();
         cfg.max_chunk_bytes = cfg.max_chunk_bytes.min((heap_bytes / 3) as usize);
+        // Copies of every chunk, like the overlay's records (`unipeer up --replicas K`).
+        if let Some(&[k]) = config.extra("replicas")
+            && k > 0
+        {
+            cfg.replicas = usize::from(k);
+        }
         cfg.slots = match config.extra("job_slots") {
             Some(&[s]) if s > 0 => s,
             _ => DEFAULT_SLOTS,
@@ -824,6 +836,7 @@ impl JobHost {
             channel,
             client,
             work: VecDeque::new(),
+            current: None,
             rng,
             counters: HostCounters::default(),
             diag_nonce: 0,
@@ -875,25 +888,38 @@ impl JobHost {
         if self.client.counters.requests != requests {
             self.last_busy_us = Some(now_us);
         }
-        if let Some(w) = self.work.pop_front() {
+        // One slice of the current task per pass (about SLICE_US of CPU), so leases are
+        // renewed and keepalives answered while a long task runs.
+        if self.current.is_none()
+            && let Some(w) = self.work.pop_front()
+        {
+            self.current = Some((w, None, 0));
+        }
+        if let Some((w, state, spent_us)) = self.current.as_mut() {
             self.last_busy_us = Some(now_us);
             let inputs: Vec<&[u8]> = w.inputs.iter().map(Vec::as_slice).collect();
             let started = crate::clock::now_us();
-            let result = self.apps.run(&w.spec, &inputs);
-            self.counters.works_run += 1;
-            if result.is_err() {
-                self.counters.works_failed += 1;
-            }
-            log::debug!(
-                "jobs: ran {} task {} in {} us",
-                w.spec.app,
-                w.task,
-                crate::clock::now_us().saturating_sub(started)
-            );
+            let mut yield_now = || crate::clock::now_us().saturating_sub(started) >= SLICE_US;
+            let slice = self.apps.run_slice(&w.spec, &inputs, state, &mut yield_now);
+            *spent_us += crate::clock::now_us().saturating_sub(started);
+            self.counters.slices += 1;
             drop(inputs);
-            let now_after = crate::clock::now_us();
-            self.agent
-                .handle_work_done(instant(now_after), &mut overlay.node, w.id, result);
+            if let Slice::Done(result) = slice {
+                let (w, _, spent_us) = self.current.take().expect("current work");
+                self.counters.works_run += 1;
+                if result.is_err() {
+                    self.counters.works_failed += 1;
+                }
+                log::debug!(
+                    "jobs: ran {} task {} in {} us",
+                    w.spec.app,
+                    w.task,
+                    spent_us
+                );
+                let now_after = crate::clock::now_us();
+                self.agent
+                    .handle_work_done(instant(now_after), &mut overlay.node, w.id, result);
+            }
         }
         // What the agent asked of the overlay (and the overlay's answers) goes out now.
         overlay.flush(now_us, stack, Some(self));
@@ -942,7 +968,7 @@ impl JobHost {
 
     /// The earliest time the host needs a pass.
     pub fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
-        let busy = !self.work.is_empty();
+        let busy = !self.work.is_empty() || self.current.is_some();
         let mut agent = self.agent.poll_timeout().map(Instant::as_micros);
         if self.quiet(now_us) {
             agent = agent.map(|t| t.max(self.last_tick_us + QUIET_TICK_US));
@@ -963,6 +989,7 @@ impl JobHost {
         self.agent.running() == 0
             && self.agent.supervising() == 0
             && self.work.is_empty()
+            && self.current.is_none()
             && self.channel.queued_frames() == 0
             && !self.client.has_pending()
             && self
@@ -1072,7 +1099,7 @@ impl JobHost {
             out,
             "jobs=on\njobs_apps={}\njobs_slots={}\njobs_running={}\njobs_supervising={}\n\
              jobs_chunks={}\njobs_chunk_bytes={}\njobs_works_started={}\njobs_works_run={}\n\
-             jobs_works_failed={}\njobs_work_queued={}\n",
+             jobs_works_failed={}\njobs_work_queued={}\njobs_slices={}\n",
             AppsList(&self.apps),
             self.agent.slots(),
             self.agent.running(),
@@ -1082,7 +1109,8 @@ impl JobHost {
             a.works_started,
             h.works_run,
             h.works_failed,
-            self.work.len(),
+            self.work.len() + usize::from(self.current.is_some()),
+            h.slices,
         );
         let _ = write!(
             out,

@@ -143,6 +143,12 @@ impl Overlay {
             node_config.leaf_set_len = usize::from(l);
             node_config.replicas = node_config.replicas.min(usize::from(l) / 2 + 1);
         }
+        // Copies of every record (`unipeer up --replicas K`), at most what the leaf set holds.
+        if let Some(&[k]) = config.extra("replicas")
+            && k > 0
+        {
+            node_config.replicas = usize::from(k).min(node_config.leaf_set_len / 2 + 1);
+        }
         let headroom = Headroom(if trust.is_some() { SEAL_OVERHEAD } else { 0 });
         let mut node = Node::with_sealer(node_config, headroom, instant(now_us))
             .map_err(|e| alloc::format!("{e}"))?;
@@ -211,7 +217,9 @@ impl Overlay {
             }
             while let Some(d) = layer.poll_delivered() {
                 if d.channel == Channel::Overlay {
-                    self.node.handle_datagram(now, d.from, &d.bytes);
+                    // The header must name the peer the session authenticated.
+                    self.node
+                        .handle_authenticated_datagram(now, d.from, d.peer, &d.bytes);
                 }
             }
         }
