@@ -56,6 +56,8 @@ pub const IN_SOCKETS: usize = 8;
 pub const OUT_IDLE_US: u64 = 30_000_000;
 /// An incoming connection silent for this long is closed.
 pub const IN_IDLE_US: u64 = 90_000_000;
+/// An outgoing connection whose peer acknowledges nothing for this long has failed.
+pub const PEER_TIMEOUT_US: u64 = 10_000_000;
 /// A connection not established after this long has failed.
 pub const CONNECT_TIMEOUT_US: u64 = 5_000_000;
 /// Frames for a destination without a trust session wait this long, then are dropped.
@@ -394,6 +396,12 @@ impl JobChannel {
             );
             let mut socket = tcp_socket();
             socket.set_nagle_enabled(false);
+            // A peer that dies with data outstanding (or silently while idle) ends the
+            // connection instead of leaving it retransmitting forever with frames piling up.
+            socket.set_timeout(Some(smoltcp::time::Duration::from_micros(PEER_TIMEOUT_US)));
+            socket.set_keep_alive(Some(smoltcp::time::Duration::from_micros(
+                PEER_TIMEOUT_US / 2,
+            )));
             if socket
                 .connect(stack.iface.context(), remote, local)
                 .is_err()
@@ -747,6 +755,9 @@ pub struct HostCounters {
     pub works_failed: u64,
     pub events_unclaimed: u64,
     pub diag_submits: u64,
+    /// Time spent inside applications (the loop services nothing meanwhile), and the longest.
+    pub work_us: u64,
+    pub work_max_us: u64,
 }
 
 /// The job agent, its applications, the job channel and the client port.
@@ -884,12 +895,10 @@ impl JobHost {
             if result.is_err() {
                 self.counters.works_failed += 1;
             }
-            log::debug!(
-                "jobs: ran {} task {} in {} us",
-                w.spec.app,
-                w.task,
-                crate::clock::now_us().saturating_sub(started)
-            );
+            let took_us = crate::clock::now_us().saturating_sub(started);
+            self.counters.work_us += took_us;
+            self.counters.work_max_us = self.counters.work_max_us.max(took_us);
+            log::debug!("jobs: ran {} task {} in {took_us} us", w.spec.app, w.task);
             drop(inputs);
             let now_after = crate::clock::now_us();
             self.agent
@@ -1072,7 +1081,7 @@ impl JobHost {
             out,
             "jobs=on\njobs_apps={}\njobs_slots={}\njobs_running={}\njobs_supervising={}\n\
              jobs_chunks={}\njobs_chunk_bytes={}\njobs_works_started={}\njobs_works_run={}\n\
-             jobs_works_failed={}\njobs_work_queued={}\n",
+             jobs_works_failed={}\njobs_work_queued={}\njobs_work_us={}\njobs_work_max_us={}\n",
             AppsList(&self.apps),
             self.agent.slots(),
             self.agent.running(),
@@ -1083,6 +1092,8 @@ impl JobHost {
             h.works_run,
             h.works_failed,
             self.work.len(),
+            h.work_us,
+            h.work_max_us,
         );
         let _ = write!(
             out,
