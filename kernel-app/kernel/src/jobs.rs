@@ -1071,6 +1071,56 @@ impl JobHost {
         Ok(alloc::format!("job-sha256 job={job} tasks={tasks}\n"))
     }
 
+    /// `jobs tasks`: one line per task this node supervises (at most 256), with its state.
+    pub fn tasks_text(&self, overlay: &Overlay) -> String {
+        use unipeer_node::jobs::Overlay as _;
+        use unipeer_node::jobs::record::TaskState;
+        let mut out = String::new();
+        let mut after = None;
+        let mut shown = 0;
+        'scan: loop {
+            let keys = overlay.node.record_keys_after(after, 64);
+            let Some(&last) = keys.last() else {
+                break;
+            };
+            after = Some(last);
+            for k in keys {
+                let Some((rec, tried)) = self.agent.supervision(k) else {
+                    continue;
+                };
+                let state = match &rec.state {
+                    TaskState::Pending => String::from("pending"),
+                    TaskState::Running { leases, results } => {
+                        let mut t = alloc::format!("running leases={}", leases.len());
+                        for l in leases {
+                            let a = l.executor.addr.ipv4;
+                            let _ = write!(t, " {}.{}.{}.{}#{}", a[0], a[1], a[2], a[3], l.attempt);
+                        }
+                        let _ = write!(t, " results={}", results.len());
+                        t
+                    }
+                    TaskState::Done { verified, .. } => alloc::format!("done verified={verified}"),
+                    other => alloc::format!("{other:?}"),
+                };
+                let _ = writeln!(
+                    out,
+                    "task={k} job={} index={} app={} attempts={} tried={} state={state}",
+                    rec.job,
+                    rec.index,
+                    rec.spec.app,
+                    rec.attempts,
+                    tried.len()
+                );
+                shown += 1;
+                if shown >= 256 {
+                    break 'scan;
+                }
+            }
+        }
+        out.push_str("end\n");
+        out
+    }
+
     /// `key=value` lines for the report and the `jobs` command.
     pub fn status_text(&self) -> String {
         let a = self.agent.counters();
