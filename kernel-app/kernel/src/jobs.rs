@@ -779,7 +779,7 @@ pub struct JobHost {
 
 impl JobHost {
     /// The agent with `JobConfig::default()`, chunk bytes bounded to a third of the heap, slots
-    /// from the launch config's `job_slots` (one byte).
+    /// from the launch config's `job_slots` (one byte), chunk copies from `replicas` (one byte).
     pub fn new(
         config: &LaunchConfig,
         stack: &mut Stack,
@@ -790,6 +790,11 @@ impl JobHost {
     ) -> JobHost {
         let mut cfg = JobConfig::default();
         cfg.max_chunk_bytes = cfg.max_chunk_bytes.min((heap_bytes / 3) as usize);
+        if let Some(&[k]) = config.extra("replicas")
+            && k > 0
+        {
+            cfg.replicas = usize::from(k);
+        }
         cfg.slots = match config.extra("job_slots") {
             Some(&[s]) if s > 0 => s,
             _ => DEFAULT_SLOTS,
