@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (QEMU microvm; KVM when hardware-backed, TCG otherwise):
-# build the node image, start a local cluster of 6 VMs on 2 "servers" (their certificates
-# issued by each server's front-end under the trusted authority), watch them form one sealed
-# overlay, store a record in the DHT, kill a VM and a replica still answers, partition and heal
-# the network, and tear everything down. Safe to re-run.
+# build the node image, start a front-end, and run a word count over 3 MB of text as a user's
+# job: the Application Agent authenticates, has the front-end deploy 6 VMs, waits for their
+# sealed overlay, stores the inputs and task records in the DHT, follows the tasks (map tasks,
+# then reduce tasks spawned inside the overlay), kills a VM when a quarter of the tasks are final and still finishes,
+# retrieves the outputs and checks them against a word count computed on the host.
+# Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -11,55 +13,46 @@ cargo build -q --release -p unipeer
 U=./target/release/unipeer
 $U image build --release
 
+FE=127.0.0.1:7700
 $U down >/dev/null 2>&1 || true
-trap '$U down >/dev/null 2>&1 || true' EXIT
+pkill -f "unipeer frontend --listen $FE" 2>/dev/null || true
+mkdir -p run
+$U frontend --listen "$FE" >run/frontend.log 2>&1 &
+FE_PID=$!
+trap 'kill $FE_PID 2>/dev/null || true; $U down >/dev/null 2>&1 || true' EXIT
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/${FE%:*}/${FE#*:}") 2>/dev/null && break
+    sleep 0.1
+done
 
-echo "== up: 6 nodes on 2 servers, 5 ms between servers"
-$U up -n 6 --servers 2 --server-delay 5ms --leaf-set 8
+echo "== input: 3 MB of text in examples/data/"
+$U job sample-text --words 250000 --seed 1 examples/data/part-1.txt
+$U job sample-text --words 130000 --seed 2 examples/data/part-2.txt
 
-echo "== waiting for every node to join the overlay"
-for _ in $(seq 120); do
-    if $U status --json | grep -o '"overlay_joined": *[a-z]*' | grep -q false; then
+echo "== the job: unipeer submit examples/wordcount.toml (a VM is killed when a quarter of the tasks are final)"
+(
+    # The fault: once 5 of the 20 tasks are final, kill one of its VMs (kill -9 on its QEMU).
+    for _ in $(seq 600); do
         sleep 0.5
-    else
-        break
-    fi
-done
-$U status
+        J=$(ls -t run/jobs/*.json 2>/dev/null | head -1) || true
+        [ -n "$J" ] || continue
+        ID=$(basename "$J" .json)
+        if $U job status "$ID" --frontend "http://$FE" --json 2>/dev/null |
+            grep -Eq '"done":([5-9]|[1-9][0-9])'; then
+            echo "   -- killing n6 mid-job"
+            $U vm kill n6
+            break
+        fi
+    done
+) &
+KILLER=$!
+$U submit examples/wordcount.toml --frontend "http://$FE" --check
+wait $KILLER 2>/dev/null || true
 
-echo "== lookups: the root of a key is the live node numerically closest to it"
-$U lookup hello
-$U lookup unipeer --from n6
-
-echo "== the DHT: put on n2, get on n5 (k = 3 copies on the root's leaf set)"
-$U ask n2 put greeting hello-from-unipeer
-$U ask n5 get greeting
-
-ROOT=$($U lookup greeting --json | sed -n 's/.*"root_addr": *"10\.77\.0\.1\([0-9]\):.*/n\1/p')
-echo "== killing the record's root ($ROOT); a replica takes over"
-$U vm kill "$ROOT"
-READER=n1; [ "$ROOT" = n1 ] && READER=n2
-for i in $(seq 60); do
-    if $U ask "$READER" get greeting | grep -q "value=hello-from-unipeer"; then
-        $U ask "$READER" get greeting
-        echo "   (answered after $i attempt(s))"
-        break
-    fi
-    sleep 1
-done
-
-echo "== restarting $ROOT: it rejoins the overlay with the same identity"
-$U vm restart "$ROOT"
-
-A=n1; [ "$ROOT" = n1 ] && A=n2
-B=n6; [ "$ROOT" = n6 ] && B=n4
-echo "== partition {n1,n2,n3} | {n4,n5,n6}: $A cannot reach $B; heal: it can"
-$U net partition n1,n2,n3 n4,n5,n6
-$U vm ping "$A" "$B" --count 3 || true
-$U net heal
-$U vm ping "$A" "$B" --count 3
+echo "== the cluster after the job"
 $U status
 
 $U down
+kill $FE_PID 2>/dev/null || true
 trap - EXIT
 echo "== done"

@@ -48,6 +48,9 @@ pub struct UpArgs {
     /// Overlay leaf-set size L (even, 2..=32; the node's default is 16).
     #[arg(long)]
     leaf_set: Option<u8>,
+    /// Copies of every record and chunk, the root's included (1..=5; the node's default is 3).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: Option<u8>,
     /// Trusted-authority store that certifies the nodes (created if missing).
     #[arg(long, default_value = "run/ca")]
     ca: PathBuf,
@@ -143,6 +146,7 @@ pub fn up(run_dir: &Path, a: UpArgs) -> anyhow::Result<ExitCode> {
     opts.memory_mib = a.memory;
     opts.tb_size_mib = a.tb_size;
     opts.leaf_set = a.leaf_set;
+    opts.replicas = a.replicas;
     opts.ca_store = if a.no_trust {
         None
     } else if a.ca.is_absolute() {

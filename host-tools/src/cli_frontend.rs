@@ -27,6 +27,9 @@ pub struct FrontendArgs {
     /// A cluster this front-end starts runs without authentication.
     #[arg(long)]
     no_trust: bool,
+    /// Copies of every record and chunk in a cluster this front-end starts (default 3).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: Option<u8>,
 }
 
 pub fn run(run_dir: &Path, a: FrontendArgs) -> anyhow::Result<ExitCode> {
@@ -45,6 +48,7 @@ pub fn run(run_dir: &Path, a: FrontendArgs) -> anyhow::Result<ExitCode> {
         daemon_exe: exe,
         accel: a.accel,
         ca_store,
+        replicas: a.replicas,
     })
     .with_context(|| format!("front-end on {}", a.listen))?;
     eprintln!(

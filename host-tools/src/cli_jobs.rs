@@ -78,6 +78,15 @@ pub enum JobCommand {
         #[command(flatten)]
         user: UserArgs,
     },
+    /// Writes deterministic sample text (input for wordcount demos).
+    #[command(hide = true)]
+    SampleText {
+        #[arg(long, default_value_t = 100_000)]
+        words: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        out: PathBuf,
+    },
     /// Jobs submitted from this machine.
     List {
         #[arg(long, default_value = "run")]
@@ -104,6 +113,11 @@ fn credential(u: &UserArgs) -> Result<UserCredential> {
         }
         None => {
             let store = absolute(&u.ca);
+            if !store.exists() {
+                // The local cluster's authority: the first deploy would create it; create it now
+                // (with the default user) so the user's key exists before any VM does.
+                unipeer::cluster::ensure_authority(&store).map_err(|e| anyhow!("{e}"))?;
+            }
             AuthorityStore::open(&store)
                 .with_context(|| format!("authority store {}", store.display()))?
                 .user_psk(&u.user)
@@ -219,6 +233,14 @@ fn state_text(t: &Tracked) -> String {
 
 pub fn job(cmd: JobCommand) -> Result<ExitCode> {
     match cmd {
+        JobCommand::SampleText { words, seed, out } => {
+            if let Some(d) = out.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            std::fs::write(&out, unipeer::job::sample::text(seed, words))
+                .with_context(|| format!("writing {}", out.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         JobCommand::List { state_dir } => {
             let dir = aa::jobs_dir(&absolute(&state_dir));
             let mut n = 0;

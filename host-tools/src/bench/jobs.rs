@@ -199,6 +199,26 @@ fn latest_state(state_dir: &Path, name: &str) -> Result<JobState> {
         .ok_or_else(|| anyhow!("no state yet"))
 }
 
+fn demo_user(run_dir: &Path) -> Result<UserCredential> {
+    let store = crate::ca::AuthorityStore::open(&run_dir.join("authority"))?;
+    Ok(UserCredential {
+        user: crate::ca::DEFAULT_USER.into(),
+        psk: store.user_psk(crate::ca::DEFAULT_USER)?,
+    })
+}
+
+/// Lets the overlay settle (joins, capacity adverts) before the clock starts.
+fn settle(run_dir: &Path, user: &UserCredential) -> Result<()> {
+    let access = ClusterAccess {
+        run_dir: run_dir.to_path_buf(),
+        port: CLIENT_PORT,
+    };
+    let mut gw = Gateway::new(&access, user.clone());
+    gw.ping()?;
+    std::thread::sleep(Duration::from_secs(3));
+    Ok(())
+}
+
 pub fn run(args: &JobsBenchArgs) -> Result<()> {
     let accel = hostinfo::choose_accel(args.accel);
     let run_dir = crate::image::repo_root().join("run").join("bench-jobs");
@@ -218,23 +238,27 @@ pub fn run(args: &JobsBenchArgs) -> Result<()> {
     let native_s = t.elapsed().as_secs_f64();
     drop(native);
 
+    let single = (|| -> Result<RunResult> {
+        // Replication 1 (records and chunks have only their root's copy): the same job on a
+        // cluster launched with `--replicas 1`, for the cost of the default 3.
+        let mut o1 = opts.clone();
+        o1.replicas = Some(1);
+        cluster::up(&run_dir, &o1)?;
+        cluster::wait_answering(&run_dir, Duration::from_secs(60))?;
+        std::fs::create_dir_all(&state_dir)?;
+        let user = demo_user(&run_dir)?;
+        settle(&run_dir, &user)?;
+        run_job(&run_dir, &manifest(args, "bench-k1")?, &user, &state_dir, 0)
+    })();
+    let _ = cluster::down(&run_dir);
+    let single = single?;
+
     let outcome = (|| -> Result<(RunResult, RunResult)> {
         cluster::up(&run_dir, &opts)?;
         cluster::wait_answering(&run_dir, Duration::from_secs(60))?;
         std::fs::create_dir_all(&state_dir)?;
-        let store = crate::ca::AuthorityStore::open(&run_dir.join("authority"))?;
-        let user = UserCredential {
-            user: crate::ca::DEFAULT_USER.into(),
-            psk: store.user_psk(crate::ca::DEFAULT_USER)?,
-        };
-        // The overlay settles (joins, capacity adverts) before the clock starts.
-        let access = ClusterAccess {
-            run_dir: run_dir.clone(),
-            port: CLIENT_PORT,
-        };
-        let mut gw = Gateway::new(&access, user.clone());
-        gw.ping()?;
-        std::thread::sleep(Duration::from_secs(3));
+        let user = demo_user(&run_dir)?;
+        settle(&run_dir, &user)?;
         let calm = run_job(
             &run_dir,
             &manifest(args, "bench-calm")?,
@@ -279,6 +303,11 @@ pub fn run(args: &JobsBenchArgs) -> Result<()> {
         hurt.secs,
         n / hurt.secs,
         hurt.secs / calm.secs
+    );
+    println!(
+        "| cluster, replication 1 (default 3 above) | {:.2} s | 3 vs 1: {:.2}× | |",
+        single.secs,
+        calm.secs / single.secs
     );
     println!(
         "| VM death → its tasks re-leased or done | p50 {:.2} s, max {:.2} s ({} tasks) | | lease {} s |",

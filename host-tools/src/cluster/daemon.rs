@@ -475,6 +475,9 @@ impl Shared {
         if let Some(l) = s.leaf_set {
             opts.extra.push(("leaf_set".to_string(), vec![l]));
         }
+        if let Some(k) = s.replicas {
+            opts.extra.push(("replicas".to_string(), vec![k]));
+        }
         if !s.overlay {
             opts.extra.push(("overlay".to_string(), vec![0]));
         }

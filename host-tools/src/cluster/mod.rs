@@ -100,6 +100,8 @@ pub struct UpOptions {
     pub use_netns: bool,
     /// Overlay leaf-set size handed to every node (`None`: the node's default).
     pub leaf_set: Option<u8>,
+    /// Copies of every record and chunk (`None`: the node's default, 3).
+    pub replicas: Option<u8>,
     /// The authority store that certifies the nodes (created if missing); `None`: no
     /// authentication.
     pub ca_store: Option<PathBuf>,
@@ -127,6 +129,7 @@ impl UpOptions {
             daemon_exe,
             use_netns: true,
             leaf_set: None,
+            replicas: None,
             ca_store: Some(crate::image::repo_root().join(crate::ca::DEFAULT_STORE)),
             overlay: true,
             server: None,
@@ -314,6 +317,7 @@ pub fn up(run_dir: &Path, opts: &UpOptions) -> Result<UpReport, ClusterError> {
         gateway,
         ready_timeout_ms: ready_timeout(opts.accel, opts.nodes).as_millis() as u64,
         leaf_set: opts.leaf_set,
+        replicas: opts.replicas,
         ca_store: match &opts.ca_store {
             Some(p) => Some(ensure_authority(p)?),
             None => None,

@@ -64,6 +64,9 @@ pub struct LaunchSettings {
     /// Overlay leaf-set size for every node (`None`: the node's default).
     #[serde(default)]
     pub leaf_set: Option<u8>,
+    /// Copies of every record and chunk (the root's included) for every node (`None`: 3).
+    #[serde(default)]
+    pub replicas: Option<u8>,
     /// The trusted authority's store: each server's front-end gets an intermediate from it
     /// and certifies its VMs; `None`: no authentication (nodes talk in the clear).
     #[serde(default)]

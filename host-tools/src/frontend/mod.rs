@@ -151,6 +151,8 @@ pub struct FrontendConfig {
     pub accel: AccelChoice,
     /// Authority store that certifies the nodes of a cluster it starts; `None`: no trust.
     pub ca_store: Option<PathBuf>,
+    /// Copies of every record and chunk in a cluster it starts (`None`: 3).
+    pub replicas: Option<u8>,
 }
 
 /// A bound front-end; [`FrontendServer::serve`] runs it.
@@ -705,6 +707,7 @@ impl Shared {
             }
             opts.server = Some(self.cfg.server.clone());
             opts.ca_store = self.cfg.ca_store.clone();
+            opts.replicas = self.cfg.replicas;
             match cluster::up(run_dir, &opts) {
                 Ok(r) => Ok(r.launch),
                 // Another front-end of the same cluster started it meanwhile.

@@ -115,6 +115,7 @@ fn start_frontend() -> String {
         daemon_exe: "/nonexistent/unipeer".into(),
         accel: AccelChoice::Tcg,
         ca_store: None,
+        replicas: None,
     })
     .unwrap();
     let addr = server.local_addr().unwrap();

@@ -532,6 +532,12 @@ pub fn run<A: Access>(
         }
     ));
 
+    if m.replication != 3 {
+        say(&format!(
+            "note: the manifest asks for replication {}; copies are a cluster setting (`unipeer up --replicas K`, `unipeer frontend --replicas K`), and the cluster's is used",
+            m.replication
+        ));
+    }
     let deployed = ensure_vms(access, m, say)?;
     if !deployed.is_empty() {
         say(&format!("deployed {}", deployed.join(", ")));

@@ -5,5 +5,6 @@ pub mod aa;
 pub mod client;
 pub mod manifest;
 pub mod result;
+pub mod sample;
 
 pub use manifest::{JobManifest, ManifestError, PlannedTask, TaskPlan};

@@ -1,8 +1,9 @@
 //! `primes`: counts the primes in `[a, b)` (CPU-bound). Parameters: `a` and `b` as two
 //! little-endian u64; output: the count in decimal ASCII.
 
+use alloc::boxed::Box;
 use alloc::format;
-use unipeer_node::jobs::app::{App, TaskError, TaskKind, TaskOutput, TaskSpec};
+use unipeer_node::jobs::app::{App, Slice, SliceState, TaskError, TaskKind, TaskOutput, TaskSpec};
 
 /// Largest `b`: trial division stays below 2^16 divisors per number.
 pub const MAX_END: u64 = 1 << 32;
@@ -41,26 +42,68 @@ pub fn count(a: u64, b: u64) -> u64 {
     (a..b).filter(|n| is_prime(*n)).count() as u64
 }
 
+/// Numbers tested between two questions to `yield_now` (about 5k trial divisions each near
+/// the top of the range).
+const YIELD_EVERY: u64 = 64;
+
+struct Progress {
+    next: u64,
+    found: u64,
+}
+
+fn range(task: &TaskSpec, inputs: &[&[u8]]) -> Result<(u64, u64), TaskError> {
+    if task.kind != TaskKind::Single || !inputs.is_empty() || task.params.len() != 16 {
+        return Err(TaskError::BadParams);
+    }
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&task.params[..8]);
+    b.copy_from_slice(&task.params[8..]);
+    let (a, b) = (u64::from_le_bytes(a), u64::from_le_bytes(b));
+    if a > b || b > MAX_END || b - a > MAX_SPAN {
+        return Err(TaskError::BadParams);
+    }
+    Ok((a, b))
+}
+
 impl App for Primes {
     fn name(&self) -> &'static str {
         "primes"
     }
 
     fn run(&self, task: &TaskSpec, inputs: &[&[u8]]) -> Result<TaskOutput, TaskError> {
-        if task.kind != TaskKind::Single || !inputs.is_empty() || task.params.len() != 16 {
-            return Err(TaskError::BadParams);
-        }
-        let mut a = [0u8; 8];
-        let mut b = [0u8; 8];
-        a.copy_from_slice(&task.params[..8]);
-        b.copy_from_slice(&task.params[8..]);
-        let (a, b) = (u64::from_le_bytes(a), u64::from_le_bytes(b));
-        if a > b || b > MAX_END || b - a > MAX_SPAN {
-            return Err(TaskError::BadParams);
-        }
+        let (a, b) = range(task, inputs)?;
         Ok(TaskOutput::single(
             format!("{}\n", count(a, b)).into_bytes(),
         ))
+    }
+
+    fn run_slice(
+        &self,
+        task: &TaskSpec,
+        inputs: &[&[u8]],
+        state: &mut SliceState,
+        yield_now: &mut dyn FnMut() -> bool,
+    ) -> Slice {
+        let (a, b) = match range(task, inputs) {
+            Ok(r) => r,
+            Err(e) => return Slice::Done(Err(e)),
+        };
+        let p = state.get_or_insert_with(|| Box::new(Progress { next: a, found: 0 }));
+        let Some(p) = p.downcast_mut::<Progress>() else {
+            return Slice::Done(Err(TaskError::Failed(1)));
+        };
+        while p.next < b {
+            let end = p.next.saturating_add(YIELD_EVERY).min(b);
+            p.found += count(p.next, end);
+            p.next = end;
+            if p.next < b && yield_now() {
+                return Slice::More;
+            }
+        }
+        Slice::Done(Ok(TaskOutput::single(
+            format!("{}\n", p.found).into_bytes(),
+        )))
     }
 }
 
@@ -105,5 +148,27 @@ mod tests {
         s.params.pop();
         assert_eq!(Primes.run(&s, &[]), Err(TaskError::BadParams));
         assert_eq!(Primes.run(&spec(0, 10), &[b"x"]), Err(TaskError::BadParams));
+    }
+
+    #[test]
+    fn slices_give_the_whole_count() {
+        let task = spec(1_000_000_000, 1_000_003_000);
+        let whole = Primes.run(&task, &[]).unwrap();
+        let mut state = None;
+        let mut slices = 0;
+        let out = loop {
+            slices += 1;
+            match Primes.run_slice(&task, &[], &mut state, &mut || true) {
+                Slice::More => continue,
+                Slice::Done(r) => break r.unwrap(),
+            }
+        };
+        assert_eq!(out, whole);
+        assert!(slices > 10, "{slices} slices");
+        let mut none = None;
+        assert!(matches!(
+            Primes.run_slice(&spec(5, 1), &[], &mut none, &mut || false),
+            Slice::Done(Err(TaskError::BadParams))
+        ));
     }
 }

@@ -5,11 +5,12 @@
 //! A word is a maximal run of ASCII letters and digits, lower-cased. Parts and outputs are lines
 //! `word count\n` sorted by word, so equal counts give equal bytes (and output hashes).
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use unipeer_node::jobs::app::{App, TaskError, TaskKind, TaskOutput, TaskSpec};
+use unipeer_node::jobs::app::{App, Slice, SliceState, TaskError, TaskKind, TaskOutput, TaskSpec};
 
 /// Longest word kept whole; longer runs are cut (bounded lines).
 pub const MAX_WORD: usize = 64;
@@ -65,55 +66,89 @@ pub fn parse(part: &[u8]) -> Option<BTreeMap<String, u64>> {
     Some(counts)
 }
 
+/// Progress of a sliced task: inputs counted so far.
+struct Progress {
+    next: usize,
+    counts: BTreeMap<String, u64>,
+}
+
 impl App for WordCount {
     fn name(&self) -> &'static str {
         "wordcount"
     }
 
     fn run(&self, task: &TaskSpec, inputs: &[&[u8]]) -> Result<TaskOutput, TaskError> {
+        match self.run_slice(task, inputs, &mut None, &mut || false) {
+            Slice::Done(r) => r,
+            Slice::More => Err(TaskError::Failed(1)),
+        }
+    }
+
+    /// One input chunk (at most 64 KiB) per slice.
+    fn run_slice(
+        &self,
+        task: &TaskSpec,
+        inputs: &[&[u8]],
+        state: &mut SliceState,
+        yield_now: &mut dyn FnMut() -> bool,
+    ) -> Slice {
         if !task.params.is_empty() {
-            return Err(TaskError::BadParams);
+            return Slice::Done(Err(TaskError::BadParams));
         }
         match task.kind {
-            TaskKind::Single => {
-                let mut all = BTreeMap::new();
-                for i in inputs {
-                    for (w, c) in count_words(i) {
-                        *all.entry(w).or_insert(0) += c;
-                    }
-                }
-                Ok(TaskOutput::single(render(&all)))
+            TaskKind::Map { reducers } if inputs.is_empty() || reducers == 0 => {
+                return Slice::Done(Err(TaskError::BadInput));
             }
-            TaskKind::Map { reducers } => {
-                if inputs.is_empty() || reducers == 0 {
-                    return Err(TaskError::BadInput);
-                }
-                let mut parts: Vec<BTreeMap<String, u64>> =
-                    (0..reducers).map(|_| BTreeMap::new()).collect();
-                for i in inputs {
-                    for (w, c) in count_words(i) {
-                        let p = partition_of(&w, reducers) as usize;
-                        *parts[p].entry(w).or_insert(0) += c;
-                    }
-                }
-                Ok(TaskOutput {
-                    parts: parts.iter().map(render).collect(),
-                })
+            TaskKind::Reduce { maps, .. } if inputs.len() != maps as usize => {
+                return Slice::Done(Err(TaskError::BadInput));
             }
-            TaskKind::Reduce { maps, .. } => {
-                if inputs.len() != maps as usize {
-                    return Err(TaskError::BadInput);
+            _ => {}
+        }
+        let st = state.get_or_insert_with(|| {
+            Box::new(Progress {
+                next: 0,
+                counts: BTreeMap::new(),
+            })
+        });
+        let Some(st) = st.downcast_mut::<Progress>() else {
+            return Slice::Done(Err(TaskError::Failed(1)));
+        };
+        while st.next < inputs.len() {
+            let input = inputs[st.next];
+            let counted = match task.kind {
+                TaskKind::Reduce { .. } => match parse(input) {
+                    Some(c) => c,
+                    None => return Slice::Done(Err(TaskError::BadInput)),
+                },
+                _ => count_words(input),
+            };
+            for (w, c) in counted {
+                let e = st.counts.entry(w).or_insert(0);
+                match e.checked_add(c) {
+                    Some(v) => *e = v,
+                    None => return Slice::Done(Err(TaskError::BadInput)),
                 }
-                let mut all: BTreeMap<String, u64> = BTreeMap::new();
-                for i in inputs {
-                    for (w, c) in parse(i).ok_or(TaskError::BadInput)? {
-                        let e = all.entry(w).or_insert(0);
-                        *e = e.checked_add(c).ok_or(TaskError::BadInput)?;
-                    }
-                }
-                Ok(TaskOutput::single(render(&all)))
+            }
+            st.next += 1;
+            if st.next < inputs.len() && yield_now() {
+                return Slice::More;
             }
         }
+        let counts = core::mem::take(&mut st.counts);
+        Slice::Done(Ok(match task.kind {
+            TaskKind::Map { reducers } => {
+                let mut parts: Vec<BTreeMap<String, u64>> =
+                    (0..reducers).map(|_| BTreeMap::new()).collect();
+                for (w, c) in counts {
+                    let p = partition_of(&w, reducers) as usize;
+                    parts[p].insert(w, c);
+                }
+                TaskOutput {
+                    parts: parts.iter().map(render).collect(),
+                }
+            }
+            _ => TaskOutput::single(render(&counts)),
+        }))
     }
 }
 
@@ -219,5 +254,24 @@ mod tests {
             Err(TaskError::BadInput),
             "overflow is an error, not a panic"
         );
+    }
+
+    #[test]
+    fn slices_equal_the_whole_run() {
+        let inputs: [&[u8]; 3] = [b"a b a", b"c a", b"b"];
+        for kind in [TaskKind::Single, TaskKind::Map { reducers: 3 }] {
+            let whole = WordCount.run(&spec(kind), &inputs).unwrap();
+            let mut state = None;
+            let mut slices = 0;
+            let sliced = loop {
+                slices += 1;
+                match WordCount.run_slice(&spec(kind), &inputs, &mut state, &mut || true) {
+                    Slice::More => continue,
+                    Slice::Done(r) => break r.unwrap(),
+                }
+            };
+            assert_eq!(sliced, whole);
+            assert_eq!(slices, 3);
+        }
     }
 }

@@ -228,6 +228,16 @@ impl JobSim {
         job
     }
 
+    /// The AA cancels `tasks` through node `i`.
+    pub fn cancel(&mut self, i: usize, tasks: &[Key]) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
+            agent.cancel(now, node, tasks);
+        }
+        self.after_io(i);
+    }
+
     /// The AA reads a task record from the DHT through node `i`.
     pub fn get_record(&mut self, i: usize, key: Key) {
         let now = self.now;

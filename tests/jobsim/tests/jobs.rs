@@ -89,6 +89,16 @@ fn submission(kind: Kind, rng: &mut Rng, seed: u64) -> Submission {
 }
 
 fn run(seed: u64, kind: Kind, faults: Faults) -> Result<Outcome, String> {
+    run_with(seed, kind, faults, None)
+}
+
+/// Like [`run`]; with `cancel_after_ms`, the AA cancels the job that long after submitting.
+fn run_with(
+    seed: u64,
+    kind: Kind,
+    faults: Faults,
+    cancel_after_ms: Option<u64>,
+) -> Result<Outcome, String> {
     let cfg = JobConfig {
         slots: 2,
         ..JobConfig::default()
@@ -135,8 +145,13 @@ fn run(seed: u64, kind: Kind, faults: Faults) -> Result<Outcome, String> {
     let mut records: BTreeMap<Key, TaskRecord> = BTreeMap::new();
     let mut fetching: BTreeSet<Key> = BTreeSet::new();
     let mut finished_ms = 0;
+    let mut cancel_at = cancel_after_ms.map(|ms| start.plus_ms(ms));
     while sim.now < deadline {
         let now = sim.now;
+        if cancel_at.is_some_and(|at| now >= at) {
+            cancel_at = None;
+            sim.cancel(0, &tasks);
+        }
         let in_faults = faults != Faults::None && now < fault_end;
         sim.faults.loss = if in_faults { 0.02 } else { 0.0 };
         if faults == Faults::Everything {
@@ -400,6 +415,45 @@ fn primes_verified_by_two_executors_through_faults() {
         let o = run(seed, Kind::Primes, Faults::CrashAndLoss).unwrap_or_else(|e| panic!("{e}"));
         report("primes/crash+loss", seed, &o);
         check_primes(seed, &o, true).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn cancelled_jobs_stop_and_every_task_ends_final() {
+    for seed in seeds(80..83) {
+        let o = run_with(seed, Kind::Primes, Faults::CrashAndLoss, Some(300))
+            .unwrap_or_else(|e| panic!("{e}"));
+        report("primes/cancel", seed, &o);
+        let cancelled = o
+            .tasks
+            .iter()
+            .filter(|t| {
+                matches!(
+                    o.records[*t].state,
+                    TaskState::Failed(TaskFailure::Cancelled)
+                )
+            })
+            .count();
+        assert!(cancelled > 0, "seed {seed}: nothing was cancelled");
+        for t in &o.tasks {
+            let st = &o.records[t].state;
+            assert!(
+                matches!(
+                    st,
+                    TaskState::Done { .. } | TaskState::Failed(TaskFailure::Cancelled)
+                ),
+                "seed {seed}: task {t:?} ended {st:?}"
+            );
+        }
+        // A cancelled task is never registered afterwards.
+        for t in &o.tasks {
+            if matches!(o.records[t].state, TaskState::Failed(_)) {
+                assert!(
+                    !o.sim.log.registered.contains_key(t),
+                    "seed {seed}: cancelled task {t:?} registered"
+                );
+            }
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use unipeer::cluster;
 use unipeer::frontend::client::Frontend;
+use unipeer::job::sample::text;
 use unipeer::vm;
 use unipeer_qemu_tests::{exclusive, image, run_dir, unipeer_bin, wc_image};
 
@@ -103,23 +104,6 @@ impl Env {
             .stderr(std::fs::File::create(self.dir.join(log)).unwrap());
         c
     }
-}
-
-/// Deterministic text of `words` words over a vocabulary with a skewed distribution.
-fn text(seed: u64, words: usize) -> Vec<u8> {
-    let vocab: Vec<String> = (0..2000).map(|i| format!("w{i:x}q{}", i % 7)).collect();
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(words * 8);
-    for i in 0..words {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let r = (x % 2000) as usize;
-        let w = &vocab[(r * r) / 2000];
-        out.extend_from_slice(w.as_bytes());
-        out.push(if i % 12 == 11 { b'\n' } else { b' ' });
-    }
-    out
 }
 
 fn write(dir: &Path, name: &str, body: &str) -> PathBuf {

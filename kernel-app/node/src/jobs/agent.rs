@@ -958,6 +958,9 @@ impl JobAgent {
             }
         }
         let Some((to, may_delegate)) = best else {
+            // Every candidate refused (all were busy at once, e.g. a small cluster): forget the
+            // refusals so the next scan asks again instead of leaving the task pending forever.
+            s.tried.clear();
             return false;
         };
         if let Some(e) = self.capacity.get_mut(&to.id) {

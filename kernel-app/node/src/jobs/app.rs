@@ -5,8 +5,10 @@
 //! output on every node (which is what lets two executors' output hashes be compared), inputs
 //! and outputs are at most [`MAX_CHUNK_LEN`] bytes each.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::any::Any;
 use core::fmt;
 use serde::{Deserialize, Serialize};
 
@@ -109,12 +111,39 @@ impl fmt::Display for TaskError {
 
 impl core::error::Error for TaskError {}
 
+/// Where a sliced task stands after a slice.
+#[derive(Debug)]
+pub enum Slice {
+    /// Not finished: call again with the same state.
+    More,
+    Done(Result<TaskOutput, TaskError>),
+}
+
+/// An app's progress between slices of one task (the app's own type, downcast by the app).
+pub type SliceState = Option<Box<dyn Any>>;
+
 /// An application: named, deterministic task functions.
 pub trait App: Sync {
     /// The name tasks and manifests refer to (at most [`MAX_APP_NAME`] bytes).
     fn name(&self) -> &'static str;
     /// Runs one task. Must be deterministic and must not panic on any input.
     fn run(&self, task: &TaskSpec, inputs: &[&[u8]]) -> Result<TaskOutput, TaskError>;
+
+    /// Runs part of a task, so a node with one CPU keeps serving the network (leases,
+    /// keepalives) while long tasks run: the app asks `yield_now` now and then and returns
+    /// [`Slice::More`] when it says so, keeping its progress in `state` (empty at the first
+    /// slice). The result must equal [`Self::run`]'s. The default runs the whole task at once:
+    /// right for apps whose tasks are short by their bounds.
+    fn run_slice(
+        &self,
+        task: &TaskSpec,
+        inputs: &[&[u8]],
+        state: &mut SliceState,
+        yield_now: &mut dyn FnMut() -> bool,
+    ) -> Slice {
+        let _ = (state, yield_now);
+        Slice::Done(self.run(task, inputs))
+    }
 }
 
 /// The applications linked into this node, handed in by the kernel or the simulator.
@@ -157,26 +186,51 @@ impl AppSet {
         self.apps.is_empty()
     }
 
-    /// Runs `task` with the named app and checks the output against the bounds and the task
-    /// kind's part count.
-    pub fn run(&self, task: &TaskSpec, inputs: &[&[u8]]) -> Result<TaskOutput, TaskError> {
+    fn app_for(&self, task: &TaskSpec, inputs: &[&[u8]]) -> Result<&'static dyn App, TaskError> {
         if !task.is_bounded() {
             return Err(TaskError::BadParams);
         }
         if inputs.len() > MAX_INPUTS || inputs.iter().any(|i| i.len() > MAX_CHUNK_LEN) {
             return Err(TaskError::BadInput);
         }
-        let app = self
-            .apps
+        self.apps
             .iter()
             .find(|a| a.name() == task.app)
-            .ok_or(TaskError::UnknownApp)?;
-        let out = app.run(task, inputs)?;
+            .copied()
+            .ok_or(TaskError::UnknownApp)
+    }
+
+    fn checked(task: &TaskSpec, out: TaskOutput) -> Result<TaskOutput, TaskError> {
         if out.parts.len() != task.kind.parts() || out.parts.iter().any(|p| p.len() > MAX_CHUNK_LEN)
         {
             return Err(TaskError::OutputTooLarge);
         }
         Ok(out)
+    }
+
+    /// Runs `task` with the named app and checks the output against the bounds and the task
+    /// kind's part count.
+    pub fn run(&self, task: &TaskSpec, inputs: &[&[u8]]) -> Result<TaskOutput, TaskError> {
+        let app = self.app_for(task, inputs)?;
+        Self::checked(task, app.run(task, inputs)?)
+    }
+
+    /// Runs a slice of `task` (see [`App::run_slice`]) with the same checks as [`Self::run`].
+    pub fn run_slice(
+        &self,
+        task: &TaskSpec,
+        inputs: &[&[u8]],
+        state: &mut SliceState,
+        yield_now: &mut dyn FnMut() -> bool,
+    ) -> Slice {
+        let app = match self.app_for(task, inputs) {
+            Ok(a) => a,
+            Err(e) => return Slice::Done(Err(e)),
+        };
+        match app.run_slice(task, inputs, state, yield_now) {
+            Slice::More => Slice::More,
+            Slice::Done(r) => Slice::Done(r.and_then(|out| Self::checked(task, out))),
+        }
     }
 }
 
