@@ -340,6 +340,10 @@ impl Diag {
         let text = core::str::from_utf8(line).unwrap_or("\u{fffd}");
         let reply: String = match text.trim() {
             "" | "stats" => self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info),
+            "jobs tasks" => match (jobs.as_deref(), overlay.as_deref()) {
+                (Some(j), Some(o)) => j.tasks_text(o),
+                _ => String::from("jobs=off\nend\n"),
+            },
             "jobs" => match jobs.as_deref() {
                 Some(j) => j.status_text() + "end\n",
                 None => String::from("jobs=off\nend\n"),
@@ -387,7 +391,7 @@ impl Diag {
             }
             "ping" => String::from("pong\n"),
             "help" => String::from(
-                "commands: stats, ping, probe <ipv4> [count], overlay, leafset, lookup, get, put, jobs, job-primes START END TASKS, job-sha256 TASKS, quit, shutdown, help\n",
+                "commands: stats, ping, probe <ipv4> [count], overlay, leafset, lookup, get, put, jobs, jobs tasks, job-primes START END TASKS, job-sha256 TASKS, quit, shutdown, help\n",
             ),
             cmd if ["overlay", "leafset", "lookup", "get", "put", "revoke"]
                 .contains(&cmd.split_ascii_whitespace().next().unwrap_or("")) =>

@@ -56,6 +56,8 @@ pub const IN_SOCKETS: usize = 8;
 pub const OUT_IDLE_US: u64 = 30_000_000;
 /// An incoming connection silent for this long is closed.
 pub const IN_IDLE_US: u64 = 90_000_000;
+/// An outgoing connection whose peer acknowledges nothing for this long has failed.
+pub const PEER_TIMEOUT_US: u64 = 10_000_000;
 /// A connection not established after this long has failed.
 pub const CONNECT_TIMEOUT_US: u64 = 5_000_000;
 /// Frames for a destination without a trust session wait this long, then are dropped.
@@ -396,6 +398,12 @@ impl JobChannel {
             );
             let mut socket = tcp_socket();
             socket.set_nagle_enabled(false);
+            // A peer that dies with data outstanding (or silently while idle) ends the
+            // connection instead of leaving it retransmitting forever with frames piling up.
+            socket.set_timeout(Some(smoltcp::time::Duration::from_micros(PEER_TIMEOUT_US)));
+            socket.set_keep_alive(Some(smoltcp::time::Duration::from_micros(
+                PEER_TIMEOUT_US / 2,
+            )));
             if socket
                 .connect(stack.iface.context(), remote, local)
                 .is_err()
@@ -751,6 +759,9 @@ pub struct HostCounters {
     pub works_failed: u64,
     pub events_unclaimed: u64,
     pub diag_submits: u64,
+    /// Time spent inside applications (the loop services nothing meanwhile), and the longest.
+    pub work_us: u64,
+    pub work_max_us: u64,
 }
 
 /// The job agent, its applications, the job channel and the client port.
@@ -774,7 +785,7 @@ pub struct JobHost {
 
 impl JobHost {
     /// The agent with `JobConfig::default()`, chunk bytes bounded to a third of the heap, slots
-    /// from the launch config's `job_slots` (one byte).
+    /// from the launch config's `job_slots` (one byte), chunk copies from `replicas` (one byte).
     pub fn new(
         config: &LaunchConfig,
         stack: &mut Stack,
@@ -785,7 +796,6 @@ impl JobHost {
     ) -> JobHost {
         let mut cfg = JobConfig::default();
         cfg.max_chunk_bytes = cfg.max_chunk_bytes.min((heap_bytes / 3) as usize);
-        // Copies of every chunk, like the overlay's records (`unipeer up --replicas K`).
         if let Some(&[k]) = config.extra("replicas")
             && k > 0
         {
@@ -910,6 +920,8 @@ impl JobHost {
                 if result.is_err() {
                     self.counters.works_failed += 1;
                 }
+                self.counters.work_us += spent_us;
+                self.counters.work_max_us = self.counters.work_max_us.max(spent_us);
                 log::debug!(
                     "jobs: ran {} task {} in {} us",
                     w.spec.app,
@@ -1089,6 +1101,56 @@ impl JobHost {
         Ok(alloc::format!("job-sha256 job={job} tasks={tasks}\n"))
     }
 
+    /// `jobs tasks`: one line per task this node supervises (at most 256), with its state.
+    pub fn tasks_text(&self, overlay: &Overlay) -> String {
+        use unipeer_node::jobs::Overlay as _;
+        use unipeer_node::jobs::record::TaskState;
+        let mut out = String::new();
+        let mut after = None;
+        let mut shown = 0;
+        'scan: loop {
+            let keys = overlay.node.record_keys_after(after, 64);
+            let Some(&last) = keys.last() else {
+                break;
+            };
+            after = Some(last);
+            for k in keys {
+                let Some((rec, tried)) = self.agent.supervision(k) else {
+                    continue;
+                };
+                let state = match &rec.state {
+                    TaskState::Pending => String::from("pending"),
+                    TaskState::Running { leases, results } => {
+                        let mut t = alloc::format!("running leases={}", leases.len());
+                        for l in leases {
+                            let a = l.executor.addr.ipv4;
+                            let _ = write!(t, " {}.{}.{}.{}#{}", a[0], a[1], a[2], a[3], l.attempt);
+                        }
+                        let _ = write!(t, " results={}", results.len());
+                        t
+                    }
+                    TaskState::Done { verified, .. } => alloc::format!("done verified={verified}"),
+                    other => alloc::format!("{other:?}"),
+                };
+                let _ = writeln!(
+                    out,
+                    "task={k} job={} index={} app={} attempts={} tried={} state={state}",
+                    rec.job,
+                    rec.index,
+                    rec.spec.app,
+                    rec.attempts,
+                    tried.len()
+                );
+                shown += 1;
+                if shown >= 256 {
+                    break 'scan;
+                }
+            }
+        }
+        out.push_str("end\n");
+        out
+    }
+
     /// `key=value` lines for the report and the `jobs` command.
     pub fn status_text(&self) -> String {
         let a = self.agent.counters();
@@ -1099,7 +1161,7 @@ impl JobHost {
             out,
             "jobs=on\njobs_apps={}\njobs_slots={}\njobs_running={}\njobs_supervising={}\n\
              jobs_chunks={}\njobs_chunk_bytes={}\njobs_works_started={}\njobs_works_run={}\n\
-             jobs_works_failed={}\njobs_work_queued={}\njobs_slices={}\n",
+             jobs_works_failed={}\njobs_work_queued={}\njobs_slices={}\njobs_work_us={}\njobs_work_max_us={}\n",
             AppsList(&self.apps),
             self.agent.slots(),
             self.agent.running(),
@@ -1111,6 +1173,8 @@ impl JobHost {
             h.works_failed,
             self.work.len() + usize::from(self.current.is_some()),
             h.slices,
+            h.work_us,
+            h.work_max_us,
         );
         let _ = write!(
             out,

@@ -139,16 +139,16 @@ impl Overlay {
             ServerTag::from_name(&config.server_id),
             config.rng_seed,
         );
-        if let Some(&[l]) = config.extra("leaf_set") {
-            node_config.leaf_set_len = usize::from(l);
-            node_config.replicas = node_config.replicas.min(usize::from(l) / 2 + 1);
-        }
-        // Copies of every record (`unipeer up --replicas K`), at most what the leaf set holds.
+        // `replicas` (one byte): copies of every record (and, in the job host, of every chunk).
         if let Some(&[k]) = config.extra("replicas")
             && k > 0
         {
-            node_config.replicas = usize::from(k).min(node_config.leaf_set_len / 2 + 1);
+            node_config.replicas = usize::from(k);
         }
+        if let Some(&[l]) = config.extra("leaf_set") {
+            node_config.leaf_set_len = usize::from(l);
+        }
+        node_config.replicas = node_config.replicas.min(node_config.leaf_set_len / 2 + 1);
         let headroom = Headroom(if trust.is_some() { SEAL_OVERHEAD } else { 0 });
         let mut node = Node::with_sealer(node_config, headroom, instant(now_us))
             .map_err(|e| alloc::format!("{e}"))?;
