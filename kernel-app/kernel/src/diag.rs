@@ -20,6 +20,7 @@ use unipeer_node::launch::LaunchConfig;
 
 use crate::BootFacts;
 use crate::arch::idt::IRQS;
+use crate::jobs::JobHost;
 use crate::net::Stack;
 use crate::overlay::Overlay;
 use crate::{clock, heap};
@@ -54,6 +55,8 @@ pub struct DiagCounters {
     pub busy_polls: u64,
     /// Busy streaks cut short by a nap (should stay near 0).
     pub busy_naps: u64,
+    /// Sleeps with a deadline, by the service that set it: stack, diag, overlay, jobs.
+    pub sleeps_until: [u64; 4],
 }
 
 /// A running `probe`: first the peer's name from its diagnostic port, then `count` echo round
@@ -131,7 +134,7 @@ fn udp_socket(stack: &mut Stack, port: u16) -> SocketHandle {
 fn tcp_socket(stack: &mut Stack) -> SocketHandle {
     let socket = tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0; 1024]),
-        tcp::SocketBuffer::new(vec![0; 4096]),
+        tcp::SocketBuffer::new(vec![0; 8192]),
     );
     stack.sockets.add(socket)
 }
@@ -191,6 +194,7 @@ impl Diag {
         now_us: u64,
         stack: &mut Stack,
         mut overlay: Option<&mut Overlay>,
+        mut jobs: Option<&mut JobHost>,
         info: NodeInfo<'_>,
     ) {
         // Echo: bounce every datagram back to its sender.
@@ -218,7 +222,7 @@ impl Diag {
             }
         }
         if !pending.is_empty() {
-            let report = self.report(now_us, stack, overlay.as_deref(), info);
+            let report = self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info);
             let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
             let datagram = fit_datagram(&report);
             for ep in pending {
@@ -227,7 +231,14 @@ impl Diag {
         }
         // TCP sessions.
         for i in 0..self.sessions.len() {
-            self.service_session(i, now_us, stack, overlay.as_deref_mut(), info);
+            self.service_session(
+                i,
+                now_us,
+                stack,
+                overlay.as_deref_mut(),
+                jobs.as_deref_mut(),
+                info,
+            );
         }
         self.service_probe(now_us, stack);
         self.relisten(stack);
@@ -239,6 +250,7 @@ impl Diag {
         now_us: u64,
         stack: &mut Stack,
         mut overlay: Option<&mut Overlay>,
+        mut jobs: Option<&mut JobHost>,
         info: NodeInfo<'_>,
     ) {
         let handle = self.sessions[i].handle;
@@ -250,7 +262,7 @@ impl Diag {
             self.sessions[i].greeted = true;
             self.sessions[i].last_activity_us = now_us;
             self.counters.tcp_sessions += 1;
-            let report = self.report(now_us, stack, overlay.as_deref(), info);
+            let report = self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info);
             let _ = stack
                 .sockets
                 .get_mut::<tcp::Socket>(handle)
@@ -277,7 +289,15 @@ impl Diag {
                     continue;
                 }
                 let line = core::mem::take(&mut s.line);
-                if !self.command(&line, handle, now_us, stack, overlay.as_deref_mut(), info) {
+                if !self.command(
+                    &line,
+                    handle,
+                    now_us,
+                    stack,
+                    overlay.as_deref_mut(),
+                    jobs.as_deref_mut(),
+                    info,
+                ) {
                     break;
                 }
             } else if s.line.len() >= LINE_MAX {
@@ -306,6 +326,7 @@ impl Diag {
     }
 
     /// Runs one command line; returns false when the session ends.
+    #[allow(clippy::too_many_arguments)]
     fn command(
         &mut self,
         line: &[u8],
@@ -313,15 +334,65 @@ impl Diag {
         now_us: u64,
         stack: &mut Stack,
         overlay: Option<&mut Overlay>,
+        jobs: Option<&mut JobHost>,
         info: NodeInfo<'_>,
     ) -> bool {
         let text = core::str::from_utf8(line).unwrap_or("\u{fffd}");
         let reply: String = match text.trim() {
-            "" | "stats" => self.report(now_us, stack, overlay.as_deref(), info),
-            "ping" => String::from("pong\n"),
-            "help" => {
-                String::from("commands: stats, ping, probe <ipv4> [count], quit, shutdown, help\n")
+            "" | "stats" => self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info),
+            "jobs tasks" => match (jobs.as_deref(), overlay.as_deref()) {
+                (Some(j), Some(o)) => j.tasks_text(o),
+                _ => String::from("jobs=off\nend\n"),
+            },
+            "jobs" => match jobs.as_deref() {
+                Some(j) => j.status_text() + "end\n",
+                None => String::from("jobs=off\nend\n"),
+            },
+            cmd if cmd.starts_with("job-sha256") => {
+                let n = cmd
+                    .split_ascii_whitespace()
+                    .nth(1)
+                    .and_then(|w| w.parse().ok());
+                let result = match (n, jobs, overlay) {
+                    (Some(n), Some(j), Some(o)) => j.submit_sha256(now_us, o, n),
+                    (Some(_), _, _) => Err(String::from("jobs are off on this node")),
+                    _ => Err(String::from("usage: job-sha256 TASKS")),
+                };
+                match result {
+                    Ok(text) => text,
+                    Err(e) => {
+                        self.counters.bad_requests += 1;
+                        alloc::format!("error: {e}\n")
+                    }
+                }
             }
+            cmd if cmd.starts_with("job-primes") => {
+                let nums: Vec<Option<u64>> = cmd
+                    .split_ascii_whitespace()
+                    .skip(1)
+                    .map(|w| w.parse().ok())
+                    .collect();
+                let result = match (nums.as_slice(), jobs, overlay) {
+                    ([Some(a), Some(b), Some(n)], Some(j), Some(o)) => {
+                        j.submit_primes(now_us, o, *a, *b, *n)
+                    }
+                    ([Some(_), Some(_), Some(_)], _, _) => {
+                        Err(String::from("jobs are off on this node"))
+                    }
+                    _ => Err(String::from("usage: job-primes START END TASKS")),
+                };
+                match result {
+                    Ok(text) => text,
+                    Err(e) => {
+                        self.counters.bad_requests += 1;
+                        alloc::format!("error: {e}\n")
+                    }
+                }
+            }
+            "ping" => String::from("pong\n"),
+            "help" => String::from(
+                "commands: stats, ping, probe <ipv4> [count], overlay, leafset, lookup, get, put, jobs, jobs tasks, job-primes START END TASKS, job-sha256 TASKS, quit, shutdown, help\n",
+            ),
             cmd if ["overlay", "leafset", "lookup", "get", "put", "revoke"]
                 .contains(&cmd.split_ascii_whitespace().next().unwrap_or("")) =>
             {
@@ -548,6 +619,7 @@ impl Diag {
         now_us: u64,
         stack: &Stack,
         overlay: Option<&Overlay>,
+        jobs: Option<&JobHost>,
         info: NodeInfo<'_>,
     ) -> String {
         let (facts, config) = (info.facts, info.config);
@@ -569,8 +641,9 @@ impl Diag {
              rx_frames={}\ntx_frames={}\nrx_bytes={}\ntx_bytes={}\nrx_errors={}\ntx_queue_full={}\nrx_ignored={}\n\
              arp_neighbours={}\narp_requests={}\narp_replies={}\narp_queued={}\narp_dropped={}\n\
              irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\nbusy_polls={}\nbusy_naps={}\n\
+             sleeps_until_stack={}\nsleeps_until_diag={}\nsleeps_until_overlay={}\nsleeps_until_jobs={}\n\
              udp_requests={}\necho_packets={}\ntcp_sessions={}\ntcp_idle_closed={}\nbad_requests={}\n\
-             boot_phases_us={}\n{}\
+             boot_phases_us={}\n{}{}\
              end\n",
             config.node_name,
             config.server_id,
@@ -607,6 +680,10 @@ impl Diag {
             c.wakeups,
             c.busy_polls,
             c.busy_naps,
+            c.sleeps_until[0],
+            c.sleeps_until[1],
+            c.sleeps_until[2],
+            c.sleeps_until[3],
             c.udp_requests,
             c.echo_packets,
             c.tcp_sessions,
@@ -617,6 +694,7 @@ impl Diag {
                 || String::from("overlay=off\n"),
                 |o| o.status_text() + &o.trust_text()
             ),
+            jobs.map_or_else(|| String::from("jobs=off\n"), JobHost::status_text),
         );
         out
     }
@@ -677,6 +755,11 @@ const COMPACT_KEYS: &[&str] = &[
     "trust_established",
     "trust_delivered",
     "trust_rejected",
+    "jobs",
+    "jobs_slots",
+    "jobs_running",
+    "jobs_supervising",
+    "jobs_works_run",
 ];
 
 /// The report as one datagram: whole if it fits, else the `COMPACT_KEYS` lines (the TCP port

@@ -5,6 +5,7 @@ use unipeer_node::launch::{GuestExit, LaunchConfig, READY_MARKER};
 
 use crate::arch::{self, apic, cpu};
 use crate::diag::{Diag, NodeInfo};
+use crate::jobs::JobHost;
 use crate::net::Stack;
 use crate::net::virtio::Nic;
 use crate::overlay::Overlay;
@@ -45,8 +46,20 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
             }
         }
     };
+    let _ = facts.phases.push(("services", cpu::rdtsc()));
+    // The job host (agent, job channel, client port) runs wherever the overlay does.
+    let mut jobs = overlay.as_mut().map(|o| {
+        JobHost::new(
+            &config,
+            &mut stack,
+            o,
+            facts.heap_bytes,
+            &entropy,
+            clock::now_us(),
+        )
+    });
     facts.ready_tsc = cpu::rdtsc();
-    let _ = facts.phases.push(("services", facts.ready_tsc));
+    let _ = facts.phases.push(("jobs", facts.ready_tsc));
     let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
     let ip = config.net.ipv4;
     console::println(format_args!(
@@ -76,6 +89,9 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         facts.transport,
         stack.phy.nic.mac,
     );
+    if let Some(j) = jobs.as_ref() {
+        j.log_summary();
+    }
     if config.extra("exit_after_ready").is_some() {
         log::info!("exit_after_ready set: leaving");
         arch::exit(GuestExit::Success);
@@ -89,17 +105,22 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         let now = clock::now_us();
         stack.poll(now);
         if let Some(o) = overlay.as_mut() {
-            o.service(now, &mut stack);
+            o.service(now, &mut stack, jobs.as_mut());
         }
         diag.service(
             now,
             &mut stack,
             overlay.as_mut(),
+            jobs.as_mut(),
             NodeInfo {
                 facts: &facts,
                 config: &config,
             },
         );
+        // After the diagnostic commands, so what they start (a job) goes out in this pass.
+        if let (Some(j), Some(o)) = (jobs.as_mut(), overlay.as_mut()) {
+            j.service(now, &mut stack, o);
+        }
         // Replies queued by the services go out in the same wake-up.
         stack.poll(now);
 
@@ -119,12 +140,23 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         }
         let now = clock::now_us();
         let mut delay = stack.poll_delay_us(now).unwrap_or(MAX_SLEEP_US);
+        // Which service set the deadline (counted per sleep, for the report).
+        let mut cause = 0;
         let overlay_at = overlay.as_ref().and_then(Overlay::next_deadline_us);
-        for at in [diag.next_deadline_us(&stack), overlay_at]
+        let jobs_at = jobs.as_ref().and_then(|j| j.next_deadline_us(now));
+        for (i, at) in [diag.next_deadline_us(&stack), overlay_at, jobs_at]
             .into_iter()
-            .flatten()
+            .enumerate()
         {
-            delay = delay.min(at.saturating_sub(now));
+            if let Some(at) = at
+                && at.saturating_sub(now) < delay
+            {
+                delay = at.saturating_sub(now);
+                cause = i + 1;
+            }
+        }
+        if delay < MAX_SLEEP_US {
+            diag.counters.sleeps_until[cause] += 1;
         }
         if shutdown_at.is_some() {
             delay = delay.min(1_000);

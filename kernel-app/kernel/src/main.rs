@@ -10,11 +10,13 @@ extern crate alloc;
 
 #[path = "arch/x86_64/mod.rs"]
 mod arch;
+mod client;
 mod clock;
 mod console;
 mod diag;
 mod event_loop;
 mod heap;
+mod jobs;
 mod net;
 mod overlay;
 mod pvh;

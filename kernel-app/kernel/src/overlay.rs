@@ -21,6 +21,8 @@ use unipeer_node::node::RequestKind;
 use unipeer_node::wire::{SealError, Sealer};
 use unipeer_node::{Event, Instant, Key, Node, NodeConfig, OpId, ServerTag};
 
+use crate::client::ClientAuth;
+use crate::jobs::JobHost;
 use crate::net::Stack;
 
 /// Datagrams taken from the socket per pass (bounded work).
@@ -59,9 +61,16 @@ impl Sealer for Headroom {
     }
 }
 
+/// The overlay node as the kernel runs it.
+pub type OverlayNode = Node<Headroom>;
+
+/// Rounds of "send what the node wants sent, hand its events out" per flush: events handled
+/// by the job host may make the node send more.
+const FLUSH_ROUNDS: usize = 8;
+
 /// The overlay peer, its trust layer, and the TCP sessions waiting for answers.
 pub struct Overlay {
-    pub node: Node<Headroom>,
+    pub node: OverlayNode,
     /// Authenticated, sealed sessions with peers; `None` when the launch config carries no
     /// trust material (a single development VM), and then the overlay runs in the clear.
     pub trust: Option<SessionLayer>,
@@ -70,6 +79,8 @@ pub struct Overlay {
     socket: SocketHandle,
     waiting: BTreeMap<OpId, SocketHandle>,
     pub counters: OverlayCounters,
+    /// The user list and credentials for the client port (taken by the job host).
+    pub client_auth: Option<ClientAuth>,
 }
 
 fn instant(now_us: u64) -> Instant {
@@ -128,13 +139,23 @@ impl Overlay {
             ServerTag::from_name(&config.server_id),
             config.rng_seed,
         );
+        // `replicas` (one byte): copies of every record (and, in the job host, of every chunk).
+        if let Some(&[k]) = config.extra("replicas")
+            && k > 0
+        {
+            node_config.replicas = usize::from(k);
+        }
         if let Some(&[l]) = config.extra("leaf_set") {
             node_config.leaf_set_len = usize::from(l);
-            node_config.replicas = node_config.replicas.min(usize::from(l) / 2 + 1);
         }
+        node_config.replicas = node_config.replicas.min(node_config.leaf_set_len / 2 + 1);
         let headroom = Headroom(if trust.is_some() { SEAL_OVERHEAD } else { 0 });
         let mut node = Node::with_sealer(node_config, headroom, instant(now_us))
             .map_err(|e| alloc::format!("{e}"))?;
+        let client_auth = trust.as_ref().map(|(tc, _)| ClientAuth {
+            users: tc.users.clone(),
+            credentials: tc.credentials.clone(),
+        });
         let trust = trust.map(|(tc, seed)| {
             let clock = WallClock::new(config.launch_unix_ms, Instant::ZERO);
             SessionLayer::from_trust_config(tc, clock, SessionLimits::default(), seed)
@@ -166,11 +187,13 @@ impl Overlay {
             socket,
             waiting: BTreeMap::new(),
             counters: OverlayCounters::default(),
+            client_auth,
         })
     }
 
-    /// Feeds datagrams and due timers to the node and sends what it wants sent.
-    pub fn service(&mut self, now_us: u64, stack: &mut Stack) {
+    /// Feeds datagrams and due timers to the node and sends what it wants sent; its events go
+    /// to the job host first (`jobs`), the rest are answered here.
+    pub fn service(&mut self, now_us: u64, stack: &mut Stack, jobs: Option<&mut JobHost>) {
         let now = instant(now_us);
         let socket = stack.sockets.get_mut::<udp::Socket>(self.socket);
         let mut buf = [0u8; DATAGRAM_MAX];
@@ -194,40 +217,70 @@ impl Overlay {
             }
             while let Some(d) = layer.poll_delivered() {
                 if d.channel == Channel::Overlay {
-                    self.node.handle_datagram(now, d.from, &d.bytes);
+                    // The header must name the peer the session authenticated.
+                    self.node
+                        .handle_authenticated_datagram(now, d.from, d.peer, &d.bytes);
                 }
             }
         }
         if self.node.poll_timeout().is_some_and(|t| t <= now) {
             self.node.handle_timeout(now);
         }
-        while let Some(t) = self.node.poll_transmit() {
-            match self.trust.as_mut() {
-                Some(layer) => {
-                    if layer
-                        .send(now, t.dst, Channel::Overlay, &t.payload)
-                        .is_err()
-                    {
-                        self.counters.trust_send_drops += 1;
+        self.flush(now_us, stack, jobs);
+    }
+
+    /// Sends what the node wants sent and hands its events out: to the job host first (which
+    /// claims its own requests' answers), the rest answered here. Repeats while events come,
+    /// since the job host's handling may make the node send more.
+    pub fn flush(&mut self, now_us: u64, stack: &mut Stack, mut jobs: Option<&mut JobHost>) {
+        let now = instant(now_us);
+        for _ in 0..FLUSH_ROUNDS {
+            let socket = stack.sockets.get_mut::<udp::Socket>(self.socket);
+            while let Some(t) = self.node.poll_transmit() {
+                match self.trust.as_mut() {
+                    Some(layer) => {
+                        if layer
+                            .send(now, t.dst, Channel::Overlay, &t.payload)
+                            .is_err()
+                        {
+                            self.counters.trust_send_drops += 1;
+                        }
                     }
-                }
-                None => {
-                    if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
-                        self.counters.socket_drops += 1;
+                    None => {
+                        if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
+                            self.counters.socket_drops += 1;
+                        }
                     }
                 }
             }
+            let mut any = false;
+            while let Some(event) = self.node.poll_event() {
+                any = true;
+                self.counters.events += 1;
+                let claimed = match jobs.as_deref_mut() {
+                    Some(j) => j.on_overlay_event(now_us, &mut self.node, &event),
+                    None => false,
+                };
+                if !claimed {
+                    self.on_event(event, stack);
+                }
+            }
+            if !any {
+                break;
+            }
         }
+        self.send_trust(stack);
+    }
+
+    /// Sends the trust layer's datagrams (handshakes, sealed overlay datagrams).
+    pub fn send_trust(&mut self, stack: &mut Stack) {
         if let Some(layer) = self.trust.as_mut() {
+            let socket = stack.sockets.get_mut::<udp::Socket>(self.socket);
             while let Some(t) = layer.poll_transmit() {
                 if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
                     self.counters.socket_drops += 1;
                 }
             }
-        }
-        while let Some(event) = self.node.poll_event() {
-            self.counters.events += 1;
-            self.on_event(event, stack);
         }
     }
 
