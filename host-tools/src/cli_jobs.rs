@@ -163,7 +163,11 @@ pub fn submit(a: SubmitArgs) -> Result<ExitCode> {
         user: cred,
         out_dir: a.out,
         run_root: state_dir,
-        json_progress: a.json_progress,
+        report: if a.json_progress {
+            aa::Report::JsonLines
+        } else {
+            aa::Report::Bar
+        },
         check: a.check,
         exec_copies: if a.verify { 2 } else { 1 },
         poll: Duration::from_millis(a.poll_ms.max(50)),

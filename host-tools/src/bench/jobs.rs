@@ -1,8 +1,10 @@
-//! `unipeer bench jobs`: a `primes` job on a local cluster, run by the Application Agent's own
-//! code — undisturbed, then again with a third of the VMs killed when a quarter of the tasks
-//! are final — against the same tasks run natively on the host. Reports tasks per second, the
-//! slow-down from the kills (target ≤ 1.5×), and the time from a VM's death until every task
-//! it held is leased to another node or done (re-dispatch), read from the task records.
+//! `unipeer bench jobs`: jobs on a local cluster, run by the Application Agent's own code,
+//! against the same tasks run natively on the host. A `primes` job (CPU-bound) runs undisturbed
+//! and again with a third of the VMs killed when a quarter of its tasks are final: tasks per
+//! second, the slow-down from the kills (target ≤ 1.5×), and the time from a VM's death until
+//! every task it held is leased to another node or done (re-dispatch), read from the task
+//! records. A `wordcount` job (data-bound: inputs, map outputs and reduce inputs are chunks)
+//! runs on clusters keeping 3 and 1 copies of every record and chunk: the cost of replication.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,7 +34,10 @@ pub struct JobsBenchArgs {
     pub span: u64,
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
-    /// Image name under images/ (must link primes).
+    /// Words of wordcount input (about 6.5 bytes each).
+    #[arg(long, default_value_t = 300_000)]
+    pub words: usize,
+    /// Image name under images/ (must link primes and wordcount).
     #[arg(long, default_value = "default")]
     pub image: String,
 }
@@ -42,6 +47,17 @@ struct RunResult {
     /// Per killed VM: seconds from its death until each of its tasks was re-leased or done.
     redispatch_s: Vec<f64>,
     killed: usize,
+}
+
+/// The wordcount job over `data/bench.txt` in the state directory (written by `run`).
+fn wc_manifest(args: &JobsBenchArgs, name: &str) -> Result<JobManifest> {
+    let text = format!(
+        "name = \"{name}\"\nimage = \"{}\"\napplication = \"wordcount\"\n\
+         [requirements]\nvms = {}\nmemory_mb = 64\n\
+         [tasks]\nfiles = [\"data/bench.txt\"]\nchunk_bytes = 65536\nreducers = 4\n",
+        args.image, args.vms
+    );
+    JobManifest::parse(&text).map_err(|e| anyhow!("bench manifest: {e}"))
 }
 
 fn manifest(args: &JobsBenchArgs, name: &str) -> Result<JobManifest> {
@@ -76,7 +92,7 @@ fn run_job(
         user: user.clone(),
         out_dir: Some(state_dir.join(&m.name)),
         run_root: state_dir.to_path_buf(),
-        json_progress: true,
+        report: aa::Report::Quiet,
         check: true,
         exec_copies: 1,
         poll: Duration::from_millis(250),
@@ -230,35 +246,57 @@ pub fn run(args: &JobsBenchArgs) -> Result<()> {
     opts.memory_mib = 64;
     opts.ca_store = Some(run_dir.join("authority"));
 
-    // The native baseline: the same tasks, one after another on one host core.
+    // Inputs, and the native baselines: the same tasks, one after another on one host core.
+    std::fs::create_dir_all(state_dir.join("data"))?;
+    std::fs::write(
+        state_dir.join("data").join("bench.txt"),
+        crate::job::sample::text(7, args.words),
+    )?;
     let m = manifest(args, "bench-native")?;
     let planned = m.plan(Path::new("."))?;
     let t = Instant::now();
-    let native = result::native_outputs("primes", &planned)?;
+    drop(result::native_outputs("primes", &planned)?);
     let native_s = t.elapsed().as_secs_f64();
-    drop(native);
+    let wc = wc_manifest(args, "bench-wc-native")?;
+    let wc_planned = wc.plan(&state_dir)?;
+    let wc_bytes: usize =
+        std::fs::metadata(state_dir.join("data").join("bench.txt"))?.len() as usize;
+    let t = Instant::now();
+    drop(result::native_outputs("wordcount", &wc_planned)?);
+    let wc_native_s = t.elapsed().as_secs_f64();
 
     let single = (|| -> Result<RunResult> {
-        // Replication 1 (records and chunks have only their root's copy): the same job on a
-        // cluster launched with `--replicas 1`, for the cost of the default 3.
+        // Replication 1 (records and chunks have only their root's copy): the wordcount job
+        // on a cluster launched with `--replicas 1`, for the cost of the default 3.
         let mut o1 = opts.clone();
         o1.replicas = Some(1);
         cluster::up(&run_dir, &o1)?;
         cluster::wait_answering(&run_dir, Duration::from_secs(60))?;
-        std::fs::create_dir_all(&state_dir)?;
         let user = demo_user(&run_dir)?;
         settle(&run_dir, &user)?;
-        run_job(&run_dir, &manifest(args, "bench-k1")?, &user, &state_dir, 0)
+        run_job(
+            &run_dir,
+            &wc_manifest(args, "bench-wc-k1")?,
+            &user,
+            &state_dir,
+            0,
+        )
     })();
     let _ = cluster::down(&run_dir);
     let single = single?;
 
-    let outcome = (|| -> Result<(RunResult, RunResult)> {
+    let outcome = (|| -> Result<(RunResult, RunResult, RunResult)> {
         cluster::up(&run_dir, &opts)?;
         cluster::wait_answering(&run_dir, Duration::from_secs(60))?;
-        std::fs::create_dir_all(&state_dir)?;
         let user = demo_user(&run_dir)?;
         settle(&run_dir, &user)?;
+        let wc3 = run_job(
+            &run_dir,
+            &wc_manifest(args, "bench-wc-k3")?,
+            &user,
+            &state_dir,
+            0,
+        )?;
         let calm = run_job(
             &run_dir,
             &manifest(args, "bench-calm")?,
@@ -274,14 +312,14 @@ pub fn run(args: &JobsBenchArgs) -> Result<()> {
             &state_dir,
             kills,
         )?;
-        Ok((calm, hurt))
+        Ok((wc3, calm, hurt))
     })();
     let _ = cluster::down(&run_dir);
-    let (calm, hurt) = outcome?;
+    let (wc3, calm, hurt) = outcome?;
     let n = args.tasks as f64;
     let r = stats(hurt.redispatch_s.clone());
     println!(
-        "bench jobs: primes, {} tasks of {} numbers from 10^9; {} VMs (microvm, {}, 64 MiB, 2 task slots each), trust on, results checked against the host",
+        "bench jobs: primes, {} tasks of {} numbers from 10^9, and wordcount with 4 reduce tasks; {} VMs (microvm, {}, 64 MiB, 2 task slots each), trust on, every result checked against the host's",
         args.tasks, args.span, args.vms, accel.accel
     );
     println!("| figure | measured | ratio | target |");
@@ -305,9 +343,18 @@ pub fn run(args: &JobsBenchArgs) -> Result<()> {
         hurt.secs / calm.secs
     );
     println!(
-        "| cluster, replication 1 (default 3 above) | {:.2} s | 3 vs 1: {:.2}× | |",
+        "| wordcount {:.1} MB, native on the host | {wc_native_s:.2} s | 1.00 (baseline) | |",
+        wc_bytes as f64 / 1e6
+    );
+    println!(
+        "| wordcount on the cluster, 3 copies of records and chunks | {:.2} s | {:.2}× native | |",
+        wc3.secs,
+        wc3.secs / wc_native_s
+    );
+    println!(
+        "| wordcount on the cluster, 1 copy (`--replicas 1`) | {:.2} s | 3 vs 1: {:.2}× | |",
         single.secs,
-        calm.secs / single.secs
+        wc3.secs / single.secs
     );
     println!(
         "| VM death → its tasks re-leased or done | p50 {:.2} s, max {:.2} s ({} tasks) | | lease {} s |",

@@ -202,6 +202,17 @@ impl Progress {
     }
 }
 
+/// How the AA shows progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// A progress bar on the terminal.
+    Bar,
+    /// One JSON line per poll on stdout (tests and scripts).
+    JsonLines,
+    /// Nothing (benchmarks).
+    Quiet,
+}
+
 /// Options of one `submit` run.
 pub struct SubmitOptions {
     pub user: UserCredential,
@@ -209,8 +220,8 @@ pub struct SubmitOptions {
     pub out_dir: Option<PathBuf>,
     /// Where job states live (`run/`).
     pub run_root: PathBuf,
-    /// Print a JSON line per poll on stdout (tests and scripts) instead of a progress bar.
-    pub json_progress: bool,
+    /// How progress is shown.
+    pub report: Report,
     /// Compare the result with one computed natively on the host.
     pub check: bool,
     /// Executors per task (2: outputs compared, results verified).
@@ -594,7 +605,7 @@ pub fn run<A: Access>(
     }
 
     let deadline = m.deadline.map(|d| Instant::now() + d);
-    let bar = (!o.json_progress).then(|| {
+    let bar = (o.report == Report::Bar).then(|| {
         let b = indicatif::ProgressBar::new(ids.len() as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -608,7 +619,7 @@ pub fn run<A: Access>(
     let tracked = loop {
         let tracked = gw.track(&ids)?;
         let p = Progress::of(&tracked);
-        if o.json_progress {
+        if o.report == Report::JsonLines {
             println!(
                 "{}",
                 serde_json::json!({"job": st.job, "progress": p, "gateway": gw.node(), "elapsed_s": started.elapsed().as_secs_f64()})
