@@ -38,7 +38,7 @@ use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
 use unipeer_node::auth::{Csprng, SessionLayer};
 use unipeer_node::jobs::JobAgent;
 use unipeer_node::jobs::app::{App, AppSet, Slice, SliceState};
-use unipeer_node::jobs::delegation::SharedKeyAuthority;
+use unipeer_node::jobs::delegation::{NodeKeyAuthority, SharedKeyAuthority, TokenAuthority};
 use unipeer_node::jobs::wire::{JOB_PORT_OFFSET, MAX_JOB_MESSAGE};
 use unipeer_node::jobs::{JobConfig, JobEvent, Submission, Work};
 use unipeer_node::launch::{LaunchConfig, PeerAddr};
@@ -812,24 +812,26 @@ impl JobHost {
         seed_input.extend_from_slice(entropy);
         let seed: [u8; 32] = Sha256::digest(&seed_input).into();
         let mut rng = Csprng::from_seed(seed);
-        // Delegation tokens: a keyed-hash stand-in until the trust module signs them with node
-        // keys. The key comes from the authority's public key (every node of one authority
-        // shares it); it stops nodes of other authorities, not a malicious member.
-        let mut h = Sha256::new();
-        h.update(b"unipeer delegation stand-in");
-        h.update(
-            config
-                .extra(unipeer_node::auth::EXTRA_AUTHORITY)
-                .unwrap_or(&[]),
-        );
-        let auth = SharedKeyAuthority {
-            secret: h.finalize().into(),
-            me: overlay.node.id(),
+        // Delegation tokens: signed with the node's identity key and checked against the keys
+        // of peers with verified sessions. Without trust material (a development VM in the
+        // clear) a keyed-hash stand-in, keyed from nothing secret.
+        let auth: alloc::boxed::Box<dyn TokenAuthority> = match overlay.token_identity.take() {
+            Some(identity) => {
+                alloc::boxed::Box::new(NodeKeyAuthority::new(identity, overlay.peer_keys.clone()))
+            }
+            None => {
+                let mut h = Sha256::new();
+                h.update(b"unipeer delegation stand-in");
+                alloc::boxed::Box::new(SharedKeyAuthority {
+                    secret: h.finalize().into(),
+                    me: overlay.node.id(),
+                })
+            }
         };
         let agent = JobAgent::new(
             cfg,
             apps.clone(),
-            alloc::boxed::Box::new(auth),
+            auth,
             overlay.node.contact(),
             rng.bytes32(),
             instant(now_us),

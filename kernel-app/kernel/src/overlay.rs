@@ -3,9 +3,11 @@
 //! `get`).
 
 use alloc::collections::BTreeMap;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use core::fmt::Write;
 
 use alloc::borrow::Cow;
@@ -13,9 +15,11 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
 use unipeer_node::auth::{
-    Channel, RevocationList, SEAL_OVERHEAD, SessionLayer, SessionLimits, TrustConfig, WallClock,
+    Channel, IdentityKey, RevocationList, SEAL_OVERHEAD, SessionLayer, SessionLimits, TrustConfig,
+    WallClock,
 };
 use unipeer_node::id::placeholder_public_key;
+use unipeer_node::jobs::delegation::PeerKeys;
 use unipeer_node::launch::{LaunchConfig, PeerAddr};
 use unipeer_node::node::RequestKind;
 use unipeer_node::wire::{SealError, Sealer};
@@ -81,6 +85,15 @@ pub struct Overlay {
     pub counters: OverlayCounters,
     /// The user list and credentials for the client port (taken by the job host).
     pub client_auth: Option<ClientAuth>,
+    /// The node's identity key for signing delegation tokens (taken by the job host);
+    /// `None` without trust material.
+    pub token_identity: Option<IdentityKey>,
+    /// Public keys of the peers with verified sessions, for checking delegation tokens
+    /// (shared with the job agent's token authority; refreshed in `service`).
+    pub peer_keys: Rc<RefCell<PeerKeys>>,
+    /// (sessions established, sessions held, revocation version) when `peer_keys` was last
+    /// refreshed: any change means sessions came or went.
+    keys_fingerprint: (u64, usize, u64),
 }
 
 fn instant(now_us: u64) -> Instant {
@@ -156,6 +169,9 @@ impl Overlay {
             users: tc.users.clone(),
             credentials: tc.credentials.clone(),
         });
+        let token_identity = trust
+            .as_ref()
+            .map(|(tc, _)| IdentityKey::from_seed(&tc.identity.seed()));
         let trust = trust.map(|(tc, seed)| {
             let clock = WallClock::new(config.launch_unix_ms, Instant::ZERO);
             SessionLayer::from_trust_config(tc, clock, SessionLimits::default(), seed)
@@ -188,6 +204,9 @@ impl Overlay {
             waiting: BTreeMap::new(),
             counters: OverlayCounters::default(),
             client_auth,
+            token_identity,
+            peer_keys: PeerKeys::shared(),
+            keys_fingerprint: (0, 0, 0),
         })
     }
 
@@ -223,10 +242,30 @@ impl Overlay {
                 }
             }
         }
+        self.refresh_peer_keys();
         if self.node.poll_timeout().is_some_and(|t| t <= now) {
             self.node.handle_timeout(now);
         }
         self.flush(now_us, stack, jobs);
+    }
+
+    /// Rebuilds the verified peers' keys when sessions came or went (a handshake, an expiry,
+    /// a revocation): a delegation token verifies only against a peer with a live session.
+    fn refresh_peer_keys(&mut self) {
+        let Some(layer) = self.trust.as_ref() else {
+            return;
+        };
+        let fp = (
+            layer.counters().sessions_established,
+            layer.session_count(),
+            layer.revocation_version(),
+        );
+        if fp != self.keys_fingerprint {
+            self.keys_fingerprint = fp;
+            self.peer_keys
+                .borrow_mut()
+                .replace(layer.verified_peers().map(|p| (p.node_id, p.public_key)));
+        }
     }
 
     /// Sends what the node wants sent and hands its events out: to the job host first (which
@@ -484,12 +523,16 @@ impl Overlay {
         };
         let serial = self.cert_serial;
         let c = layer.counters();
+        let keys = self.peer_keys.borrow();
+        let t = keys.counters();
         alloc::format!(
             "trust=on\ntrust_serial={serial}\ntrust_sessions={}\ntrust_established={}\ntrust_delivered={}\ntrust_rejected={}\n\
              trust_bad_cookie={}\ntrust_cert_wrong_authority={}\ntrust_cert_other={}\n\
              trust_tampered={}\ntrust_replayed={}\ntrust_malformed={}\ntrust_unknown_session={}\n\
              trust_revocation_version={}\n\
-             trust_send_drops={}\n",
+             trust_send_drops={}\n\
+             trust_token_keys={}\ntrust_tokens_verified={}\ntrust_tokens_unknown_signer={}\n\
+             trust_tokens_bad_signature={}\n",
             layer.session_count(),
             c.sessions_established,
             c.delivered,
@@ -511,6 +554,10 @@ impl Overlay {
             c.unknown_index,
             layer.revocation_version(),
             self.counters.trust_send_drops,
+            keys.len(),
+            t.verified,
+            t.unknown_signer,
+            t.bad_signature,
         )
     }
 }

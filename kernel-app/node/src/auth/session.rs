@@ -580,6 +580,20 @@ impl SessionLayer {
         self.sessions.get(idx).map(|s| &s.peer)
     }
 
+    /// The verified peers of the established sessions (one per session: a peer with two
+    /// sessions appears twice).
+    pub fn verified_peers(&self) -> impl Iterator<Item = &VerifiedPeer> {
+        self.sessions.values().map(|s| &s.peer)
+    }
+
+    /// The public key of `node` as its certificate chain certified it, if a session with it
+    /// is established.
+    pub fn public_key_of(&self, node: NodeId) -> Option<PublicKey> {
+        self.verified_peers()
+            .find(|p| p.node_id == node)
+            .map(|p| p.public_key)
+    }
+
     /// How far apart two sessions with one address may have been established and still count
     /// as made at once (a simultaneous open, or both ends renewing together): the longest a
     /// handshake can run.

@@ -4,15 +4,22 @@
 //! expired and that it has not been seen before (no replay, no reuse for another task or
 //! target).
 //!
-//! Signatures come from the trust module later; [`TokenAuthority`] is the seam, and
-//! [`SharedKeyAuthority`] a keyed-hash stand-in for tests and the simulator.
+//! [`TokenAuthority`] is the seam. [`NodeKeyAuthority`] signs with the node's Ed25519
+//! identity key (the one its certificate certifies) and verifies with the delegator's public
+//! key as the trust layer verified it ([`PeerKeys`], filled by the driver from its
+//! authenticated sessions): a token from a node without a verified session, or with a bad
+//! signature, is refused. [`SharedKeyAuthority`] is a keyed-hash stand-in for tests, the
+//! simulator and nodes running without trust material.
 
 use super::record::{JobId, MAX_USER, TaskId};
+use crate::auth::keys::{self, IdentityKey, PublicKey, Sig};
 use crate::id::NodeId;
 use crate::time::Instant;
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -82,6 +89,127 @@ impl TokenAuthority for SharedKeyAuthority {
     fn verify(&self, signer: NodeId, msg: &[u8], sig: &[u8]) -> bool {
         // Not constant-time: a stand-in, see the type's doc.
         sig == self.mac(signer, msg)
+    }
+}
+
+/// Most peer keys [`PeerKeys`] holds (more verified sessions than this: the rest are not
+/// trusted for tokens until the set shrinks).
+pub const MAX_PEER_KEYS: usize = 512;
+
+/// What [`NodeKeyAuthority::verify`] decided, by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenCheckCounters {
+    pub verified: u64,
+    /// The signer has no verified session (no key known for its NodeId).
+    pub unknown_signer: u64,
+    /// Wrong length, or not the signer's signature over the token.
+    pub bad_signature: u64,
+    /// Keys not kept because the set was full.
+    pub keys_dropped: u64,
+}
+
+/// The public keys of peers the trust layer has verified (certificate chain from the
+/// authority, handshake signature), by NodeId. The driver refreshes it from its sessions;
+/// a key is kept only if it hashes to its NodeId.
+#[derive(Clone, Debug, Default)]
+pub struct PeerKeys {
+    keys: BTreeMap<NodeId, PublicKey>,
+    counters: TokenCheckCounters,
+}
+
+impl PeerKeys {
+    pub fn shared() -> Rc<RefCell<PeerKeys>> {
+        Rc::new(RefCell::new(PeerKeys::default()))
+    }
+
+    /// Adds one verified peer's key; `false` if it does not hash to `node` or the set is full.
+    pub fn insert(&mut self, node: NodeId, key: PublicKey) -> bool {
+        if NodeId::from_public_key(&key) != node {
+            return false;
+        }
+        if self.keys.len() >= MAX_PEER_KEYS && !self.keys.contains_key(&node) {
+            self.counters.keys_dropped += 1;
+            return false;
+        }
+        self.keys.insert(node, key);
+        true
+    }
+
+    /// Replaces the set with the peers of the current verified sessions (peers whose
+    /// sessions ended, or were cut by a revocation, are forgotten).
+    pub fn replace(&mut self, peers: impl IntoIterator<Item = (NodeId, PublicKey)>) {
+        self.keys.clear();
+        for (node, key) in peers {
+            self.insert(node, key);
+        }
+    }
+
+    pub fn get(&self, node: NodeId) -> Option<PublicKey> {
+        self.keys.get(&node).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn counters(&self) -> TokenCheckCounters {
+        self.counters
+    }
+}
+
+/// Signs tokens with this node's Ed25519 identity key; verifies them with the signer's key
+/// from [`PeerKeys`] (shared with the driver, which fills it from verified sessions).
+pub struct NodeKeyAuthority {
+    identity: IdentityKey,
+    me: NodeId,
+    peers: Rc<RefCell<PeerKeys>>,
+}
+
+impl core::fmt::Debug for NodeKeyAuthority {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NodeKeyAuthority")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeKeyAuthority {
+    pub fn new(identity: IdentityKey, peers: Rc<RefCell<PeerKeys>>) -> Self {
+        NodeKeyAuthority {
+            me: identity.node_id(),
+            identity,
+            peers,
+        }
+    }
+}
+
+impl TokenAuthority for NodeKeyAuthority {
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.identity.sign(msg).0.to_vec()
+    }
+
+    fn verify(&self, signer: NodeId, msg: &[u8], sig: &[u8]) -> bool {
+        let mut peers = self.peers.borrow_mut();
+        let key = if signer == self.me {
+            Some(self.identity.public())
+        } else {
+            peers.get(signer)
+        };
+        let Some(key) = key else {
+            peers.counters.unknown_signer += 1;
+            return false;
+        };
+        let ok = <[u8; 64]>::try_from(sig).is_ok_and(|s| keys::verify(&key, msg, &Sig(s)));
+        if ok {
+            peers.counters.verified += 1;
+        } else {
+            peers.counters.bad_signature += 1;
+        }
+        ok
     }
 }
 
@@ -220,5 +348,87 @@ mod tests {
             check(&mut g, &token, &sig, Id(2), Id(200), now),
             Err(DelegationError::Replayed)
         );
+    }
+
+    fn token(delegator: NodeId, target: NodeId) -> DelegationToken {
+        DelegationToken {
+            job: Id(100),
+            task: Id(200),
+            attempt: 0,
+            user: "alice".into(),
+            delegator,
+            target,
+            expires_us: 5_000_000,
+            nonce: 7,
+        }
+    }
+
+    #[test]
+    fn node_keys_sign_and_verify_tokens() {
+        let kx = IdentityKey::from_seed(&[1; 32]);
+        let ky = IdentityKey::from_seed(&[2; 32]);
+        let (x_id, x_pub) = (kx.node_id(), kx.public());
+        let y_id = ky.node_id();
+        let x_keys = PeerKeys::shared();
+        let y_keys = PeerKeys::shared();
+        let x = NodeKeyAuthority::new(kx, x_keys);
+        let y = NodeKeyAuthority::new(ky, y_keys.clone());
+        let t = token(x_id, y_id);
+        let sig = x.sign(&t.signed_bytes());
+        assert_eq!(sig.len(), 64);
+        let now = Instant::from_millis(1000);
+        let mut g = DelegationGuard::default();
+
+        // Unknown signer: no verified session with x yet.
+        assert_eq!(
+            g.check(&y, &t, &sig, y_id, Id(100), Id(200), now),
+            Err(DelegationError::BadSignature)
+        );
+        assert_eq!(y_keys.borrow().counters().unknown_signer, 1);
+
+        // A key that does not hash to the NodeId is not taken.
+        assert!(!y_keys.borrow_mut().insert(x_id, [9; 32]));
+        y_keys.borrow_mut().replace([(x_id, x_pub)]);
+        assert_eq!(y_keys.borrow().len(), 1);
+
+        // Tampered token.
+        let mut tampered = t.clone();
+        tampered.expires_us += 1;
+        assert_eq!(
+            g.check(&y, &tampered, &sig, y_id, Id(100), Id(200), now),
+            Err(DelegationError::BadSignature)
+        );
+        // Signed by the wrong key (a member claiming to be x).
+        let z = NodeKeyAuthority::new(IdentityKey::from_seed(&[3; 32]), PeerKeys::shared());
+        assert_eq!(
+            g.check(
+                &y,
+                &t,
+                &z.sign(&t.signed_bytes()),
+                y_id,
+                Id(100),
+                Id(200),
+                now
+            ),
+            Err(DelegationError::BadSignature)
+        );
+        // Truncated signature.
+        assert_eq!(
+            g.check(&y, &t, &sig[..63], y_id, Id(100), Id(200), now),
+            Err(DelegationError::BadSignature)
+        );
+        assert_eq!(y_keys.borrow().counters().bad_signature, 3);
+        assert_eq!(g.check(&y, &t, &sig, y_id, Id(100), Id(200), now), Ok(()));
+        assert_eq!(y_keys.borrow().counters().verified, 1);
+
+        // The session ends: x's key is forgotten and its tokens refused again.
+        y_keys.borrow_mut().replace([]);
+        let t2 = DelegationToken { nonce: 8, ..t };
+        let sig2 = x.sign(&t2.signed_bytes());
+        assert_eq!(
+            g.check(&y, &t2, &sig2, y_id, Id(100), Id(200), now),
+            Err(DelegationError::BadSignature)
+        );
+        assert_eq!(y_keys.borrow().counters().unknown_signer, 2);
     }
 }
