@@ -6,7 +6,11 @@
 //! The first frame must be `Auth(Hello)`. With trust material the node answers with the user
 //! authentication's Challenge, checks the Proof and from then on seals every frame both ways
 //! with the session key (`Ready { authenticated: true }` is the first sealed frame). Without
-//! trust material it answers `Ready { authenticated: false }` in the clear. Replies larger than
+//! trust material it answers `Ready { authenticated: false }` in the clear. When the signed
+//! user list lets this node serve the user but it holds no credential, the session waits
+//! (up to [`CREDENTIAL_DEADLINE_US`]) while the node asks its neighbours for it through the
+//! overlay's `CredentialDelegator`; then it answers the Hello with the Challenge, or with an
+//! `Auth` error saying why the credential could not be had. Replies larger than
 //! the socket's buffer (a 64 KiB chunk) are streamed out as space frees.
 
 use alloc::string::String;
@@ -17,7 +21,7 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
 use unipeer_node::auth::{
-    Csprng, UserAuthError, UserAuthMessage, UserAuthResponder, UserCredential, UserList,
+    Csprng, DelegationEvent, UserAuthError, UserAuthMessage, UserAuthResponder,
 };
 use unipeer_node::jobs::JobAgent;
 use unipeer_node::jobs::chunk::ChunkError;
@@ -43,14 +47,12 @@ pub const SUBMIT_DEADLINE_US: u64 = 120_000_000;
 pub const RECORDS_DEADLINE_US: u64 = 20_000_000;
 /// A fetched chunk must arrive within this.
 pub const FETCH_DEADLINE_US: u64 = 30_000_000;
+/// A Hello waiting for a delegated credential is answered within this (the delegator gives
+/// up sooner, after `DELEGATION_TIMEOUT_MS`; this bounds the session if it never answers).
+pub const CREDENTIAL_DEADLINE_US: u64 =
+    (unipeer_node::auth::delegation::DELEGATION_TIMEOUT_MS + 2_000) * 1_000;
 const RX_BUF: usize = 16 * 1024;
 const TX_BUF: usize = 16 * 1024;
-
-/// What the client port needs of the trust material (taken from the launch config).
-pub struct ClientAuth {
-    pub users: Option<UserList>,
-    pub credentials: Vec<UserCredential>,
-}
 
 #[derive(Default, Clone, Copy)]
 pub struct ClientCounters {
@@ -63,11 +65,22 @@ pub struct ClientCounters {
     pub bad_frames: u64,
     pub idle_closed: u64,
     pub timeouts: u64,
+    /// Hellos that waited for a delegated credential.
+    pub credential_waits: u64,
+    /// Of these, answered with a Challenge once the credential came.
+    pub credential_obtained: u64,
+    /// Of these, refused (the neighbours refused, or time ran out).
+    pub credential_failed: u64,
 }
 
 enum Phase {
     AwaitHello,
     AwaitProof(UserAuthResponder),
+    /// The Hello waits for the user's credential from a neighbour.
+    AwaitCredential {
+        hello: UserAuthMessage,
+        deadline_us: u64,
+    },
     Ready,
     /// Closes once the last reply has gone.
     Closing,
@@ -78,6 +91,7 @@ enum Phase {
 enum P {
     Hello,
     Proof,
+    Credential,
     Ready,
     Closing,
 }
@@ -162,7 +176,9 @@ impl Session {
 
 pub struct ClientPort {
     sessions: Vec<Session>,
-    auth: Option<ClientAuth>,
+    /// Users authenticate (trust material present); the user list and credentials are the
+    /// overlay's delegator's.
+    trust: bool,
     node: NodeId,
     server: String,
     /// A session can take its next request (bytes already in its socket): pass again at once.
@@ -200,7 +216,7 @@ impl ClientPort {
             .collect();
         let mut port = ClientPort {
             sessions,
-            auth: overlay.client_auth.take(),
+            trust: overlay.trust.is_some(),
             node: overlay.node.id(),
             server: config.server_id.clone(),
             wake_now: false,
@@ -278,8 +294,77 @@ impl ClientPort {
         agent: &mut JobAgent,
         rng: &mut Csprng,
     ) {
+        self.on_delegation_events(now_us, overlay, rng);
         for i in 0..self.sessions.len() {
             self.service_session(i, now_us, stack, overlay, agent, rng);
+        }
+        // Credential requests the sessions started go out in this pass.
+        overlay.pump_delegation(instant(now_us));
+        overlay.send_trust(stack);
+    }
+
+    /// Answers the Hellos that waited for a credential the delegator obtained or gave up on.
+    fn on_delegation_events(&mut self, now_us: u64, overlay: &mut Overlay, rng: &mut Csprng) {
+        let Some(del) = overlay.delegator.as_mut() else {
+            return;
+        };
+        while let Some(e) = del.poll_event() {
+            let user = match &e {
+                DelegationEvent::Obtained { user, .. } | DelegationEvent::Failed { user, .. } => {
+                    user.clone()
+                }
+            };
+            if let DelegationEvent::Obtained { from, .. } = &e {
+                log::info!("client: credential of {user} obtained from {from}");
+            }
+            for s in &mut self.sessions {
+                let Phase::AwaitCredential { hello, .. } = &s.phase else {
+                    continue;
+                };
+                if s.user != user {
+                    continue;
+                }
+                let hello = hello.clone();
+                s.last_activity_us = now_us;
+                match &e {
+                    DelegationEvent::Obtained { .. } => {
+                        rng.mix(&crate::arch::cpu::rdtsc().to_le_bytes());
+                        match UserAuthResponder::on_hello(
+                            &hello,
+                            self.node,
+                            &self.server,
+                            del.users(),
+                            del.credentials(),
+                            rng.bytes32(),
+                        ) {
+                            Ok((responder, challenge)) => {
+                                self.counters.credential_obtained += 1;
+                                s.reply(&ClientReply::Auth(challenge));
+                                s.phase = Phase::AwaitProof(responder);
+                            }
+                            Err(err) => {
+                                self.counters.credential_failed += 1;
+                                self.counters.auth_failures += 1;
+                                s.error(ClientErrorCode::Auth, auth_error_text(err));
+                                s.phase = Phase::Closing;
+                            }
+                        }
+                    }
+                    DelegationEvent::Failed { why, .. } => {
+                        log::info!("client: credential of {user} not obtained: {why}");
+                        self.counters.credential_failed += 1;
+                        self.counters.auth_failures += 1;
+                        s.error(
+                            ClientErrorCode::Auth,
+                            &alloc::format!(
+                                "this node holds no credential for {user} and could not obtain \
+                                 it by delegation: {why}"
+                            ),
+                        );
+                        s.phase = Phase::Closing;
+                    }
+                }
+            }
         }
     }
 
@@ -377,6 +462,20 @@ impl ClientPort {
 
     fn check_pending(&mut self, i: usize, now_us: u64) {
         let s = &mut self.sessions[i];
+        if let Phase::AwaitCredential { deadline_us, .. } = s.phase
+            && now_us >= deadline_us
+        {
+            self.counters.credential_failed += 1;
+            self.counters.auth_failures += 1;
+            self.counters.timeouts += 1;
+            s.error(
+                ClientErrorCode::Auth,
+                "this node holds no credential for the user and no neighbour answered in time",
+            );
+            s.phase = Phase::Closing;
+            s.last_activity_us = now_us;
+            return;
+        }
         let Some(p) = s.pending.as_mut() else {
             return;
         };
@@ -424,6 +523,7 @@ impl ClientPort {
         let phase = match s.phase {
             Phase::AwaitHello => P::Hello,
             Phase::AwaitProof(_) => P::Proof,
+            Phase::AwaitCredential { .. } => P::Credential,
             Phase::Ready => P::Ready,
             Phase::Closing => P::Closing,
         };
@@ -432,15 +532,15 @@ impl ClientPort {
                 if let UserAuthMessage::Hello { user, .. } = &hello {
                     s.user = user.clone();
                 }
-                let Some(auth) = self.auth.as_ref() else {
+                if !self.trust {
                     s.phase = Phase::Ready;
                     s.reply(&ClientReply::Ready {
                         node,
                         authenticated: false,
                     });
                     return;
-                };
-                let Some(users) = auth.users.as_ref() else {
+                }
+                let Some(del) = overlay.delegator.as_mut() else {
                     self.counters.auth_failures += 1;
                     s.error(
                         ClientErrorCode::Auth,
@@ -455,13 +555,54 @@ impl ClientPort {
                     &hello,
                     node,
                     &self.server,
-                    users,
-                    &auth.credentials,
+                    del.users(),
+                    del.credentials(),
                     nonce,
                 ) {
                     Ok((responder, challenge)) => {
                         s.reply(&ClientReply::Auth(challenge));
                         s.phase = Phase::AwaitProof(responder);
+                    }
+                    Err(UserAuthError::NeedCredential) => {
+                        let user = s.user.clone();
+                        // One request per user: another session may already wait for it.
+                        let asked = self.sessions.iter().any(|o| {
+                            matches!(o.phase, Phase::AwaitCredential { .. }) && o.user == user
+                        });
+                        let started = if asked {
+                            Ok(())
+                        } else {
+                            let neighbours = overlay.delegation_neighbours();
+                            match overlay.delegator.as_mut() {
+                                Some(del) => del.request(now, &user, &neighbours).map(|_| ()),
+                                None => Ok(()),
+                            }
+                        };
+                        let s = &mut self.sessions[i];
+                        match started {
+                            Ok(()) => {
+                                self.counters.credential_waits += 1;
+                                log::info!(
+                                    "client: no credential for {user}: asking the neighbours"
+                                );
+                                s.phase = Phase::AwaitCredential {
+                                    hello,
+                                    deadline_us: now_us + CREDENTIAL_DEADLINE_US,
+                                };
+                            }
+                            Err(e) => {
+                                self.counters.auth_failures += 1;
+                                self.counters.credential_failed += 1;
+                                s.error(
+                                    ClientErrorCode::Auth,
+                                    &alloc::format!(
+                                        "this node holds no credential for {user} and cannot \
+                                         ask for it: {e}"
+                                    ),
+                                );
+                                s.phase = Phase::Closing;
+                            }
+                        }
                     }
                     Err(e) => {
                         self.counters.auth_failures += 1;
@@ -587,7 +728,7 @@ impl ClientPort {
                     running: agent.running().min(255) as u8,
                 });
             }
-            (P::Closing, _) => {}
+            (P::Closing | P::Credential, _) => {}
         }
     }
 
@@ -614,7 +755,7 @@ impl ClientPort {
             }
             let readable = socket.can_recv();
             if readable && s.pending.is_none() && s.out.is_empty() {
-                self.wake_now |= !matches!(s.phase, Phase::Closing);
+                self.wake_now |= !matches!(s.phase, Phase::Closing | Phase::AwaitCredential { .. });
             }
             if matches!(s.phase, Phase::Closing)
                 && s.out.is_empty()
@@ -639,9 +780,10 @@ impl ClientPort {
         self.sessions
             .iter()
             .filter(|s| s.active)
-            .map(|s| match &s.pending {
-                Some(p) => p.deadline_us(),
-                None => s.last_activity_us + IDLE_US + 1,
+            .map(|s| match (&s.pending, &s.phase) {
+                (Some(p), _) => p.deadline_us(),
+                (None, Phase::AwaitCredential { deadline_us, .. }) => *deadline_us,
+                (None, _) => s.last_activity_us + IDLE_US + 1,
             })
             .chain(wake)
             .min()
@@ -656,7 +798,8 @@ impl ClientPort {
         let c = &self.counters;
         alloc::format!(
             "client_active={}\nclient_sessions={}\nclient_authenticated={}\nclient_auth_failures={}\n\
-             client_requests={}\nclient_errors={}\nclient_bad_frames={}\nclient_idle_closed={}\nclient_timeouts={}\n",
+             client_requests={}\nclient_errors={}\nclient_bad_frames={}\nclient_idle_closed={}\nclient_timeouts={}\n\
+             client_credential_waits={}\nclient_credential_obtained={}\nclient_credential_failed={}\n",
             self.sessions.iter().filter(|s| s.active).count(),
             c.sessions,
             c.authenticated,
@@ -666,6 +809,9 @@ impl ClientPort {
             c.bad_frames,
             c.idle_closed,
             c.timeouts,
+            c.credential_waits,
+            c.credential_obtained,
+            c.credential_failed,
         )
     }
 }
@@ -682,9 +828,7 @@ fn auth_error_text(e: UserAuthError) -> &'static str {
     match e {
         UserAuthError::UnknownUser => "unknown user",
         UserAuthError::NotAllowed => "user not allowed on this node",
-        UserAuthError::NeedCredential => {
-            "this node does not hold the user's credential (credential delegation is not wired yet)"
-        }
+        UserAuthError::NeedCredential => "this node does not hold the user's credential",
         UserAuthError::BadProof => "proof does not verify",
         UserAuthError::Unexpected => "unexpected authentication message",
     }

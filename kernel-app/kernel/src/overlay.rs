@@ -14,9 +14,10 @@ use alloc::borrow::Cow;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
+use unipeer_node::auth::delegation::DelegationCounters;
 use unipeer_node::auth::{
-    Channel, IdentityKey, RevocationList, SEAL_OVERHEAD, SessionLayer, SessionLimits, TrustConfig,
-    WallClock,
+    Channel, CredentialDelegator, IdentityKey, RevocationList, SEAL_OVERHEAD, SessionLayer,
+    SessionLimits, TrustConfig, TrustMessage, WallClock,
 };
 use unipeer_node::id::placeholder_public_key;
 use unipeer_node::jobs::delegation::PeerKeys;
@@ -25,7 +26,6 @@ use unipeer_node::node::RequestKind;
 use unipeer_node::wire::{SealError, Sealer};
 use unipeer_node::{Event, Instant, Key, Node, NodeConfig, OpId, ServerTag};
 
-use crate::client::ClientAuth;
 use crate::jobs::JobHost;
 use crate::net::Stack;
 
@@ -83,8 +83,13 @@ pub struct Overlay {
     socket: SocketHandle,
     waiting: BTreeMap<OpId, SocketHandle>,
     pub counters: OverlayCounters,
-    /// The user list and credentials for the client port (taken by the job host).
-    pub client_auth: Option<ClientAuth>,
+    /// The signed user list, the credentials this node holds and the credential delegation
+    /// with its neighbours (the client port authenticates users with it); `None` without
+    /// trust material or without a user list.
+    pub delegator: Option<CredentialDelegator>,
+    /// Trust-channel messages that were not for this node's trust services (undecodable,
+    /// or from a peer whose session no longer answers for its address).
+    trust_unhandled: u64,
     /// The node's identity key for signing delegation tokens (taken by the job host);
     /// `None` without trust material.
     pub token_identity: Option<IdentityKey>,
@@ -165,9 +170,15 @@ impl Overlay {
         let headroom = Headroom(if trust.is_some() { SEAL_OVERHEAD } else { 0 });
         let mut node = Node::with_sealer(node_config, headroom, instant(now_us))
             .map_err(|e| alloc::format!("{e}"))?;
-        let client_auth = trust.as_ref().map(|(tc, _)| ClientAuth {
-            users: tc.users.clone(),
-            credentials: tc.credentials.clone(),
+        let delegator = trust.as_ref().and_then(|(tc, _)| {
+            tc.users.clone().map(|users| {
+                CredentialDelegator::new(
+                    tc.identity.node_id(),
+                    &config.server_id,
+                    users,
+                    tc.credentials.clone(),
+                )
+            })
         });
         let token_identity = trust
             .as_ref()
@@ -203,7 +214,8 @@ impl Overlay {
             socket,
             waiting: BTreeMap::new(),
             counters: OverlayCounters::default(),
-            client_auth,
+            delegator,
+            trust_unhandled: 0,
             token_identity,
             peer_keys: PeerKeys::shared(),
             keys_fingerprint: (0, 0, 0),
@@ -235,18 +247,78 @@ impl Overlay {
                 layer.handle_timeout(now);
             }
             while let Some(d) = layer.poll_delivered() {
-                if d.channel == Channel::Overlay {
-                    // The header must name the peer the session authenticated.
-                    self.node
-                        .handle_authenticated_datagram(now, d.from, d.peer, &d.bytes);
+                match d.channel {
+                    Channel::Overlay => {
+                        // The header must name the peer the session authenticated.
+                        self.node
+                            .handle_authenticated_datagram(now, d.from, d.peer, &d.bytes);
+                    }
+                    Channel::Trust => {
+                        // Revocations are handled inside the layer; credential delegation
+                        // here, with the sender's verified identity and server.
+                        let server = layer
+                            .peer(d.from)
+                            .filter(|p| p.node_id == d.peer)
+                            .map(|p| p.server.clone());
+                        match (
+                            TrustMessage::decode(&d.bytes),
+                            server,
+                            self.delegator.as_mut(),
+                        ) {
+                            (Some(TrustMessage::Delegation(m)), Some(server), Some(del)) => {
+                                del.handle_message(d.from, d.peer, &server, m);
+                            }
+                            _ => self.trust_unhandled += 1,
+                        }
+                    }
                 }
             }
         }
+        self.pump_delegation(now);
         self.refresh_peer_keys();
         if self.node.poll_timeout().is_some_and(|t| t <= now) {
             self.node.handle_timeout(now);
         }
         self.flush(now_us, stack, jobs);
+    }
+
+    /// Ends credential requests past their time and hands the delegator's messages to the
+    /// trust layer, sealed on the Trust channel (they go out with `send_trust`).
+    pub fn pump_delegation(&mut self, now: Instant) {
+        let (Some(del), Some(layer)) = (self.delegator.as_mut(), self.trust.as_mut()) else {
+            return;
+        };
+        if del.poll_timeout().is_some_and(|t| t <= now) {
+            del.handle_timeout(now);
+        }
+        while let Some((to, m)) = del.poll_outbound() {
+            let bytes = TrustMessage::Delegation(m).encode();
+            if layer.send(now, to, Channel::Trust, &bytes).is_err() {
+                self.counters.trust_send_drops += 1;
+            }
+        }
+    }
+
+    /// Whom to ask for a credential: leaf-set members and the nearest neighbours, those with
+    /// an established session first (at most `MAX_ASKED` are asked).
+    pub fn delegation_neighbours(&self) -> Vec<PeerAddr> {
+        let mut out: Vec<PeerAddr> = Vec::new();
+        let leaf = self.node.leaf_set().contacts().map(|c| c.addr);
+        let near = self
+            .node
+            .neighbourhood()
+            .members()
+            .iter()
+            .map(|e| e.contact.addr);
+        for a in leaf.chain(near) {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        if let Some(layer) = self.trust.as_ref() {
+            out.sort_by_key(|a| layer.peer(*a).is_none());
+        }
+        out
     }
 
     /// Rebuilds the verified peers' keys when sessions came or went (a handshake, an expiry,
@@ -509,7 +581,8 @@ impl Overlay {
     /// The earliest deadline of the node and the trust layer, in kernel microseconds.
     pub fn next_deadline_us(&self) -> Option<u64> {
         let trust = self.trust.as_ref().and_then(|l| l.poll_timeout());
-        [self.node.poll_timeout(), trust]
+        let delegation = self.delegator.as_ref().and_then(|d| d.poll_timeout());
+        [self.node.poll_timeout(), trust, delegation]
             .into_iter()
             .flatten()
             .min()
@@ -532,7 +605,7 @@ impl Overlay {
              trust_revocation_version={}\n\
              trust_send_drops={}\n\
              trust_token_keys={}\ntrust_tokens_verified={}\ntrust_tokens_unknown_signer={}\n\
-             trust_tokens_bad_signature={}\n",
+             trust_tokens_bad_signature={}\ntrust_unhandled={}\n",
             layer.session_count(),
             c.sessions_established,
             c.delivered,
@@ -558,6 +631,35 @@ impl Overlay {
             t.verified,
             t.unknown_signer,
             t.bad_signature,
+            self.trust_unhandled,
+        ) + &self.delegation_text()
+    }
+
+    /// `key=value` lines about credential delegation (`deleg_*`).
+    pub fn delegation_text(&self) -> String {
+        let Some(d) = self.delegator.as_ref() else {
+            return String::from("deleg=off\n");
+        };
+        let DelegationCounters {
+            requests_sent,
+            granted,
+            refused_not_allowed,
+            refused_unknown_user,
+            refused_no_credential,
+            obtained,
+            failed,
+            unsolicited,
+            grant_not_allowed,
+            outbound_drops,
+        } = *d.counters();
+        alloc::format!(
+            "deleg=on\ndeleg_credentials={}\ndeleg_requests_sent={requests_sent}\n\
+             deleg_granted={granted}\ndeleg_refused_not_allowed={refused_not_allowed}\n\
+             deleg_refused_unknown_user={refused_unknown_user}\n\
+             deleg_refused_no_credential={refused_no_credential}\ndeleg_obtained={obtained}\n\
+             deleg_failed={failed}\ndeleg_unsolicited={unsolicited}\n\
+             deleg_grant_not_allowed={grant_not_allowed}\ndeleg_outbound_drops={outbound_drops}\n",
+            d.credentials().len(),
         )
     }
 }

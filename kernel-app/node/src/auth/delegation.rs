@@ -50,7 +50,40 @@ pub enum DelegationEvent {
     /// The credential arrived; the user can now be served.
     Obtained { user: String, from: NodeId },
     /// Every neighbour refused, or none answered in time.
-    Failed { user: String },
+    Failed { user: String, why: FailReason },
+}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailReason {
+    /// Every neighbour asked refused; the most telling reason given (not allowed, then
+    /// unknown user, then no credential).
+    Refused(RefuseReason),
+    /// Not every neighbour answered within [`DELEGATION_TIMEOUT_MS`] and none granted.
+    Timeout,
+}
+
+impl fmt::Display for FailReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailReason::Refused(RefuseReason::NotAllowed) => {
+                "a neighbour refused: the user list does not let this peer serve the user"
+            }
+            FailReason::Refused(RefuseReason::UnknownUser) => "the neighbours do not know the user",
+            FailReason::Refused(RefuseReason::NoCredential) => {
+                "no neighbour asked holds the user's credential"
+            }
+            FailReason::Timeout => "no neighbour granted the user's credential in time",
+        })
+    }
+}
+
+fn rank(r: RefuseReason) -> u8 {
+    match r {
+        RefuseReason::NotAllowed => 2,
+        RefuseReason::UnknownUser => 1,
+        RefuseReason::NoCredential => 0,
+    }
 }
 
 /// Why a request was not started.
@@ -97,6 +130,7 @@ struct Pending {
     user: String,
     asked: Vec<PeerAddr>,
     answers: usize,
+    worst: Option<RefuseReason>,
     deadline: Instant,
 }
 
@@ -215,6 +249,7 @@ impl CredentialDelegator {
                 user: String::from(user),
                 asked,
                 answers: 0,
+                worst: None,
                 deadline: now.plus_ms(DELEGATION_TIMEOUT_MS),
             },
         );
@@ -283,7 +318,7 @@ impl CredentialDelegator {
                 });
                 self.credentials.push(credential);
             }
-            DelegationMessage::Refuse { id, .. } => {
+            DelegationMessage::Refuse { id, reason } => {
                 let Some(p) = self
                     .pending
                     .get_mut(&id)
@@ -293,11 +328,16 @@ impl CredentialDelegator {
                     return;
                 };
                 p.answers += 1;
+                if p.worst.is_none_or(|w| rank(reason) > rank(w)) {
+                    p.worst = Some(reason);
+                }
                 if p.answers >= p.asked.len() {
                     let p = self.pending.remove(&id).expect("present");
                     self.counters.failed += 1;
-                    self.events
-                        .push_back(DelegationEvent::Failed { user: p.user });
+                    self.events.push_back(DelegationEvent::Failed {
+                        user: p.user,
+                        why: FailReason::Refused(reason_or(p.worst)),
+                    });
                 }
             }
         }
@@ -314,8 +354,83 @@ impl CredentialDelegator {
         for id in late {
             let p = self.pending.remove(&id).expect("listed");
             self.counters.failed += 1;
-            self.events
-                .push_back(DelegationEvent::Failed { user: p.user });
+            self.events.push_back(DelegationEvent::Failed {
+                user: p.user,
+                why: FailReason::Timeout,
+            });
         }
+    }
+}
+
+fn reason_or(worst: Option<RefuseReason>) -> RefuseReason {
+    worst.unwrap_or(RefuseReason::NoCredential)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::IdentityKey;
+    use crate::auth::users::{Allowance, UserEntry};
+    use crate::id::Id;
+
+    fn addr(i: u8) -> PeerAddr {
+        PeerAddr {
+            ipv4: [10, 0, 0, i],
+            port: 7000,
+        }
+    }
+
+    #[test]
+    fn failure_says_why() {
+        let list = UserList::issue(
+            1,
+            0,
+            alloc::vec![UserEntry {
+                name: "alice".into(),
+                allowed: alloc::vec![Allowance::AnyPeer],
+            }],
+            &IdentityKey::from_seed(&[4; 32]),
+        );
+        let mut d = CredentialDelegator::new(Id(1), "s1", list, Vec::new());
+        let now = Instant::ZERO;
+        let id = d.request(now, "alice", &[addr(2), addr(3)]).unwrap();
+        d.handle_message(
+            addr(2),
+            Id(2),
+            "s1",
+            DelegationMessage::Refuse {
+                id,
+                reason: RefuseReason::NoCredential,
+            },
+        );
+        assert_eq!(d.poll_event(), None, "one neighbour has not answered yet");
+        // An answer from a peer not asked does not count.
+        d.handle_message(
+            addr(9),
+            Id(9),
+            "s1",
+            DelegationMessage::Refuse {
+                id,
+                reason: RefuseReason::NoCredential,
+            },
+        );
+        assert_eq!(d.counters().unsolicited, 1);
+        d.handle_message(
+            addr(3),
+            Id(3),
+            "s1",
+            DelegationMessage::Refuse {
+                id,
+                reason: RefuseReason::NotAllowed,
+            },
+        );
+        assert_eq!(
+            d.poll_event(),
+            Some(DelegationEvent::Failed {
+                user: "alice".into(),
+                why: FailReason::Refused(RefuseReason::NotAllowed)
+            })
+        );
+        assert_eq!(d.poll_timeout(), None);
     }
 }

@@ -29,7 +29,7 @@ pub mod users;
 pub use cert::{CertBody, CertChain, CertError, CertKind, Certificate, VerifiedPeer};
 pub use clock::WallClock;
 pub use csprng::Csprng;
-pub use delegation::{CredentialDelegator, DelegationEvent, DelegationMessage};
+pub use delegation::{CredentialDelegator, DelegationEvent, DelegationMessage, FailReason};
 pub use keys::{IdentityKey, PublicKey, Sig};
 pub use revocation::{RevocationError, RevocationList, RevocationState};
 pub use session::{

@@ -755,7 +755,10 @@ fn delegation_grants_to_allowed_peers_and_refuses_others() {
     ));
     assert_eq!(
         lone.poll_event(),
-        Some(DelegationEvent::Failed { user: "bob".into() })
+        Some(DelegationEvent::Failed {
+            user: "bob".into(),
+            why: crate::auth::delegation::FailReason::Timeout
+        })
     );
 }
 
