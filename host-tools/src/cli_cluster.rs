@@ -51,6 +51,10 @@ pub struct UpArgs {
     /// Copies of every record and chunk, the root's included (1..=5; the node's default is 3).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
     replicas: Option<u8>,
+    /// Only the first N VMs (by launch order) hold the registered users' credentials; the
+    /// others obtain them from their neighbours by credential delegation (default: all hold).
+    #[arg(long)]
+    credential_holders: Option<usize>,
     /// Trusted-authority store that certifies the nodes (created if missing).
     #[arg(long, default_value = "run/ca")]
     ca: PathBuf,
@@ -147,6 +151,7 @@ pub fn up(run_dir: &Path, a: UpArgs) -> anyhow::Result<ExitCode> {
     opts.tb_size_mib = a.tb_size;
     opts.leaf_set = a.leaf_set;
     opts.replicas = a.replicas;
+    opts.credential_holders = a.credential_holders;
     opts.ca_store = if a.no_trust {
         None
     } else if a.ca.is_absolute() {

@@ -144,6 +144,9 @@ struct Shared {
     server_delay_us: AtomicU64,
     /// Trust material per node, issued once so a restarted node keeps its identity.
     materials: Mutex<HashMap<String, LaunchMaterial>>,
+    /// VM names in the order their launch material was first issued (for
+    /// `LaunchSettings::credential_holders`).
+    vm_order: Mutex<Vec<String>>,
     /// One front-end issuer per (authority store, server), holding an intermediate.
     issuers: Mutex<HashMap<(PathBuf, String), FrontEndIssuer>>,
 }
@@ -186,6 +189,7 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         settings: Mutex::new(None),
         server_delay_us: AtomicU64::new(0),
         materials: Mutex::new(HashMap::new()),
+        vm_order: Mutex::new(Vec::new()),
         issuers: Mutex::new(HashMap::new()),
     });
     shared.save_state();
@@ -505,7 +509,18 @@ impl Shared {
             })
             .collect();
         if let Some(store) = plan.ca_store.as_ref().or(s.ca_store.as_ref()) {
-            let m = self.material(&plan.name, &plan.server, store)?;
+            let holds = {
+                let mut order = lock(&self.vm_order);
+                let index = match order.iter().position(|n| *n == plan.name) {
+                    Some(i) => i,
+                    None => {
+                        order.push(plan.name.clone());
+                        order.len() - 1
+                    }
+                };
+                s.credential_holders.is_none_or(|n| index < n)
+            };
+            let m = self.material_for(&plan.name, &plan.server, store, holds)?;
             config.node_key = m.node_key;
             config.certificate = m.certificate;
             config.extra.extend(m.extra);
@@ -584,6 +599,19 @@ impl Shared {
     /// The node's key and certificate chain: issued on first use by its server's front-end
     /// (an intermediate from the authority, limited to that server), then kept.
     fn material(&self, node: &str, server: &str, store: &Path) -> Result<LaunchMaterial, String> {
+        self.material_for(node, server, store, true)
+    }
+
+    /// [`Self::material`], holding the registered users' credentials only if
+    /// `with_credentials` (a VM without them obtains them by credential delegation). Issued
+    /// once per node: a restarted VM keeps what it had.
+    fn material_for(
+        &self,
+        node: &str,
+        server: &str,
+        store: &Path,
+        with_credentials: bool,
+    ) -> Result<LaunchMaterial, String> {
         if let Some(m) = lock(&self.materials).get(node) {
             return Ok(m.clone());
         }
@@ -602,14 +630,19 @@ impl Shared {
         let issued = issuer
             .issue_peer(crate::ca::store::now_unix_ms(), PEER_CERT_VALID_MS)
             .map_err(err)?;
-        // Every VM holds the credentials of the users registered when it launched (users added
-        // later reach it only through credential delegation).
-        let users: Vec<String> = authority
-            .state
-            .users
-            .iter()
-            .map(|u| u.name.clone())
-            .collect();
+        // A credential holder gets the credentials of the users registered when it launched
+        // (users added later reach it only through credential delegation); the other VMs get
+        // none and obtain them from their neighbours.
+        let users: Vec<String> = if with_credentials {
+            authority
+                .state
+                .users
+                .iter()
+                .map(|u| u.name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let users: Vec<&str> = users.iter().map(String::as_str).collect();
         let m = crate::ca::launch_material_issued(&authority, &issued, &users).map_err(err)?;
         lock(&self.materials).insert(node.to_string(), m.clone());

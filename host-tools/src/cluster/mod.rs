@@ -110,6 +110,9 @@ pub struct UpOptions {
     /// Put every node on this server (a front-end starting the cluster with its own VMs);
     /// `None`: split them over `servers` as `s1`, `s2`, ...
     pub server: Option<String>,
+    /// Only the first n VMs (launch order) hold the registered users' credentials; `None`:
+    /// every VM holds every one.
+    pub credential_holders: Option<usize>,
 }
 
 impl UpOptions {
@@ -133,6 +136,7 @@ impl UpOptions {
             ca_store: Some(crate::image::repo_root().join(crate::ca::DEFAULT_STORE)),
             overlay: true,
             server: None,
+            credential_holders: None,
         }
     }
 }
@@ -323,6 +327,7 @@ pub fn up(run_dir: &Path, opts: &UpOptions) -> Result<UpReport, ClusterError> {
             None => None,
         },
         overlay: opts.overlay,
+        credential_holders: opts.credential_holders,
     };
     let mut nodes = plan(1, opts.nodes, opts.servers);
     if let Some(server) = &opts.server {

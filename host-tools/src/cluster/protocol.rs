@@ -75,6 +75,10 @@ pub struct LaunchSettings {
     /// density measurements).
     #[serde(default = "yes")]
     pub overlay: bool,
+    /// Which VMs hold the registered users' credentials: `None`, every VM; `Some(n)`, only
+    /// the first `n` launched (the others obtain them by credential delegation).
+    #[serde(default)]
+    pub credential_holders: Option<usize>,
 }
 
 /// A daemon request.
