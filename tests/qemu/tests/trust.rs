@@ -237,3 +237,143 @@ fn a_revoked_node_is_cut_off_by_the_running_nodes() {
         start.elapsed().as_secs_f64()
     );
 }
+
+/// Authenticates as `cred` at `node`'s client port (through the daemon's relay).
+fn client_auth(
+    c: &Cluster,
+    node: &str,
+    cred: &unipeer_node::auth::UserCredential,
+) -> Result<unipeer::job::client::JobClient<std::os::unix::net::UnixStream>, String> {
+    let stream = cluster::relay(&c.dir, node, unipeer_node::jobs::client::CLIENT_PORT)
+        .map_err(|e| format!("relay to {node}: {e}"))?;
+    stream
+        .set_read_timeout(Some(scaled(Duration::from_secs(30))))
+        .expect("timeout");
+    unipeer::job::client::JobClient::connect(stream, cred).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_node_without_a_users_credential_obtains_it_from_a_neighbour_the_list_allows() {
+    let _guard = exclusive();
+    let c = Cluster {
+        dir: run_dir("trust-delegation"),
+    };
+    let store_path = cluster::ensure_authority(&c.dir.join("authority")).expect("authority store");
+    // Users must exist before `up`: each VM's launch material snapshots the list.
+    let (alice, bob) = {
+        use unipeer_node::auth::Allowance;
+        let mut store = unipeer::ca::AuthorityStore::open(&store_path).expect("open store");
+        store
+            .add_user("alice", vec![Allowance::AnyPeer])
+            .expect("add alice");
+        store
+            .add_user("bob", vec![Allowance::Server("s1".into())])
+            .expect("add bob");
+        let cred = |u: &str| unipeer_node::auth::UserCredential {
+            user: u.into(),
+            psk: store.user_psk(u).expect("psk"),
+        };
+        (cred("alice"), cred("bob"))
+    };
+    let mut opts = UpOptions::new(3, accel(), unipeer_bin().clone());
+    opts.image = image().manifest.name.clone();
+    // plan(1, 3, 2): n1 and n2 on s1, n3 on s2.
+    opts.servers = 2;
+    opts.ca_store = Some(store_path);
+    // Only n1 holds the users' credentials.
+    opts.credential_holders = Some(1);
+    cluster::up(&c.dir, &opts).unwrap_or_else(|e| panic!("up failed: {e}"));
+    let st = cluster::status(&c.dir, false).expect("status");
+    let server_of = |n: &str| {
+        st.nodes
+            .iter()
+            .find(|x| x.name == n)
+            .map(|x| x.server.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (server_of("n1"), server_of("n2"), server_of("n3")),
+        ("s1".into(), "s1".into(), "s2".into())
+    );
+    let nodes = ["n1", "n2", "n3"];
+    let joined = eventually(scaled(Duration::from_secs(60)), || {
+        nodes.iter().all(|n| {
+            let r = report(&c, n);
+            r.get("overlay_joined").map(String::as_str) == Some("true") && num(&r, "leaf_set") == 2
+        })
+    });
+    assert!(
+        joined,
+        "no overlay: {:#?}",
+        nodes.iter().map(|n| report(&c, n)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        num(&report(&c, "n1"), "deleg_credentials"),
+        3,
+        "n1 holds all"
+    );
+    assert_eq!(num(&report(&c, "n2"), "deleg_credentials"), 0);
+    assert_eq!(num(&report(&c, "n3"), "deleg_credentials"), 0);
+
+    // alice at n2, which holds no credential: it obtains hers from a neighbour.
+    let mut cl = client_auth(&c, "n2", &alice)
+        .unwrap_or_else(|e| panic!("alice at n2: {e}\n{:#?}", report(&c, "n2")));
+    assert!(cl.authenticated);
+    let pong = cl.ping().expect("ping after a delegated authentication");
+    assert!(pong.joined);
+    drop(cl);
+    let r2 = report(&c, "n2");
+    assert_eq!(num(&r2, "client_credential_waits"), 1, "{r2:#?}");
+    assert_eq!(num(&r2, "client_credential_obtained"), 1, "{r2:#?}");
+    assert_eq!(num(&r2, "deleg_obtained"), 1, "{r2:#?}");
+    assert_eq!(num(&r2, "deleg_credentials"), 1, "{r2:#?}");
+    assert_eq!(num(&report(&c, "n1"), "deleg_granted"), 1);
+    // Once held, the next authentication needs no delegation.
+    client_auth(&c, "n2", &alice).expect("alice at n2 again");
+    assert_eq!(num(&report(&c, "n2"), "client_credential_waits"), 1);
+
+    // alice on the other server (AnyPeer) as well.
+    let mut cl = client_auth(&c, "n3", &alice)
+        .unwrap_or_else(|e| panic!("alice at n3: {e}\n{:#?}", report(&c, "n3")));
+    cl.ping().expect("ping at n3");
+    drop(cl);
+    assert_eq!(num(&report(&c, "n3"), "deleg_obtained"), 1);
+
+    // bob may be served on s1 only: n3 refuses him outright, and asks nobody for his key.
+    let Err(e) = client_auth(&c, "n3", &bob) else {
+        panic!("bob must be refused at n3");
+    };
+    assert!(e.contains("not allowed"), "unclear refusal: {e}");
+    let r3 = report(&c, "n3");
+    assert_eq!(
+        num(&r3, "deleg_credentials"),
+        1,
+        "n3 got bob's key: {r3:#?}"
+    );
+    assert_eq!(num(&r3, "client_credential_waits"), 1, "{r3:#?}");
+    assert!(num(&r3, "client_auth_failures") >= 1, "{r3:#?}");
+    // ... while n2 (on s1) may obtain it.
+    client_auth(&c, "n2", &bob).unwrap_or_else(|e| panic!("bob at n2: {e}"));
+    assert_eq!(num(&report(&c, "n2"), "deleg_obtained"), 2);
+
+    // alice with a wrong key: refused at a holder and at a node that obtained her key.
+    let wrong = unipeer_node::auth::UserCredential {
+        user: "alice".into(),
+        psk: [0x5a; 32],
+    };
+    for n in ["n1", "n2"] {
+        let Err(e) = client_auth(&c, n, &wrong) else {
+            panic!("{n}: a wrong key must be refused");
+        };
+        assert!(
+            e.contains("authentication failed"),
+            "{n}: unexpected error {e}"
+        );
+    }
+    // No neighbour was ever asked by a peer the list does not allow.
+    for n in nodes {
+        let r = report(&c, n);
+        assert_eq!(num(&r, "deleg_refused_not_allowed"), 0, "{n}: {r:#?}");
+        assert_eq!(num(&r, "deleg_grant_not_allowed"), 0, "{n}: {r:#?}");
+    }
+}
