@@ -14,6 +14,7 @@
 //! - `extra["trust.revocations"]`: the signed [`RevocationList`] (optional);
 //! - `extra["trust.credentials"]`: postcard `Vec<UserCredential>` the peer holds (optional).
 
+pub mod bench;
 pub mod cert;
 pub mod clock;
 pub mod csprng;

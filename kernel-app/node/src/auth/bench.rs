@@ -1,0 +1,118 @@
+//! The sealing path measured on its own: two sessions between throwaway identities (certified
+//! by a throwaway authority, never the node's own keys) established in memory, then each
+//! datagram sealed by one end and opened by the other exactly as the overlay's are
+//! (`SessionLayer::send` → `poll_transmit` → `handle_datagram` → `poll_delivered`:
+//! ChaCha20-Poly1305 with the header as associated data, sequence number, replay window).
+//! The host's `unipeer bench auth` and the kernel's `bench-seal` diagnostic command both use
+//! the same path, so their figures compare.
+
+use super::cert::{CertKind, Certificate, body_for};
+use super::{CertChain, Channel, IdentityKey, SessionLayer, SessionLimits, WallClock};
+use crate::launch::PeerAddr;
+use crate::time::Instant;
+
+const T0: u64 = 1_790_000_000_000;
+const DAY: u64 = 86_400_000;
+
+fn addr(i: u8) -> PeerAddr {
+    PeerAddr {
+        ipv4: [10, 0, 0, i],
+        port: 7000,
+    }
+}
+
+fn layer(authority: &IdentityKey, seed: u8) -> SessionLayer {
+    let key = IdentityKey::from_seed(&[seed; 32]);
+    let chain = CertChain {
+        certs: alloc::vec![Certificate::issue(
+            body_for(
+                CertKind::Peer,
+                u64::from(seed),
+                &key.public(),
+                "bench",
+                T0 - DAY,
+                T0 + DAY,
+            ),
+            authority,
+        )],
+    };
+    SessionLayer::new(
+        key,
+        &chain,
+        authority.public(),
+        WallClock::new(T0, Instant::ZERO),
+        SessionLimits::default(),
+        [seed ^ 0x5c; 32],
+    )
+}
+
+/// Two ends of one established session.
+pub struct SealPair {
+    a: SessionLayer,
+    b: SessionLayer,
+}
+
+impl core::fmt::Debug for SealPair {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("SealPair")
+    }
+}
+
+fn now() -> Instant {
+    Instant::from_millis(1)
+}
+
+impl SealPair {
+    /// Runs a full handshake between two fresh layers; `None` if it did not complete.
+    pub fn new() -> Option<SealPair> {
+        let authority = IdentityKey::from_seed(&[0xa0; 32]);
+        let mut p = SealPair {
+            a: layer(&authority, 1),
+            b: layer(&authority, 2),
+        };
+        p.a.send(now(), addr(2), Channel::Overlay, b"x").ok()?;
+        for _ in 0..16 {
+            let mut moved = false;
+            while let Some(t) = p.a.poll_transmit() {
+                p.b.handle_datagram(now(), addr(1), &t.payload);
+                moved = true;
+            }
+            while let Some(t) = p.b.poll_transmit() {
+                p.a.handle_datagram(now(), addr(2), &t.payload);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        p.b.poll_delivered()?;
+        Some(p)
+    }
+
+    /// Seals `payload` at one end and opens it at the other; returns the sealed datagram's
+    /// length, `None` if it did not come through.
+    pub fn seal_open(&mut self, payload: &[u8]) -> Option<usize> {
+        self.a
+            .send(now(), addr(2), Channel::Overlay, payload)
+            .ok()?;
+        let d = self.a.poll_transmit()?;
+        self.b.handle_datagram(now(), addr(1), &d.payload);
+        let got = self.b.poll_delivered()?;
+        (got.bytes.len() == payload.len()).then_some(d.payload.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::SEAL_OVERHEAD;
+
+    #[test]
+    fn a_pair_seals_and_opens() {
+        let mut p = SealPair::new().expect("handshake");
+        for size in [64, 1200] {
+            let payload = alloc::vec![7u8; size];
+            assert_eq!(p.seal_open(&payload), Some(size + SEAL_OVERHEAD));
+        }
+    }
+}
