@@ -312,8 +312,13 @@ fn print_status(st: &ClusterStatus) {
     }
     if let Some(first) = st.nodes.first() {
         println!(
-            "ports on each node: diag UDP {}, diag TCP {}, echo {}, overlay {}",
-            first.ports.diag_udp, first.ports.diag_tcp, first.ports.echo, first.ports.overlay
+            "ports on each node: diag UDP {}, diag TCP {}, echo {}, overlay UDP {}, jobs TCP {}, client (AA) TCP {}",
+            first.ports.diag_udp,
+            first.ports.diag_tcp,
+            first.ports.echo,
+            first.ports.overlay,
+            first.ports.overlay + unipeer_node::jobs::wire::JOB_PORT_OFFSET,
+            unipeer_node::jobs::client::CLIENT_PORT
         );
         println!(
             "reach a node:  {}",

@@ -255,16 +255,11 @@ pub fn job(cmd: JobCommand) -> Result<ExitCode> {
                     {
                         n += 1;
                         println!(
-                            "{}  {:<16} {:<10} {} tasks{}  {}",
+                            "{}  {:<16} {:<10} {:<22} {}",
                             st.job,
                             st.name,
                             st.app,
-                            st.tasks,
-                            if st.reducers > 0 {
-                                format!(" + {} reduce", st.reducers)
-                            } else {
-                                String::new()
-                            },
+                            st.task_count_text(),
                             if st.submitted {
                                 "submitted"
                             } else {

@@ -239,7 +239,8 @@ pub fn run(args: &JobsBenchArgs) -> Result<()> {
     let accel = hostinfo::choose_accel(args.accel);
     let run_dir = crate::image::repo_root().join("run").join("bench-jobs");
     let _ = cluster::down(&run_dir);
-    let state_dir = run_dir.join("aa");
+    // Outside the run directory: `down` removes that.
+    let state_dir = crate::image::repo_root().join("run").join("bench-jobs-aa");
     let exe = std::env::current_exe().context("locating the unipeer binary")?;
     let mut opts = UpOptions::new(args.vms, accel.accel, exe);
     opts.image = args.image.clone();

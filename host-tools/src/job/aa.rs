@@ -66,6 +66,15 @@ pub struct JobState {
 }
 
 impl JobState {
+    /// `tasks` tasks, with ` + R reduce` for map jobs.
+    pub fn task_count_text(&self) -> String {
+        if self.reducers > 0 {
+            format!("{} tasks + {} reduce", self.tasks, self.reducers)
+        } else {
+            format!("{} tasks", self.tasks)
+        }
+    }
+
     pub fn job_id(&self) -> Result<JobId> {
         Key::parse_hex(&self.job).ok_or_else(|| anyhow!("bad job id {:?} in state", self.job))
     }
@@ -532,15 +541,10 @@ pub fn run<A: Access>(
     }
     save_state(&o.run_root, &st)?;
     say(&format!(
-        "job {} ({}, {} tasks{})",
+        "job {} ({}, {})",
         st.job,
         m.application,
-        st.tasks,
-        if m.reducers > 0 {
-            format!(" + {} reduce", m.reducers)
-        } else {
-            String::new()
-        }
+        st.task_count_text()
     ));
 
     if m.replication != 3 {

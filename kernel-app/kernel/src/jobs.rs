@@ -1036,24 +1036,39 @@ impl JobHost {
         }
         self.diag_nonce += 1;
         let nonce = now_us ^ (self.diag_nonce << 48);
+        let n = list.len();
+        let name = alloc::format!("diag-primes-{start}-{end}");
+        let job = self.diag_submit(now_us, overlay, name, "primes", nonce, list)?;
+        log::info!("jobs: diag submitted primes job {job} ({n} tasks over [{start}, {end}))");
+        Ok(alloc::format!("job-primes job={job} tasks={n}\n"))
+    }
+
+    /// Submits a job made by a diagnostic command as user `diag`.
+    fn diag_submit(
+        &mut self,
+        now_us: u64,
+        overlay: &mut Overlay,
+        name: String,
+        app: &str,
+        nonce: u64,
+        tasks: Vec<(Vec<u8>, Vec<Vec<u8>>)>,
+    ) -> Result<unipeer_node::jobs::record::JobId, String> {
         let s = Submission {
-            name: alloc::format!("diag-primes-{start}-{end}"),
+            name,
             user: String::from("diag"),
-            app: String::from("primes"),
+            app: String::from(app),
             nonce,
-            tasks: list,
+            tasks,
             reducers: 0,
             exec_copies: 1,
         };
-        let n = s.tasks.len();
         let job = self
             .agent
             .submit(instant(now_us), &mut overlay.node, &s)
             .map_err(|e| alloc::format!("{e}"))?;
         self.counters.diag_submits += 1;
         self.last_busy_us = Some(now_us);
-        log::info!("jobs: diag submitted primes job {job} ({n} tasks over [{start}, {end}))");
-        Ok(alloc::format!("job-primes job={job} tasks={n}\n"))
+        Ok(job)
     }
 
     /// `job-sha256 TASKS` from the diagnostic port: TASKS tasks of the `sha256` app, each over
@@ -1084,21 +1099,8 @@ impl JobHost {
             }
             list.push((Vec::new(), vec![data]));
         }
-        let s = Submission {
-            name: alloc::format!("diag-sha256-{nonce:x}"),
-            user: String::from("diag"),
-            app: String::from("sha256"),
-            nonce,
-            tasks: list,
-            reducers: 0,
-            exec_copies: 1,
-        };
-        let job = self
-            .agent
-            .submit(instant(now_us), &mut overlay.node, &s)
-            .map_err(|e| alloc::format!("{e}"))?;
-        self.counters.diag_submits += 1;
-        self.last_busy_us = Some(now_us);
+        let name = alloc::format!("diag-sha256-{nonce:x}");
+        let job = self.diag_submit(now_us, overlay, name, "sha256", nonce, list)?;
         log::info!("jobs: diag submitted sha256 job {job} ({tasks} tasks of 64 KiB)");
         Ok(alloc::format!("job-sha256 job={job} tasks={tasks}\n"))
     }

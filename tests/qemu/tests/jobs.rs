@@ -42,7 +42,12 @@ impl Drop for Env {
 }
 
 impl Env {
-    fn start(test: &str, port: u16) -> Env {
+    fn start(test: &str) -> Env {
+        // A free port for the front-end's API (another run may hold any fixed one).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
         let dir = run_dir(test);
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("http://127.0.0.1:{port}");
@@ -153,7 +158,7 @@ fn summary(rx: &mpsc::Receiver<serde_json::Value>) -> Option<serde_json::Value> 
 fn jobs_survive_killed_vms_and_a_killed_agent() {
     let _guard = exclusive();
     let (all, wc) = (image(), wc_image());
-    let mut env = Env::start("jobs", 7791);
+    let mut env = Env::start("jobs");
     let fe = Frontend::new(&env.url);
 
     // 3 VMs with every application, 3 with wordcount + sha256 only: primes tasks that land on
