@@ -30,6 +30,12 @@ pub struct FloodReport {
     pub foreign_established: bool,
     /// Whether a fresh legitimate session could be made after the flood.
     pub after_established: bool,
+    /// Handshakes the legitimate peer started before its session (1 unless one gave up).
+    #[serde(default)]
+    pub legit_handshakes: u32,
+    /// The same for the fresh session after the flood.
+    #[serde(default)]
+    pub after_handshakes: u32,
     pub elapsed_ms: u64,
 }
 
@@ -126,7 +132,7 @@ impl Peer {
     }
 
     /// Pumps until a session with `peer` exists or `within` passes.
-    fn establish(&mut self, peer: PeerAddr, within: Duration) -> bool {
+    fn wait_session(&mut self, peer: PeerAddr, within: Duration) -> bool {
         let deadline = StdInstant::now() + within;
         while StdInstant::now() < deadline {
             self.pump();
@@ -138,6 +144,43 @@ impl Peer {
         }
         false
     }
+
+    /// Sends `payload` to `peer` over a new session, as a real peer would: if a handshake
+    /// gives up (`handshake_attempts` retransmissions unanswered, e.g. while the guest is
+    /// starved of CPU by other VMs on the host) another one starts, with the payload queued
+    /// again, until a session exists or `within` passes. A handshake that gave up dropped
+    /// its queued payload unsealed, so the payload is delivered at most once. Returns
+    /// whether a session was made and the handshakes started.
+    fn establish(
+        &mut self,
+        peer: PeerAddr,
+        payload: &[u8],
+        within: Duration,
+    ) -> Result<(bool, u32), String> {
+        let deadline = StdInstant::now() + within;
+        let mut started = 0;
+        while StdInstant::now() < deadline {
+            if self.layer.peer(peer).is_none() && !self.layer.handshaking(peer) {
+                let now = self.now();
+                self.layer
+                    .send(now, peer, Channel::Overlay, payload)
+                    .map_err(|e| e.to_string())?;
+                started += 1;
+            }
+            self.pump();
+            if self.layer.peer(peer).is_some() {
+                self.pump();
+                return Ok((true, started));
+            }
+        }
+        Ok((false, started))
+    }
+}
+
+/// Time allowed to make a legitimate session (several handshake lifetimes of
+/// `handshake_attempts` × `handshake_retry_ms`), times `UNIPEER_TIMEOUT_SCALE`.
+fn establish_budget() -> Duration {
+    Duration::from_secs(30).mul_f64(crate::vm::timeout_scale())
 }
 
 /// Floods `target` (a node's overlay address) with `count` hostile datagrams after `legit`
@@ -159,18 +202,14 @@ pub fn flood(
 
     // A legitimate session delivers `legit` datagrams (garbage to the overlay, but
     // authentic: the trust layer delivers them).
-    let now = peer.now();
-    peer.layer
-        .send(
-            now,
-            target,
-            Channel::Overlay,
-            b"hello from a legitimate peer",
-        )
-        .map_err(|e| e.to_string())?;
-    if !peer.establish(target, Duration::from_secs(10)) {
-        return Err("the legitimate flood peer could not establish a session".into());
+    let budget = establish_budget();
+    let (made, tries) = peer.establish(target, b"hello from a legitimate peer", budget)?;
+    if !made {
+        return Err(format!(
+            "the legitimate flood peer could not establish a session ({tries} handshake(s) in {budget:?})"
+        ));
     }
+    r.legit_handshakes = tries;
     r.legit_sent = 1;
     peer.sent.clear();
     for i in 1..legit {
@@ -253,11 +292,9 @@ pub fn flood(
 
     // After the storm: a fresh legitimate session still works.
     let mut after = Peer::new(material, authority, rng.bytes(32).try_into().expect("32"))?;
-    let now = after.now();
-    let _ = after
-        .layer
-        .send(now, target, Channel::Overlay, b"still there?");
-    r.after_established = after.establish(target, Duration::from_secs(20));
+    let (made, tries) = after.establish(target, b"still there?", establish_budget())?;
+    r.after_established = made;
+    r.after_handshakes = tries;
     r.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(r)
 }
@@ -279,7 +316,7 @@ pub fn handshakes(
         peer.layer
             .send(now, target, Channel::Overlay, b"timing")
             .map_err(|e| e.to_string())?;
-        if peer.establish(target, Duration::from_secs(10)) {
+        if peer.wait_session(target, Duration::from_secs(10)) {
             times.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
     }

@@ -668,6 +668,12 @@ impl SessionLayer {
         self.stream_session(peer).map(|s| s.peer.node_id)
     }
 
+    /// Whether a handshake this node started towards `peer` is still running (it gives up
+    /// after `handshake_attempts` unanswered retransmissions, dropping what was queued).
+    pub fn handshaking(&self, peer: PeerAddr) -> bool {
+        self.initiating_by_addr.contains_key(&addr_key(peer))
+    }
+
     /// Established sessions (both directions of a simultaneous open count twice).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
