@@ -7,7 +7,7 @@
 //! mid-job and `submit --resume` finishes the job; a malformed manifest and an unknown
 //! application fail cleanly.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use unipeer::cluster;
 use unipeer::frontend::client::Frontend;
+use unipeer::job::client::JobClient;
 use unipeer::job::sample::text;
 use unipeer::vm;
+use unipeer_node::jobs::client::CLIENT_PORT;
 use unipeer_qemu_tests::{exclusive, image, run_dir, unipeer_bin, wc_image};
 
 fn scaled(d: Duration) -> Duration {
@@ -331,6 +333,66 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
     assert_eq!(s["job"].as_str(), Some(job.as_str()));
     assert_eq!(s["reference_match"], serde_json::Value::Bool(true), "{s}");
     env.children.push(resumed);
+
+    // Garbage at a live node's client port and job channel: the connection is closed and
+    // counted, and the node goes on serving.
+    let st = cluster::status(&env.dir, false).unwrap();
+    let live = st
+        .nodes
+        .iter()
+        .find(|n| n.state == cluster::NodeState::Up)
+        .expect("a live node")
+        .name
+        .clone();
+    let counter = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = cluster::node_command(&env.dir, &live, "jobs").unwrap();
+    let junk: [&[u8]; 3] = [
+        &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], // a frame longer than any allowed
+        &[0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o'], // a frame that is no message
+        &[0, 0, 0, 3, 9, 9, 9],             // another version's bytes
+    ];
+    for (port, bytes) in junk
+        .iter()
+        .map(|b| (CLIENT_PORT, *b))
+        .chain([(7001, &b"UJ\x07not a hello at all, not at all"[..])])
+    {
+        let mut s = cluster::relay(&env.dir, &live, port).unwrap();
+        s.set_read_timeout(Some(scaled(Duration::from_secs(20))))
+            .unwrap();
+        let _ = s.write_all(bytes);
+        let mut buf = [0u8; 64];
+        let closed = matches!(s.read(&mut buf), Ok(0) | Err(_));
+        assert!(
+            closed,
+            "{live}:{port} kept a connection that sent {bytes:?}"
+        );
+    }
+    let after = cluster::node_command(&env.dir, &live, "jobs").unwrap();
+    assert!(
+        counter(&after, "client_bad_frames") >= counter(&before, "client_bad_frames") + 3,
+        "bad client frames not counted:\n{after}"
+    );
+    assert!(
+        counter(&after, "jobch_refused") + counter(&after, "jobch_bad_frames")
+            > counter(&before, "jobch_refused") + counter(&before, "jobch_bad_frames"),
+        "a bad job-channel hello not counted:\n{after}"
+    );
+    let store = unipeer::ca::AuthorityStore::open(&env.dir.join("authority")).unwrap();
+    let cred = unipeer_node::auth::UserCredential {
+        user: "demo".into(),
+        psk: store.user_psk("demo").unwrap(),
+    };
+    let stream = cluster::relay(&env.dir, &live, CLIENT_PORT).unwrap();
+    stream
+        .set_read_timeout(Some(scaled(Duration::from_secs(20))))
+        .unwrap();
+    let mut c = JobClient::connect(stream, &cred).expect("the node still authenticates users");
+    assert!(c.ping().unwrap().joined, "{live} still serves");
 
     // A malformed manifest: the line and the reason, no cluster work.
     let bad = write(&env.dir, "bad.toml", "name = \"x\"\napplication = 7\n");
