@@ -1,7 +1,7 @@
 //! Fault-tolerant jobs in real VMs, driven the way a user drives them: a front-end
 //! (`unipeer frontend`) deploys 6 VMs from two images with different application sets, and
 //! Application Agents (`unipeer submit`) run a `wordcount` over a few MB and a `primes` job at
-//! once, with authentication and sealing on. When 25–75 % of the wordcount tasks are final
+//! once, with authentication and sealing on. When 25–75 % of the primes tasks are final
 //! (read from the AA's own progress lines, not timed), two VMs are killed with SIGKILL while
 //! both jobs run; both must finish with results equal to the host-computed reference. Then an AA is killed
 //! mid-job and `submit --resume` finishes the job; a malformed manifest and an unknown
@@ -203,46 +203,55 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
         + std::fs::metadata(data.join("b.txt")).unwrap().len();
     assert!(total_bytes > 2_000_000, "a few MB of input: {total_bytes}");
 
-    let mut wc_aa = env
-        .submit(&[wc_job.to_str().unwrap(), "--check"], "wc.log")
-        .spawn()
-        .unwrap();
-    let wc_rx = lines(&mut wc_aa);
+    // The primes job (48 steady tasks) paces the test; the wordcount job starts once primes is
+    // 10 % done, so both are mid-way when two VMs (one of each image, neither AA's gateway) are
+    // killed as primes passes 25 %.
     let mut pr_aa = env
         .submit(&[primes_job.to_str().unwrap(), "--check"], "primes.log")
         .spawn()
         .unwrap();
     let pr_rx = lines(&mut pr_aa);
-
-    // Kill two VMs (one of each image, neither AA's gateway) when 25-75 % of the wordcount
-    // tasks are final; the primes job (48 tasks) is still running then.
     let deadline = Instant::now() + scaled(Duration::from_secs(240));
+    let mut wc: Option<(Child, mpsc::Receiver<serde_json::Value>)> = None;
+    let mut wc_last: Option<serde_json::Value> = None;
     let mut killed = Vec::new();
     let mut at_kill = None;
     while killed.is_empty() {
         assert!(
             Instant::now() < deadline,
-            "wordcount progress never reached 25 %: {}",
-            env.log("wc.log")
+            "primes progress never reached 25 %: {}",
+            env.log("primes.log")
         );
-        if let Ok(st) = wc_aa.try_wait() {
+        if let Ok(st) = pr_aa.try_wait() {
             assert!(
                 st.is_none(),
-                "the wordcount AA ended early: {}",
-                env.log("wc.log")
+                "the primes AA ended early: {}",
+                env.log("primes.log")
             );
         }
-        let Ok(v) = wc_rx.recv_timeout(Duration::from_secs(5)) else {
+        if let Some((_, rx)) = &wc
+            && let Some(v) = rx.try_iter().last()
+        {
+            wc_last = Some(v);
+        }
+        let Ok(v) = pr_rx.recv_timeout(Duration::from_secs(5)) else {
             continue;
         };
         let Some(p) = v.get("progress") else { continue };
         let total = p["total"].as_u64().unwrap();
         let finals = p["done"].as_u64().unwrap() + p["failed"].as_u64().unwrap();
-        if finals * 4 >= total {
-            // The primes AA's latest line names its gateway too.
+        if wc.is_none() && finals * 10 >= total {
+            let mut child = env
+                .submit(&[wc_job.to_str().unwrap(), "--check"], "wc.log")
+                .spawn()
+                .unwrap();
+            let rx = lines(&mut child);
+            wc = Some((child, rx));
+        }
+        if wc.is_some() && finals * 4 >= total {
             let mut gws = vec![v["gateway"].as_str().unwrap_or("").to_string()];
-            if let Some(p) = pr_rx.try_iter().last() {
-                gws.push(p["gateway"].as_str().unwrap_or("").to_string());
+            if let Some(w) = &wc_last {
+                gws.push(w["gateway"].as_str().unwrap_or("").to_string());
             }
             let victims: Vec<String> = [&a.nodes, &b.nodes]
                 .iter()
@@ -255,12 +264,28 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
             killed = victims;
         }
     }
+    let (mut wc_aa, wc_rx) = wc.expect("the wordcount AA started");
+    if let Some(v) = wc_rx.try_iter().last() {
+        wc_last = Some(v);
+    }
+    let wc_at_kill = wc_last.as_ref().and_then(|v| v.get("progress")).map(|p| {
+        (
+            p["done"].as_u64().unwrap_or(0),
+            p["total"].as_u64().unwrap_or(0),
+        )
+    });
+    assert!(
+        wc_at_kill.is_none_or(|(d, t)| d < t),
+        "the wordcount job was already complete at the kill: {wc_at_kill:?}"
+    );
     let (finals, total) = at_kill.unwrap();
     assert!(
         finals * 4 <= total * 3,
         "the kill came after 75 % ({finals}/{total}): progress polled too slowly"
     );
-    eprintln!("killed {killed:?} at {finals}/{total} wordcount tasks final");
+    eprintln!(
+        "killed {killed:?} at {finals}/{total} primes tasks final; wordcount (done, total) then: {wc_at_kill:?}"
+    );
 
     for (name, child, rx, log) in [
         ("primes", &mut pr_aa, &pr_rx, "primes.log"),
