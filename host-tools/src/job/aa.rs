@@ -742,7 +742,16 @@ pub fn run<A: Access>(
             std::fs::write(out_dir.join(name), data)?;
         }
     }
-    let res: Option<JobResult> = result::combine(&m.application, &outputs);
+    let mut res: Option<JobResult> = result::combine(&m.application, &outputs);
+    if let Some(r) = res.as_mut()
+        && !failures.is_empty()
+    {
+        r.summary = format!(
+            "PARTIAL ({} task(s) without output): {}",
+            failures.len(),
+            r.summary
+        );
+    }
     if let Some(r) = &res {
         std::fs::write(out_dir.join("result.txt"), &r.bytes)?;
     }
