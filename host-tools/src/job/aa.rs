@@ -462,7 +462,7 @@ pub fn plan_submission(
             tasks,
             reducers: m.reducers,
             exec_copies,
-            only: Vec::new(),
+            only: None,
         },
         chunks.into_values().collect(),
     )
@@ -496,6 +496,7 @@ pub fn run<A: Access>(
     let planned = m
         .plan(base)
         .map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
+    let resuming = resume.is_some();
     let mut st = match resume {
         Some(st) => {
             if st.name != m.name || st.app != m.application {
@@ -570,22 +571,39 @@ pub fn run<A: Access>(
     let ids = st.task_ids()?;
     let n_tasks = st.tasks as usize;
     if !st.submitted {
-        // On resume, store only the records the overlay lacks (never reset a task that ran).
-        if gw.job_record(job)?.is_some() {
-            let tracked = gw.track(&ids[..n_tasks])?;
-            req.only = tracked
+        // A resumed submission stores only the records the overlay lacks: a task that already
+        // ran is never reset.
+        if resuming {
+            let mut tracked = gw.track(&ids[..n_tasks])?;
+            for _ in 0..5 {
+                if !tracked.iter().any(|t| matches!(t, Tracked::Unknown)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                tracked = gw.track(&ids[..n_tasks])?;
+            }
+            if tracked.iter().any(|t| matches!(t, Tracked::Unknown)) {
+                bail!(
+                    "cannot read every task record of job {} from the overlay; try --resume again",
+                    st.job
+                );
+            }
+            let missing: Vec<u16> = tracked
                 .iter()
                 .enumerate()
                 .filter(|(_, t)| matches!(t, Tracked::Absent))
                 .map(|(i, _)| i as u16)
                 .collect();
-            if req.only.is_empty() {
-                say("every task record is already in the overlay");
-            }
+            say(&format!(
+                "resuming: {} of {} task records missing from the overlay",
+                missing.len(),
+                n_tasks
+            ));
+            req.only = Some(missing);
         }
-        if req.only.is_empty() && gw.job_record(job)?.is_some() {
-            // Nothing to store.
-        } else {
+        let nothing_missing =
+            req.only.as_ref().is_some_and(Vec::is_empty) && gw.job_record(job)?.is_some();
+        if !nothing_missing {
             let total: usize = chunks.iter().map(Vec::len).sum();
             say(&format!(
                 "storing {} input chunk(s), {} KiB",
@@ -724,7 +742,16 @@ pub fn run<A: Access>(
             std::fs::write(out_dir.join(name), data)?;
         }
     }
-    let res: Option<JobResult> = result::combine(&m.application, &outputs);
+    let mut res: Option<JobResult> = result::combine(&m.application, &outputs);
+    if let Some(r) = res.as_mut()
+        && !failures.is_empty()
+    {
+        r.summary = format!(
+            "PARTIAL ({} task(s) without output): {}",
+            failures.len(),
+            r.summary
+        );
+    }
     if let Some(r) = &res {
         std::fs::write(out_dir.join("result.txt"), &r.bytes)?;
     }

@@ -228,6 +228,23 @@ impl JobSim {
         job
     }
 
+    /// The AA stores the records of a job whose inputs node `i` holds (a resumed submission).
+    pub fn submit_stored(
+        &mut self,
+        i: usize,
+        user: &str,
+        req: &unipeer_node::jobs::client::SubmitRequest,
+    ) -> Key {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        let (node, agent) = (n.node.as_mut().unwrap(), n.agent.as_mut().unwrap());
+        let job = agent
+            .submit_stored(now, node, user, req)
+            .expect("submission accepted");
+        self.after_io(i);
+        job
+    }
+
     /// The AA cancels `tasks` through node `i`.
     pub fn cancel(&mut self, i: usize, tasks: &[Key]) {
         let now = self.now;

@@ -419,6 +419,56 @@ fn primes_verified_by_two_executors_through_faults() {
 }
 
 #[test]
+fn submitting_a_finished_job_again_neither_resets_nor_reruns_its_tasks() {
+    // A resumed AA stores only what is missing (`only: Some([])`: just the job record); an AA
+    // that rewrote every record (`only: None`) is corrected by the tasks' supervisors, which
+    // rewrite their finished copies. Either way no task is reset or runs again.
+    for (seed, only) in [(90, Some(Vec::new())), (91, None)] {
+        let mut o = run(seed, Kind::Primes, Faults::None).unwrap_or_else(|e| panic!("{e}"));
+        let mut rng = Rng::from_u64(seed ^ 0x10b5);
+        let sub = submission(Kind::Primes, &mut rng, seed);
+        let req = unipeer_node::jobs::client::SubmitRequest {
+            name: sub.name.clone(),
+            app: sub.app.clone(),
+            nonce: sub.nonce,
+            tasks: sub
+                .tasks
+                .iter()
+                .map(|(p, _)| (p.clone(), Vec::new()))
+                .collect(),
+            reducers: sub.reducers,
+            exec_copies: sub.exec_copies,
+            only,
+        };
+        let works_before = o.sim.log.works.clone();
+        assert_eq!(o.sim.submit_stored(0, "alice", &req), o.job);
+        let until = o.sim.now.plus_ms(20_000);
+        o.sim.run_until(until);
+        for t in &o.tasks {
+            o.sim.get_record(0, *t);
+        }
+        o.sim.run_until(o.sim.now.plus_ms(5_000));
+        let got: BTreeMap<Key, Option<Vec<u8>>> = std::mem::take(&mut o.sim.log.got);
+        for t in &o.tasks {
+            let r = got
+                .get(t)
+                .and_then(|v| v.as_deref())
+                .and_then(TaskRecord::decode)
+                .unwrap_or_else(|| panic!("seed {seed}: task {t:?} unreadable"));
+            assert!(
+                matches!(r.state, TaskState::Done { .. }),
+                "seed {seed}: task {t:?} reset to {:?}",
+                r.state
+            );
+        }
+        assert_eq!(
+            o.sim.log.works, works_before,
+            "seed {seed}: tasks ran again after the second submission"
+        );
+    }
+}
+
+#[test]
 fn cancelled_jobs_stop_and_every_task_ends_final() {
     for seed in seeds(80..83) {
         let o = run_with(seed, Kind::Primes, Faults::CrashAndLoss, Some(300))

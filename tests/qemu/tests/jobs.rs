@@ -1,13 +1,13 @@
 //! Fault-tolerant jobs in real VMs, driven the way a user drives them: a front-end
 //! (`unipeer frontend`) deploys 6 VMs from two images with different application sets, and
 //! Application Agents (`unipeer submit`) run a `wordcount` over a few MB and a `primes` job at
-//! once, with authentication and sealing on. When 25–75 % of the wordcount tasks are final
+//! once, with authentication and sealing on. When 25–75 % of the primes tasks are final
 //! (read from the AA's own progress lines, not timed), two VMs are killed with SIGKILL while
 //! both jobs run; both must finish with results equal to the host-computed reference. Then an AA is killed
 //! mid-job and `submit --resume` finishes the job; a malformed manifest and an unknown
 //! application fail cleanly.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use unipeer::cluster;
 use unipeer::frontend::client::Frontend;
+use unipeer::job::client::JobClient;
 use unipeer::job::sample::text;
 use unipeer::vm;
+use unipeer_node::jobs::client::CLIENT_PORT;
 use unipeer_qemu_tests::{exclusive, image, run_dir, unipeer_bin, wc_image};
 
 fn scaled(d: Duration) -> Duration {
@@ -201,46 +203,55 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
         + std::fs::metadata(data.join("b.txt")).unwrap().len();
     assert!(total_bytes > 2_000_000, "a few MB of input: {total_bytes}");
 
-    let mut wc_aa = env
-        .submit(&[wc_job.to_str().unwrap(), "--check"], "wc.log")
-        .spawn()
-        .unwrap();
-    let wc_rx = lines(&mut wc_aa);
+    // The primes job (48 steady tasks) paces the test; the wordcount job starts once primes is
+    // 10 % done, so both are mid-way when two VMs (one of each image, neither AA's gateway) are
+    // killed as primes passes 25 %.
     let mut pr_aa = env
         .submit(&[primes_job.to_str().unwrap(), "--check"], "primes.log")
         .spawn()
         .unwrap();
     let pr_rx = lines(&mut pr_aa);
-
-    // Kill two VMs (one of each image, neither AA's gateway) when 25-75 % of the wordcount
-    // tasks are final; the primes job (48 tasks) is still running then.
     let deadline = Instant::now() + scaled(Duration::from_secs(240));
+    let mut wc: Option<(Child, mpsc::Receiver<serde_json::Value>)> = None;
+    let mut wc_last: Option<serde_json::Value> = None;
     let mut killed = Vec::new();
     let mut at_kill = None;
     while killed.is_empty() {
         assert!(
             Instant::now() < deadline,
-            "wordcount progress never reached 25 %: {}",
-            env.log("wc.log")
+            "primes progress never reached 25 %: {}",
+            env.log("primes.log")
         );
-        if let Ok(st) = wc_aa.try_wait() {
+        if let Ok(st) = pr_aa.try_wait() {
             assert!(
                 st.is_none(),
-                "the wordcount AA ended early: {}",
-                env.log("wc.log")
+                "the primes AA ended early: {}",
+                env.log("primes.log")
             );
         }
-        let Ok(v) = wc_rx.recv_timeout(Duration::from_secs(5)) else {
+        if let Some((_, rx)) = &wc
+            && let Some(v) = rx.try_iter().last()
+        {
+            wc_last = Some(v);
+        }
+        let Ok(v) = pr_rx.recv_timeout(Duration::from_secs(5)) else {
             continue;
         };
         let Some(p) = v.get("progress") else { continue };
         let total = p["total"].as_u64().unwrap();
         let finals = p["done"].as_u64().unwrap() + p["failed"].as_u64().unwrap();
-        if finals * 4 >= total {
-            // The primes AA's latest line names its gateway too.
+        if wc.is_none() && finals * 10 >= total {
+            let mut child = env
+                .submit(&[wc_job.to_str().unwrap(), "--check"], "wc.log")
+                .spawn()
+                .unwrap();
+            let rx = lines(&mut child);
+            wc = Some((child, rx));
+        }
+        if wc.is_some() && finals * 4 >= total {
             let mut gws = vec![v["gateway"].as_str().unwrap_or("").to_string()];
-            if let Some(p) = pr_rx.try_iter().last() {
-                gws.push(p["gateway"].as_str().unwrap_or("").to_string());
+            if let Some(w) = &wc_last {
+                gws.push(w["gateway"].as_str().unwrap_or("").to_string());
             }
             let victims: Vec<String> = [&a.nodes, &b.nodes]
                 .iter()
@@ -253,12 +264,28 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
             killed = victims;
         }
     }
+    let (mut wc_aa, wc_rx) = wc.expect("the wordcount AA started");
+    if let Some(v) = wc_rx.try_iter().last() {
+        wc_last = Some(v);
+    }
+    let wc_at_kill = wc_last.as_ref().and_then(|v| v.get("progress")).map(|p| {
+        (
+            p["done"].as_u64().unwrap_or(0),
+            p["total"].as_u64().unwrap_or(0),
+        )
+    });
+    assert!(
+        wc_at_kill.is_none_or(|(d, t)| d < t),
+        "the wordcount job was already complete at the kill: {wc_at_kill:?}"
+    );
     let (finals, total) = at_kill.unwrap();
     assert!(
         finals * 4 <= total * 3,
         "the kill came after 75 % ({finals}/{total}): progress polled too slowly"
     );
-    eprintln!("killed {killed:?} at {finals}/{total} wordcount tasks final");
+    eprintln!(
+        "killed {killed:?} at {finals}/{total} primes tasks final; wordcount (done, total) then: {wc_at_kill:?}"
+    );
 
     for (name, child, rx, log) in [
         ("primes", &mut pr_aa, &pr_rx, "primes.log"),
@@ -331,6 +358,66 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
     assert_eq!(s["job"].as_str(), Some(job.as_str()));
     assert_eq!(s["reference_match"], serde_json::Value::Bool(true), "{s}");
     env.children.push(resumed);
+
+    // Garbage at a live node's client port and job channel: the connection is closed and
+    // counted, and the node goes on serving.
+    let st = cluster::status(&env.dir, false).unwrap();
+    let live = st
+        .nodes
+        .iter()
+        .find(|n| n.state == cluster::NodeState::Up)
+        .expect("a live node")
+        .name
+        .clone();
+    let counter = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = cluster::node_command(&env.dir, &live, "jobs").unwrap();
+    let junk: [&[u8]; 3] = [
+        &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], // a frame longer than any allowed
+        &[0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o'], // a frame that is no message
+        &[0, 0, 0, 3, 9, 9, 9],             // another version's bytes
+    ];
+    for (port, bytes) in junk
+        .iter()
+        .map(|b| (CLIENT_PORT, *b))
+        .chain([(7001, &b"UJ\x07not a hello at all, not at all"[..])])
+    {
+        let mut s = cluster::relay(&env.dir, &live, port).unwrap();
+        s.set_read_timeout(Some(scaled(Duration::from_secs(20))))
+            .unwrap();
+        let _ = s.write_all(bytes);
+        let mut buf = [0u8; 64];
+        let closed = matches!(s.read(&mut buf), Ok(0) | Err(_));
+        assert!(
+            closed,
+            "{live}:{port} kept a connection that sent {bytes:?}"
+        );
+    }
+    let after = cluster::node_command(&env.dir, &live, "jobs").unwrap();
+    assert!(
+        counter(&after, "client_bad_frames") >= counter(&before, "client_bad_frames") + 3,
+        "bad client frames not counted:\n{after}"
+    );
+    assert!(
+        counter(&after, "jobch_refused") + counter(&after, "jobch_bad_frames")
+            > counter(&before, "jobch_refused") + counter(&before, "jobch_bad_frames"),
+        "a bad job-channel hello not counted:\n{after}"
+    );
+    let store = unipeer::ca::AuthorityStore::open(&env.dir.join("authority")).unwrap();
+    let cred = unipeer_node::auth::UserCredential {
+        user: "demo".into(),
+        psk: store.user_psk("demo").unwrap(),
+    };
+    let stream = cluster::relay(&env.dir, &live, CLIENT_PORT).unwrap();
+    stream
+        .set_read_timeout(Some(scaled(Duration::from_secs(20))))
+        .unwrap();
+    let mut c = JobClient::connect(stream, &cred).expect("the node still authenticates users");
+    assert!(c.ping().unwrap().joined, "{live} still serves");
 
     // A malformed manifest: the line and the reason, no cluster work.
     let bad = write(&env.dir, "bad.toml", "name = \"x\"\napplication = 7\n");

@@ -440,7 +440,7 @@ impl JobAgent {
             tasks,
             reducers: s.reducers,
             exec_copies: s.exec_copies,
-            only: Vec::new(),
+            only: None,
         };
         self.submit_stored(now, ov, &s.user, &req)
     }
@@ -509,7 +509,7 @@ impl JobAgent {
                 rec.maps = n as u8;
             }
             let value = rec.encode().ok_or(SubmitError::OutOfBounds)?;
-            if s.only.is_empty() || s.only.contains(&(i as u16)) {
+            if s.only.as_ref().is_none_or(|o| o.contains(&(i as u16))) {
                 records.push((rec.id(), value));
             }
         }

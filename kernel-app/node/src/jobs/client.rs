@@ -58,9 +58,10 @@ pub struct SubmitRequest {
     pub reducers: u8,
     /// Executors per task (2: outputs compared).
     pub exec_copies: u8,
-    /// Empty: store every task record. Else only these tasks' records (and the job record):
-    /// a resumed submission fills in what the overlay lacks without resetting tasks that ran.
-    pub only: Vec<u16>,
+    /// `None`: store every task record. `Some(indices)`: only these tasks' records (and the
+    /// job record): a resumed submission fills in what the overlay lacks without resetting
+    /// tasks that ran.
+    pub only: Option<Vec<u16>>,
 }
 
 impl SubmitRequest {
@@ -73,7 +74,10 @@ impl SubmitRequest {
                 .tasks
                 .iter()
                 .all(|(p, i)| p.len() <= MAX_PARAMS && i.len() <= MAX_INPUTS)
-            && self.only.len() <= MAX_SUBMIT_TASKS
+            && self
+                .only
+                .as_ref()
+                .is_none_or(|o| o.len() <= MAX_SUBMIT_TASKS)
     }
 }
 
@@ -261,7 +265,7 @@ mod tests {
                 tasks: vec![(vec![], vec![Key::for_name(b"c")])],
                 reducers: 2,
                 exec_copies: 1,
-                only: vec![],
+                only: None,
             }),
         ];
         for r in reqs {
@@ -312,7 +316,7 @@ mod tests {
             tasks: vec![(vec![1, 2], vec![])],
             reducers: 0,
             exec_copies: 2,
-            only: vec![0],
+            only: Some(vec![0]),
         })
         .encode();
         for n in 0..full.len() {
