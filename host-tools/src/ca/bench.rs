@@ -6,47 +6,13 @@ use anyhow::{Result, bail};
 use std::fmt::Write;
 use std::time::Instant as WallInstant;
 use unipeer_node::Instant;
-use unipeer_node::auth::cert::{CertKind, Certificate, body_for};
-use unipeer_node::auth::{
-    CertChain, Channel, IdentityKey, SEAL_OVERHEAD, SessionLayer, SessionLimits, WallClock,
-};
-use unipeer_node::launch::PeerAddr;
-
-const T0: u64 = 1_790_000_000_000;
-const DAY: u64 = 86_400_000;
-
-fn addr(i: u8) -> PeerAddr {
-    PeerAddr {
-        ipv4: [10, 0, 0, i],
-        port: 7000,
-    }
-}
+use unipeer_node::auth::bench::{addr, throwaway_layer};
+use unipeer_node::auth::{Channel, IdentityKey, SEAL_OVERHEAD, SessionLayer};
 
 fn layer(authority: &IdentityKey, seed: u8, round: u32) -> SessionLayer {
-    let key = IdentityKey::from_seed(&[seed; 32]);
-    let chain = CertChain {
-        certs: vec![Certificate::issue(
-            body_for(
-                CertKind::Peer,
-                seed as u64,
-                &key.public(),
-                "bench",
-                T0 - DAY,
-                T0 + DAY,
-            ),
-            authority,
-        )],
-    };
     let mut rng_seed = [seed; 32];
     rng_seed[..4].copy_from_slice(&round.to_le_bytes());
-    SessionLayer::new(
-        key,
-        &chain,
-        authority.public(),
-        WallClock::new(T0, Instant::ZERO),
-        SessionLimits::default(),
-        rng_seed,
-    )
+    throwaway_layer(authority, seed, rng_seed)
 }
 
 /// Moves datagrams between two layers until quiet; returns (datagrams, bytes).

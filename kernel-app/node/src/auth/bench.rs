@@ -11,10 +11,12 @@ use super::{CertChain, Channel, IdentityKey, SessionLayer, SessionLimits, WallCl
 use crate::launch::PeerAddr;
 use crate::time::Instant;
 
-const T0: u64 = 1_790_000_000_000;
+/// The wall clock every throwaway identity's certificate is valid around.
+pub const T0: u64 = 1_790_000_000_000;
 const DAY: u64 = 86_400_000;
 
-fn addr(i: u8) -> PeerAddr {
+/// Throwaway peer `i`'s address.
+pub fn addr(i: u8) -> PeerAddr {
     PeerAddr {
         ipv4: [10, 0, 0, i],
         port: 7000,
@@ -22,6 +24,12 @@ fn addr(i: u8) -> PeerAddr {
 }
 
 fn layer(authority: &IdentityKey, seed: u8) -> SessionLayer {
+    throwaway_layer(authority, seed, [seed ^ 0x5c; 32])
+}
+
+/// A session layer for throwaway peer `seed` (its key from the seed, certified by `authority`
+/// for a day around [`T0`]), its CSPRNG seeded with `rng_seed`.
+pub fn throwaway_layer(authority: &IdentityKey, seed: u8, rng_seed: [u8; 32]) -> SessionLayer {
     let key = IdentityKey::from_seed(&[seed; 32]);
     let chain = CertChain {
         certs: alloc::vec![Certificate::issue(
@@ -42,7 +50,7 @@ fn layer(authority: &IdentityKey, seed: u8) -> SessionLayer {
         authority.public(),
         WallClock::new(T0, Instant::ZERO),
         SessionLimits::default(),
-        [seed ^ 0x5c; 32],
+        rng_seed,
     )
 }
 
