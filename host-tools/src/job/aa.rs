@@ -18,10 +18,10 @@ use unipeer_node::auth::UserCredential;
 use unipeer_node::id::Key;
 use unipeer_node::jobs::client::{RecordAnswer, SubmitRequest};
 use unipeer_node::jobs::record::{
-    JobId, JobRecord, REDUCE_BASE, TaskFailure, TaskRecord, TaskState, job_id, task_id,
+    JobId, JobRecord, REDUCE_BASE, TaskFailure, TaskRecord, TaskState, job_id,
 };
 
-use super::client::{ClientError, JobClient, NodeInfo};
+use super::client::{ClientError, JobClient, NodeInfo, PROOF_FAILED};
 use super::manifest::{JobManifest, PlannedTask};
 use super::result::{self, JobResult};
 
@@ -249,6 +249,9 @@ pub struct Gateway<'a, A: Access> {
     pub reconnects: u32,
 }
 
+/// How the AA says the user's key is wrong (no node will accept it).
+const WRONG_KEY: &str = "authentication failed (wrong key for this cluster's user?)";
+
 /// Most attempts at one gateway operation before giving up.
 const GATEWAY_ATTEMPTS: u32 = 12;
 
@@ -283,7 +286,14 @@ impl<'a, A: Access> Gateway<'a, A> {
         for n in nodes {
             match self.access.connect(&n.name).and_then(|s| {
                 JobClient::connect(s, &self.user).map_err(|e| match e {
-                    ClientError::Auth(t) => anyhow!("authentication failed at {}: {t}", n.name),
+                    // The node's proof does not verify under our key: every node will say the
+                    // same (a wrong key, or not this authority's cluster).
+                    ClientError::Auth(t) if t.starts_with(PROOF_FAILED) => {
+                        anyhow!("{WRONG_KEY} at {}: {t}", n.name)
+                    }
+                    // A refusal of this node's (the user not allowed here, a credential it
+                    // could not obtain): another node may serve the user.
+                    ClientError::Auth(t) => anyhow!("{} refused the user: {t}", n.name),
                     e => anyhow!("{}: {e}", n.name),
                 })
             }) {
@@ -296,7 +306,7 @@ impl<'a, A: Access> Gateway<'a, A> {
                     Err(e) => last = Some(anyhow!("{}: {e}", n.name)),
                 },
                 Err(e) => {
-                    if e.to_string().contains("authentication failed") {
+                    if e.to_string().starts_with(WRONG_KEY) {
                         return Err(e);
                     }
                     last = Some(e);
@@ -323,7 +333,7 @@ impl<'a, A: Access> Gateway<'a, A> {
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 if let Err(e) = self.open() {
-                    if e.to_string().contains("authentication failed") {
+                    if e.to_string().starts_with(WRONG_KEY) {
                         return Err(e);
                     }
                     last = Some(e);
@@ -818,11 +828,6 @@ pub fn cancel<A: Access>(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-/// Task id of index `i` of `job` (for printing).
-pub fn task_key(job: JobId, i: u16) -> Key {
-    task_id(job, i)
 }
 
 /// The real path: a front-end's HTTP API (node list, deploy, CONNECT to a client port).

@@ -49,6 +49,10 @@ impl From<std::io::Error> for ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// How an authentication error starts when the node's proof does not verify under the user's
+/// key (so no node of this cluster will accept it).
+pub const PROOF_FAILED: &str = "the node's proof";
+
 /// What a node says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -99,7 +103,7 @@ impl<S: Read + Write> JobClient<S> {
             ClientReply::Auth(challenge) => {
                 let (proof, node, key) = auth
                     .on_challenge(&challenge)
-                    .map_err(|e| ClientError::Auth(format!("the node's proof: {e:?}")))?;
+                    .map_err(|e| ClientError::Auth(format!("{PROOF_FAILED}: {e:?}")))?;
                 c.send(&ClientRequest::Auth(proof))?;
                 c.sealer = Some(StreamSealer::new(
                     &key,
