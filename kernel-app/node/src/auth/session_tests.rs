@@ -285,21 +285,24 @@ fn a_peer_of_another_authority_cannot_join() {
     assert!(net.delivered(2).is_empty());
 }
 
+/// Peer 2 with its wall clock two days past T0 (every certificate has expired for it).
+fn late_layer() -> SessionLayer {
+    let key = IdentityKey::from_seed(&[2; 32]);
+    let chain = chain_on(&key, 2, "server-a", &authority());
+    SessionLayer::new(
+        key,
+        &chain,
+        authority().public(),
+        WallClock::new(T0 + 2 * DAY, Instant::ZERO),
+        SessionLimits::default(),
+        [2; 32],
+    )
+}
+
 #[test]
 fn expired_revoked_and_mismatched_certificates_are_refused() {
     // Expired: the responder's wall clock is past the initiator's expiry.
-    let late = {
-        let key = IdentityKey::from_seed(&[2; 32]);
-        let chain = chain_on(&key, 2, "server-a", &authority());
-        SessionLayer::new(
-            key,
-            &chain,
-            authority().public(),
-            WallClock::new(T0 + 2 * DAY, Instant::ZERO),
-            SessionLimits::default(),
-            [2; 32],
-        )
-    };
+    let late = late_layer();
     let mut net = Net::new(vec![layer(1), late]);
     net.send(0, 1, b"x");
     net.pump();
@@ -939,18 +942,7 @@ fn revoked_and_expired_peers_get_no_stream_secret() {
     assert_eq!(net.nodes[1].stream_secret(addr(0)), None);
 
     // Expired (by the responder's clock).
-    let late = {
-        let key = IdentityKey::from_seed(&[2; 32]);
-        let chain = chain_on(&key, 2, "server-a", &authority());
-        SessionLayer::new(
-            key,
-            &chain,
-            authority().public(),
-            WallClock::new(T0 + 2 * DAY, Instant::ZERO),
-            SessionLimits::default(),
-            [2; 32],
-        )
-    };
+    let late = late_layer();
     let mut net = Net::new(vec![layer(1), late]);
     let now = net.now;
     net.nodes[0].ensure_session(now, addr(1));
