@@ -19,6 +19,8 @@ pub enum ProbeError {
     Timeout,
     /// The answer was not a report.
     Malformed(String),
+    /// The report has no such field (a renamed counter, an older image).
+    MissingField(String),
 }
 
 impl std::fmt::Display for ProbeError {
@@ -27,6 +29,7 @@ impl std::fmt::Display for ProbeError {
             ProbeError::Io(e) => write!(f, "probe failed: {e}"),
             ProbeError::Timeout => write!(f, "probe timed out"),
             ProbeError::Malformed(s) => write!(f, "not a diagnostic report: {s:?}"),
+            ProbeError::MissingField(k) => write!(f, "the report has no field {k:?}"),
         }
     }
 }
@@ -69,9 +72,20 @@ impl Report {
         self.fields.get(key).map(String::as_str)
     }
 
-    /// A numeric field (0 when absent or not a number).
+    /// A numeric field (0 when absent or not a number). For display; a figure or a check that
+    /// relies on the field reads it with [`Report::require`].
     pub fn num(&self, key: &str) -> u64 {
         self.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+
+    /// A numeric field that must be there: a renamed or missing counter is an error, never 0.
+    pub fn require(&self, key: &str) -> Result<u64, ProbeError> {
+        match self.get(key) {
+            None => Err(ProbeError::MissingField(key.to_string())),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ProbeError::Malformed(format!("{key}={v} is not a number"))),
+        }
     }
 }
 
@@ -239,6 +253,16 @@ mod tests {
         assert_eq!(r.num("missing"), 0);
         assert!(Report::parse("hello\nend\n").is_err());
         assert!(Report::parse("unipeer-node diag v1\nname=n1\n").is_err());
+    }
+
+    #[test]
+    fn a_required_field_that_is_missing_or_not_a_number_is_an_error() {
+        let r = Report::parse("unipeer-node diag v1\nname=n1\nirq_nic=5\nend\n").unwrap();
+        assert_eq!(r.require("irq_nic").unwrap(), 5);
+        assert!(
+            matches!(r.require("irq_timer"), Err(ProbeError::MissingField(k)) if k == "irq_timer")
+        );
+        assert!(matches!(r.require("name"), Err(ProbeError::Malformed(_))));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The `-netdev` string the switch hands the launcher is accepted by this machine's QEMU, and
 //! QEMU binds the VM end of the port with it. No guest runs (`-S`).
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,7 +25,7 @@ fn qemu_accepts_the_netdev_arg_and_binds_the_vm_end() {
         .output()
         .is_err()
     {
-        eprintln!("skipped: qemu-system-x86_64 not installed");
+        common::skip("qemu-system-x86_64 not installed");
         return;
     }
     let dir = std::env::temp_dir().join(format!("unipeer-switch-qemu-{}", std::process::id()));

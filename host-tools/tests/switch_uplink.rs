@@ -2,6 +2,8 @@
 //! reaches a fake VM (which answers ARP and echoes UDP) through the tap and the switch, and the
 //! tap and its route are gone once the switch stops. Nothing leaves the namespace.
 
+mod common;
+
 use std::net::{Ipv4Addr, UdpSocket};
 use std::process::Command;
 use std::sync::Arc;
@@ -35,7 +37,7 @@ fn uplink_reaches_a_vm_and_is_removed_on_stop() {
         && std::fs::read_to_string("/proc/self/status")
             .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
     if !can {
-        eprintln!("skipped: needs root, iproute2 and /dev/net/tun");
+        common::skip("needs root, iproute2 and /dev/net/tun");
         return;
     }
     let ns = Netns(format!("unipeer-switch-{}", std::process::id()));
@@ -218,7 +220,7 @@ fn without_root_the_uplink_is_off_and_vms_still_connect() {
         .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
     let has_setpriv = Command::new("setpriv").arg("--version").output().is_ok();
     if !root || !has_setpriv {
-        eprintln!("skipped: needs root and setpriv to drop to an unprivileged user");
+        common::skip("needs root and setpriv to drop to an unprivileged user");
         return;
     }
     let out = Command::new("setpriv")

@@ -121,3 +121,41 @@ pub fn unipeer_bin() -> &'static PathBuf {
         Err(e) => panic!("cannot build the unipeer binary: {e}"),
     }
 }
+
+/// A numeric field of a node's report (as `cluster::host_probe` returns it) that the test relies
+/// on. A missing or non-numeric field fails the test: read as 0 it would let a renamed counter
+/// pass every "== 0" check without testing anything.
+pub fn field(report: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {
+    match report.get(key) {
+        None => panic!("the report has no field {key:?}: {report:#?}"),
+        Some(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("report field {key}={v:?} is not a number")),
+    }
+}
+
+/// [`field`] for a report read straight from a VM's diagnostic port.
+pub fn counter(report: &unipeer::diag::Report, key: &str) -> u64 {
+    report
+        .require(key)
+        .unwrap_or_else(|e| panic!("{e} (report: {:?})", report.get("name")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_field_fails_instead_of_reading_as_zero() {
+        let mut r = std::collections::BTreeMap::new();
+        r.insert("trust_replayed".to_string(), "0".to_string());
+        assert_eq!(field(&r, "trust_replayed"), 0);
+        assert!(std::panic::catch_unwind(|| field(&r, "trust_replays")).is_err());
+        r.insert("name".to_string(), "n1".to_string());
+        assert!(std::panic::catch_unwind(|| field(&r, "name")).is_err());
+        let report =
+            unipeer::diag::Report::parse("unipeer-node diag v1\nirq_nic=3\nend\n").unwrap();
+        assert_eq!(counter(&report, "irq_nic"), 3);
+        assert!(std::panic::catch_unwind(|| counter(&report, "irq_timer")).is_err());
+    }
+}

@@ -9,7 +9,7 @@ use unipeer::diag::{self, Report};
 use unipeer::qemu::{Machine, NetAttach};
 use unipeer::vm::{self, ReadyVm};
 use unipeer_node::launch::GuestExit;
-use unipeer_qemu_tests::{exclusive, image, options};
+use unipeer_qemu_tests::{counter, exclusive, image, options};
 
 const PROBE: Duration = Duration::from_secs(10);
 
@@ -68,16 +68,19 @@ fn boot_probe_idle_shutdown(test: &str, machine: Machine, cpu: Option<&str>) {
         Machine::Q35 => "virtio-pci",
     };
     assert_eq!(r1.get("nic"), Some(expected_nic));
-    assert!(r1.num("uptime_us") > 0);
-    assert!(r1.num("boot_entry_to_ready_us") > 0);
+    assert!(counter(&r1, "uptime_us") > 0);
+    assert!(counter(&r1, "boot_entry_to_ready_us") > 0);
     assert!(
-        r1.num("tsc_khz") > 100_000,
+        counter(&r1, "tsc_khz") > 100_000,
         "tsc_khz {:?}",
         r1.get("tsc_khz")
     );
-    assert!(r1.num("heap_in_use") > 0 && r1.num("heap_high_water") >= r1.num("heap_in_use"));
-    assert!(r1.num("heap_size") > r1.num("heap_high_water"));
-    assert!(r1.num("rx_frames") > 0 && r1.num("tx_frames") > 0);
+    assert!(
+        counter(&r1, "heap_in_use") > 0
+            && counter(&r1, "heap_high_water") >= counter(&r1, "heap_in_use")
+    );
+    assert!(counter(&r1, "heap_size") > counter(&r1, "heap_high_water"));
+    assert!(counter(&r1, "rx_frames") > 0 && counter(&r1, "tx_frames") > 0);
     if cpu == Some("max") {
         assert_ne!(r1.get("simd"), Some("sse"), "-cpu max offers AVX/XSAVE");
     }
@@ -94,8 +97,8 @@ fn boot_probe_idle_shutdown(test: &str, machine: Machine, cpu: Option<&str>) {
         std::thread::sleep(Duration::from_millis(3));
     }
     let after = udp_report(&vm);
-    let nic_irqs = after.num("irq_nic") - before.num("irq_nic");
-    let busy = after.num("busy_polls") - before.num("busy_polls");
+    let nic_irqs = counter(&after, "irq_nic") - counter(&before, "irq_nic");
+    let busy = counter(&after, "busy_polls") - counter(&before, "busy_polls");
     assert!(
         nic_irqs >= 5 && nic_irqs + busy >= 21,
         "NIC interrupts rose by {nic_irqs} (busy polls {busy}) over 21 probes\nbefore: {:?}\nafter: {:?}{}",
@@ -103,15 +106,15 @@ fn boot_probe_idle_shutdown(test: &str, machine: Machine, cpu: Option<&str>) {
         after.fields,
         context(&vm)
     );
-    assert!(after.num("udp_requests") >= before.num("udp_requests") + 21);
+    assert!(counter(&after, "udp_requests") >= counter(&before, "udp_requests") + 21);
 
     // A 2 s idle window sees only a handful of timer interrupts: the guest sleeps in `hlt`
     // with no periodic tick. (The window is the measurement itself, not a wait for an event.)
     let idle0 = udp_report(&vm);
     std::thread::sleep(Duration::from_secs(2));
     let idle1 = udp_report(&vm);
-    let timer_irqs = idle1.num("irq_timer") - idle0.num("irq_timer");
-    let wakeups = idle1.num("wakeups") - idle0.num("wakeups");
+    let timer_irqs = counter(&idle1, "irq_timer") - counter(&idle0, "irq_timer");
+    let wakeups = counter(&idle1, "wakeups") - counter(&idle0, "wakeups");
     assert!(
         timer_irqs <= 10,
         "{timer_irqs} timer interrupts while idle for 2 s (the overlay's periodic work wakes a \
@@ -210,7 +213,7 @@ fn tcp_serves_many_clients_with_idle_timeout() {
     // With all of them silent and still connected, a probe is still served.
     let r = diag::query_tcp(vm.ports.diag_tcp_addr(), scaled(PROBE))
         .unwrap_or_else(|e| panic!("probe with 10 silent clients: {e}{}", context(&vm)));
-    assert!(r.num("tcp_sessions") >= 11);
+    assert!(counter(&r, "tcp_sessions") >= 11);
     // The silent ones are disconnected after the idle timeout: each read ends (EOF or reset).
     for (i, s) in silent.iter_mut().enumerate() {
         let mut buf = [0u8; 64];
@@ -222,7 +225,7 @@ fn tcp_serves_many_clients_with_idle_timeout() {
     }
     let r = udp_report(&vm);
     assert!(
-        r.num("tcp_idle_closed") >= 10,
+        counter(&r, "tcp_idle_closed") >= 10,
         "idle closes: {:?}",
         r.get("tcp_idle_closed")
     );
@@ -287,10 +290,10 @@ fn garbage_datagrams_and_streams_leave_the_node_answering() {
         let _ = s.read(&mut buf);
     }
     let r = udp_report(&vm);
-    assert!(r.num("bad_requests") > 0, "garbage was not counted");
-    assert!(r.num("echo_packets") > 0);
+    assert!(counter(&r, "bad_requests") > 0, "garbage was not counted");
+    assert!(counter(&r, "echo_packets") > 0);
     assert!(
-        r.num("overlay_undecodable") > 0,
+        counter(&r, "overlay_undecodable") > 0,
         "garbage at the overlay port was not counted"
     );
     assert_eq!(r.get("overlay_joined"), Some("true"));

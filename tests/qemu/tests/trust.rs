@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use unipeer::cluster::{self, NodeState, UpOptions};
 use unipeer::net::UplinkStatus;
 use unipeer::vm;
-use unipeer_qemu_tests::{accel, exclusive, image, run_dir, unipeer_bin};
+use unipeer_qemu_tests::{accel, exclusive, field as num, image, run_dir, unipeer_bin};
 
 fn scaled(d: Duration) -> Duration {
     d.mul_f64(vm::timeout_scale())
@@ -27,10 +27,6 @@ impl Drop for Cluster {
 
 fn report(c: &Cluster, node: &str) -> BTreeMap<String, String> {
     cluster::host_probe(&c.dir, node).unwrap_or_else(|e| panic!("probe {node}: {e}"))
-}
-
-fn num(r: &BTreeMap<String, String>, key: &str) -> u64 {
-    r.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// Polls until `check` holds or `within` passes; returns whether it held.
