@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# Installs what unipeer needs on a Debian machine; safe to run again.
+# Installs what unipeer needs on a Debian machine; safe to run again (it installs only what is
+# missing). As root it calls apt-get directly; otherwise through sudo, and only when something
+# is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-SUDO=""
-if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v nc >/dev/null || need_apt+=(netcat-openbsd)
 [ -x /usr/bin/setpriv ] || need_apt+=(util-linux)
+# Cargo links host binaries (build scripts, the CLI, the tests) with the system C linker.
+command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
+# The replication agent's service speaks RESP: its tests drive it with Redis's own client and
+# compare it with a real server.
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v redis-cli >/dev/null || need_apt+=(redis-tools)
+
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}"
+    as_root=()
+    if [ "$(id -u)" != 0 ]; then
+        if ! command -v sudo >/dev/null; then
+            echo "setup: ${need_apt[*]} missing, and this is not root and there is no sudo;" \
+                "run as root: apt-get install ${need_apt[*]}" >&2
+            exit 1
+        fi
+        as_root=(sudo)
+    fi
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    "${as_root[@]}" apt-get update -qq
+    "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null; then
@@ -28,4 +43,4 @@ if command -v rustup >/dev/null; then
     rustup target list --installed | grep -qx x86_64-unknown-none \
         || rustup target add x86_64-unknown-none
 fi
-echo "setup: ok ($(qemu-system-x86_64 --version | head -1); $(cargo --version))"
+echo "setup: ok ($(qemu-system-x86_64 --version | head -1); $(cargo --version); $(cc --version | head -1))"

@@ -2,6 +2,15 @@
 # Runs every test: style, unit, simulator and QEMU tests (boot tests included). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Root is needed up front: the cluster, overlay, trust and jobs tests put each cluster in a
+# network namespace of its own with a tap uplink (ip netns, /dev/net/tun), and the switch
+# tests drop to an unprivileged user with setpriv to show what one can and cannot reach.
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh needs root: its cluster tests create network namespaces and tap" \
+        "devices, and its security tests switch users. Run it as root (e.g. sudo $0)," \
+        "or run single crates' tests without it (cargo test -p unipeer-node)." >&2
+    exit 1
+fi
 scripts/setup.sh
 
 echo "== style"
