@@ -12,3 +12,8 @@ pub mod job;
 pub mod net;
 pub mod qemu;
 pub mod vm;
+
+// The library's tests measure memory like the CLI does (`bench overlay`).
+#[cfg(test)]
+#[global_allocator]
+static HEAP: &unipeer_sim::heap::CountingAlloc = &unipeer_sim::heap::COUNTING;

@@ -14,6 +14,11 @@ use unipeer::{bench, cluster, diag, image, vm};
 mod cli_cluster;
 mod cli_frontend;
 mod cli_jobs;
+
+/// Counts heap bytes, so that `bench overlay` measures the simulated nodes' memory (an atomic
+/// add per allocation; no behaviour changes).
+#[global_allocator]
+static HEAP: &unipeer_sim::heap::CountingAlloc = &unipeer_sim::heap::COUNTING;
 use unipeer_node::launch::{GuestExit, LogLevel};
 
 #[derive(Parser)]

@@ -7,8 +7,14 @@
 //! [`scenario`] module adds the liveness phase; [`bench`] measures hops, consistency and upkeep.
 
 pub mod bench;
+pub mod heap;
 pub mod network;
 pub mod scenario;
+
+// The crate's own tests measure memory like the bench binary does.
+#[cfg(test)]
+#[global_allocator]
+static HEAP: &heap::CountingAlloc = &heap::COUNTING;
 
 use network::{Faults, Topology};
 use std::cmp::Reverse;
