@@ -1,13 +1,15 @@
 //! `unipeer bench boot`: over K boots, QEMU launch → ready (host clock) and guest entry →
-//! network ready (guest TSC); image size; guest RAM and heap high-water; idle host CPU of a
-//! running VM; host↔VM UDP echo round trips. Every figure names the accelerator and machine.
+//! network ready (guest TSC); image size; the guest's heap high-water (from its report) and the
+//! smallest guest RAM that still boots (bisected on `-m`); idle host CPU of a running VM;
+//! host↔VM UDP echo round trips. Every figure names the accelerator and machine; a series with
+//! no samples prints "no samples" and fails the run.
 
 use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::bench::linux_baseline;
+use crate::bench::{Unmeasured, Verdict, cell, linux_baseline};
 use crate::diag;
 use crate::hostinfo::{self, AccelChoice};
 use crate::image;
@@ -26,9 +28,13 @@ pub struct BootBenchArgs {
     pub machine: Machine,
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
-    /// Guest RAM in MiB.
+    /// Guest RAM in MiB of the timed boots and the live VM (the smallest RAM that boots is
+    /// found by bisection below this).
     #[arg(long, default_value_t = vm::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
+    /// Boots spent bisecting the smallest guest RAM that boots (0: skip; the row then fails).
+    #[arg(long, default_value_t = 6)]
+    pub ram_probes: u32,
     /// UDP echo probes for the round-trip figures.
     #[arg(long, default_value_t = 2000)]
     pub rtt_probes: usize,
@@ -59,19 +65,27 @@ pub struct Stats {
     pub n: usize,
 }
 
-pub fn stats(mut v: Vec<f64>) -> Stats {
-    if v.is_empty() {
-        return Stats::default();
+impl Stats {
+    /// The statistics of a series; `None` for an empty one (never zeros).
+    pub fn of(mut v: Vec<f64>) -> Option<Stats> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
+        Some(Stats {
+            min: v[0],
+            p50: at(0.5),
+            p99: at(0.99),
+            max: v[v.len() - 1],
+            n: v.len(),
+        })
     }
-    v.sort_by(f64::total_cmp);
-    let at = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
-    Stats {
-        min: v[0],
-        p50: at(0.5),
-        p99: at(0.99),
-        max: v[v.len() - 1],
-        n: v.len(),
-    }
+}
+
+/// [`Stats::of`], with zeros (`n == 0`) for an empty series: for figures printed with their `n`.
+pub fn stats(v: Vec<f64>) -> Stats {
+    Stats::of(v).unwrap_or_default()
 }
 
 /// CPU time of all of a process's threads in nanoseconds (scheduler statistics: finer than
@@ -108,8 +122,13 @@ pub struct BootBenchResult {
     pub machine: String,
     pub image_bytes: u64,
     pub memory_mib: u32,
-    pub launch_to_ready_ms: Stats,
-    pub entry_to_ready_ms: Stats,
+    pub boots: usize,
+    pub launch_to_ready_ms: Option<Stats>,
+    /// Over the boots whose guest reported `boot_entry_to_ready_us`.
+    pub entry_to_ready_ms: Option<Stats>,
+    /// The smallest `-m` (MiB) found to boot and answer, and each probe `(MiB, booted)`.
+    pub min_boot_memory_mib: Option<u32>,
+    pub ram_probes: Vec<(u32, bool)>,
     pub heap_high_water_bytes: u64,
     pub heap_size_bytes: u64,
     pub rss_kib: u64,
@@ -117,7 +136,8 @@ pub struct BootBenchResult {
     pub idle_cpu_percent: f64,
     pub idle_secs: u64,
     pub idle_timer_irqs: u64,
-    pub rtt_us: Stats,
+    pub rtt_us: Option<Stats>,
+    pub rtt_sent: usize,
     pub rtt_lost: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub linux_baseline: Option<LinuxComparison>,
@@ -156,6 +176,12 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
         }
         ready.vm.wait_exit(Duration::from_secs(10))?;
     }
+    let ram_probes = smallest_memory(&img, args, accel.accel, &run_dir);
+    let min_boot_memory_mib = ram_probes
+        .iter()
+        .filter(|(_, booted)| *booted)
+        .map(|(m, _)| *m)
+        .min();
 
     // One VM that stays up: memory, idle CPU, round trips.
     let mut opts = VmOptions::new("bench-live", run_dir, args.machine, accel.accel);
@@ -170,7 +196,7 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
         64,
         Duration::from_millis(500),
     )?;
-    let rtt_us = stats(rtts.iter().map(|d| d.as_secs_f64() * 1e6).collect());
+    let rtt_us = Stats::of(rtts.iter().map(|d| d.as_secs_f64() * 1e6).collect());
 
     // Idle: let the guest settle, then measure its CPU over the window.
     let before_report = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5))?;
@@ -196,28 +222,103 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
         machine: args.machine.to_string(),
         image_bytes: img.manifest.size_bytes,
         memory_mib: args.memory,
-        launch_to_ready_ms: stats(launch),
-        entry_to_ready_ms: stats(entry),
+        boots: args.boots,
+        launch_to_ready_ms: Stats::of(launch),
+        entry_to_ready_ms: Stats::of(entry),
+        min_boot_memory_mib,
+        ram_probes,
         heap_high_water_bytes: final_report
-            .num("heap_high_water")
-            .max(report.num("heap_high_water")),
-        heap_size_bytes: report.num("heap_size"),
+            .require("heap_high_water")?
+            .max(report.require("heap_high_water")?),
+        heap_size_bytes: report.require("heap_size")?,
         rss_kib,
         pss_kib,
         idle_cpu_percent,
         idle_secs: args.idle_secs,
         idle_timer_irqs: after_report
-            .num("irq_timer")
-            .saturating_sub(before_report.num("irq_timer")),
+            .require("irq_timer")?
+            .saturating_sub(before_report.require("irq_timer")?),
         rtt_us,
+        rtt_sent: args.rtt_probes,
         rtt_lost: lost,
         linux_baseline: None,
     })
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "MISSED" }
+/// Whether a guest with `memory_mib` of RAM boots: it prints its ready line and its diagnostic
+/// port answers (then it is shut down). A guest that fails (no memory, a panic) or hangs until
+/// the launcher's deadline did not boot.
+fn boots_with(
+    img: &image::Image,
+    memory_mib: u32,
+    machine: Machine,
+    accel: hostinfo::Accel,
+    run_dir: &std::path::Path,
+) -> bool {
+    let mut opts = VmOptions::new(
+        &format!("bench-ram-{memory_mib}"),
+        run_dir.to_path_buf(),
+        machine,
+        accel,
+    );
+    opts.memory_mib = memory_mib;
+    let Ok(mut live) = vm::launch_ready(img, &opts) else {
+        return false;
+    };
+    let answered = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5)).is_ok();
+    let _ = diag::tcp_command(
+        live.ports.diag_tcp_addr(),
+        "shutdown",
+        Duration::from_secs(5),
+    );
+    if live.vm.wait_exit(Duration::from_secs(10)).is_err() {
+        live.vm.kill();
+    }
+    answered
 }
+
+/// Bisects the smallest guest RAM (whole MiB, between 1 and `args.memory`) that boots, in at
+/// most `args.ram_probes` boots. Returns every probe as `(MiB, booted)`.
+fn smallest_memory(
+    img: &image::Image,
+    args: &BootBenchArgs,
+    accel: hostinfo::Accel,
+    run_dir: &std::path::Path,
+) -> Vec<(u32, bool)> {
+    bisect_smallest(args.memory, args.ram_probes, |m| {
+        boots_with(img, m, args.machine, accel, run_dir)
+    })
+}
+
+/// The bisection behind [`smallest_memory`]: `hi` is probed first (a run whose own setting does
+/// not boot finds nothing), then the range `[1, hi]` is halved while probes remain.
+fn bisect_smallest(hi: u32, probes: u32, mut boots: impl FnMut(u32) -> bool) -> Vec<(u32, bool)> {
+    let mut out = Vec::new();
+    if probes == 0 || hi == 0 {
+        return out;
+    }
+    let ok = boots(hi);
+    out.push((hi, ok));
+    if !ok {
+        return out;
+    }
+    // Invariant: `good` boots; everything below `bad + 1` is not known to boot.
+    let (mut bad, mut good) = (0u32, hi);
+    while good - bad > 1 && (out.len() as u32) < probes {
+        let mid = bad + (good - bad) / 2;
+        let ok = boots(mid);
+        out.push((mid, ok));
+        if ok {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    out
+}
+
+/// The guest RAM target (MiB): the smallest RAM that boots, and the heap's high-water.
+pub const RAM_TARGET_MIB: u32 = 16;
 
 pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
     let linux_prepared = if args.baseline_linux {
@@ -238,77 +339,115 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
             },
         )
         .context("Linux baseline")?;
-        let ratio = |ours: f64, theirs: f64| {
-            if theirs > 0.0 {
-                ours / theirs
-            } else {
-                f64::NAN
-            }
+        // A ratio needs both series: an empty one (theirs or ours) gives NaN, which no target
+        // accepts.
+        let ratio = |ours: Option<f64>, theirs: &Stats, f: fn(&Stats) -> f64| match ours {
+            Some(o) if theirs.n > 0 && f(theirs) > 0.0 => o / f(theirs),
+            _ => f64::NAN,
         };
         r.linux_baseline = Some(LinuxComparison {
-            launch_ratio_p50: ratio(r.launch_to_ready_ms.p50, linux.launch_to_user_ms.p50),
-            rtt_ratio_p50: ratio(r.rtt_us.p50, linux.rtt_us.p50),
-            rtt_ratio_p99: ratio(r.rtt_us.p99, linux.rtt_us.p99),
+            launch_ratio_p50: ratio(
+                r.launch_to_ready_ms.map(|s| s.p50),
+                &linux.launch_to_user_ms,
+                |s| s.p50,
+            ),
+            rtt_ratio_p50: ratio(r.rtt_us.map(|s| s.p50), &linux.rtt_us, |s| s.p50),
+            rtt_ratio_p99: ratio(r.rtt_us.map(|s| s.p99), &linux.rtt_us, |s| s.p99),
             linux,
         });
     }
+    let mut unmeasured = Unmeasured::default();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
+        for (row, series) in [
+            ("launch -> ready", r.launch_to_ready_ms.is_some()),
+            ("entry -> ready", r.entry_to_ready_ms.is_some()),
+            ("smallest RAM that boots", r.min_boot_memory_mib.is_some()),
+            ("echo RTT", r.rtt_us.is_some()),
+        ] {
+            unmeasured.note(row, Verdict::of(series.then_some(0.0), |_| true));
+        }
+        return unmeasured.check();
     }
     println!(
         "unipeer bench boot — {} on {} ({}), {} boots, image {}",
         r.machine, r.accel, r.accel_reason, args.boots, args.image
     );
     println!(
-        "{:<38} {:>14} {:>14} {:>10} {:>8}",
-        "metric", "p50", "p99/max", "target", ""
+        "{:<40} {:>14} {:>18} {:>10} {:>20}",
+        "metric", "p50", "p99/max", "target", "verdict"
     );
-    let row = |name: &str, p50: String, p99: String, target: &str, ok: Option<bool>| {
+    let mut row = |name: &str, p50: String, p99: String, target: &str, v: Option<Verdict>| {
         println!(
-            "{:<38} {:>14} {:>14} {:>10} {:>8}",
+            "{:<40} {:>14} {:>18} {:>10} {:>20}",
             name,
             p50,
             p99,
             target,
-            ok.map(verdict).unwrap_or("")
+            v.map(|v| v.to_string()).unwrap_or_default()
         );
+        if let Some(v) = v {
+            unmeasured.note(name, v);
+        }
     };
+    let ms = |v: f64| format!("{v:.1}");
+    let l = r.launch_to_ready_ms;
     row(
         "QEMU launch -> ready (ms)",
-        format!("{:.1}", r.launch_to_ready_ms.p50),
-        format!("{:.1}", r.launch_to_ready_ms.max),
+        cell(l.map(|s| s.p50), ms),
+        cell(l.map(|s| s.max), ms),
         "<= 60",
-        Some(r.launch_to_ready_ms.p50 <= 60.0),
+        Some(Verdict::of(l.map(|s| s.p50), |v| v <= 60.0)),
     );
     let entry_target = if r.accel == "tcg" { 5.0 } else { 1.0 };
+    let e = r.entry_to_ready_ms;
+    let ms2 = |v: f64| format!("{v:.2}");
     row(
-        "guest entry -> network ready (ms)",
-        format!("{:.2}", r.entry_to_ready_ms.p50),
-        format!("{:.2}", r.entry_to_ready_ms.max),
+        &format!(
+            "guest entry -> network ready (ms), {}/{}",
+            e.map_or(0, |s| s.n),
+            r.boots
+        ),
+        cell(e.map(|s| s.p50), ms2),
+        cell(e.map(|s| s.max), ms2),
         &format!("<= {entry_target}"),
-        Some(r.entry_to_ready_ms.p50 <= entry_target),
+        Some(Verdict::of(e.map(|s| s.p50), |v| v <= entry_target)),
     );
     row(
         "image size (KiB)",
         format!("{:.1}", r.image_bytes as f64 / 1024.0),
         String::new(),
         "<= 1024",
-        Some(r.image_bytes <= 1024 * 1024),
+        Some(Verdict::of(Some(r.image_bytes as f64), |v| {
+            v <= 1024.0 * 1024.0
+        })),
     );
+    let probes: Vec<String> = r
+        .ram_probes
+        .iter()
+        .map(|(m, ok)| format!("{m}{}", if *ok { "+" } else { "-" }))
+        .collect();
     row(
-        "guest RAM given (MiB)",
-        r.memory_mib.to_string(),
-        String::new(),
-        "16",
-        Some(r.memory_mib <= 16),
+        "smallest guest RAM that boots (MiB)",
+        cell(r.min_boot_memory_mib.map(f64::from), |v| format!("{v:.0}")),
+        format!("probes {}", probes.join(" ")),
+        &format!("<= {RAM_TARGET_MIB}"),
+        Some(Verdict::of(r.min_boot_memory_mib.map(f64::from), |v| {
+            v <= f64::from(RAM_TARGET_MIB)
+        })),
     );
     row(
         "heap high-water (KiB)",
         format!("{:.1}", r.heap_high_water_bytes as f64 / 1024.0),
-        format!("of {:.0}", r.heap_size_bytes as f64 / 1024.0),
-        "",
-        None,
+        format!(
+            "of {:.0} ({} MiB)",
+            r.heap_size_bytes as f64 / 1024.0,
+            r.memory_mib
+        ),
+        &format!("<= {RAM_TARGET_MIB} MiB"),
+        Some(Verdict::of(Some(r.heap_high_water_bytes as f64), |v| {
+            v <= f64::from(RAM_TARGET_MIB) * 1024.0 * 1024.0
+        })),
     );
     row(
         "QEMU resident / proportional (MiB)",
@@ -322,14 +461,18 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         format!("{:.3}", r.idle_cpu_percent),
         format!("{} timer irqs", r.idle_timer_irqs),
         "<= 0.1",
-        Some(r.idle_cpu_percent <= 0.1),
+        Some(Verdict::of(Some(r.idle_cpu_percent), |v| v <= 0.1)),
     );
+    let us = |v: f64| format!("{v:.0}");
     row(
-        &format!("host<->VM UDP echo RTT (us), {} lost", r.rtt_lost),
-        format!("{:.0}", r.rtt_us.p50),
-        format!("{:.0}", r.rtt_us.p99),
-        "",
-        None,
+        &format!(
+            "host<->VM UDP echo RTT (us), {}/{} lost",
+            r.rtt_lost, r.rtt_sent
+        ),
+        cell(r.rtt_us.map(|s| s.p50), us),
+        cell(r.rtt_us.map(|s| s.p99), us),
+        "answers",
+        Some(Verdict::of(r.rtt_us.map(|s| s.p50), |_| true)),
     );
     if let Some(c) = &r.linux_baseline {
         let l = &c.linux;
@@ -347,31 +490,32 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         if let Some(note) = &l.machine_note {
             println!("  note: {note}");
         }
+        let some = |s: &Stats, v: f64| (s.n > 0).then_some(v);
         row(
             &format!("Linux launch -> user space (ms) [{}]", l.machine),
-            format!("{:.0}", l.launch_to_user_ms.p50),
-            format!("{:.0}", l.launch_to_user_ms.max),
+            cell(some(&l.launch_to_user_ms, l.launch_to_user_ms.p50), us),
+            cell(some(&l.launch_to_user_ms, l.launch_to_user_ms.max), us),
             "",
             None,
         );
         row(
             &format!("Linux launch -> echo listening (ms) [{}]", l.machine),
-            format!("{:.0}", l.launch_to_echo_ms.p50),
-            format!("{:.0}", l.launch_to_echo_ms.max),
+            cell(some(&l.launch_to_echo_ms, l.launch_to_echo_ms.p50), us),
+            cell(some(&l.launch_to_echo_ms, l.launch_to_echo_ms.max), us),
             "",
             None,
         );
         row(
             "ours launch->ready / Linux launch->user",
             format!("{:.4}", c.launch_ratio_p50),
-            format!("{:.4}", r.launch_to_ready_ms.max / l.launch_to_user_ms.max),
+            String::new(),
             "",
             None,
         );
         row(
             &format!("Linux UDP echo RTT (us), {} lost", l.rtt_lost),
-            format!("{:.0}", l.rtt_us.p50),
-            format!("{:.0}", l.rtt_us.p99),
+            cell(some(&l.rtt_us, l.rtt_us.p50), us),
+            cell(some(&l.rtt_us, l.rtt_us.p99), us),
             "",
             None,
         );
@@ -380,8 +524,38 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
             format!("{:.2}", c.rtt_ratio_p50),
             format!("{:.2}", c.rtt_ratio_p99),
             "<= 0.5",
-            Some(c.rtt_ratio_p50 <= 0.5),
+            Some(Verdict::of(Some(c.rtt_ratio_p50), |v| v <= 0.5)),
         );
     }
-    Ok(())
+    unmeasured.check()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_series_has_no_statistics() {
+        assert!(Stats::of(Vec::new()).is_none());
+        let s = Stats::of(vec![3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.min, s.p50, s.max, s.n), (1.0, 2.0, 3.0, 3));
+    }
+
+    #[test]
+    fn bisection_finds_the_smallest_memory_that_boots_within_its_probes() {
+        // Boots from 5 MiB up: 16, 8, 4, 6, 5 (then 4..5 is settled).
+        let probes = bisect_smallest(16, 8, |m| m >= 5);
+        assert_eq!(
+            probes,
+            vec![(16, true), (8, true), (4, false), (6, true), (5, true)]
+        );
+        // Bounded: two probes leave it at the best found so far.
+        assert_eq!(
+            bisect_smallest(16, 2, |m| m >= 5),
+            vec![(16, true), (8, true)]
+        );
+        // The run's own setting does not boot: nothing found, nothing more tried.
+        assert_eq!(bisect_smallest(16, 8, |_| false), vec![(16, false)]);
+        assert!(bisect_smallest(16, 0, |_| true).is_empty());
+    }
 }

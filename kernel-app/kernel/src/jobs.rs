@@ -1164,12 +1164,13 @@ impl JobHost {
         let _ = write!(
             out,
             "jobs=on\njobs_apps={}\njobs_slots={}\njobs_running={}\njobs_supervising={}\n\
-             jobs_chunks={}\njobs_chunk_bytes={}\njobs_works_started={}\njobs_works_run={}\n\
+             jobs_adverts_heard={}\njobs_chunks={}\njobs_chunk_bytes={}\njobs_works_started={}\njobs_works_run={}\n\
              jobs_works_failed={}\njobs_work_queued={}\njobs_slices={}\njobs_work_us={}\njobs_work_max_us={}\n",
             AppsList(&self.apps),
             self.agent.slots(),
             self.agent.running(),
             self.agent.supervising(),
+            self.agent.adverts_heard(),
             self.agent.chunks().len(),
             self.agent.chunks().bytes(),
             a.works_started,

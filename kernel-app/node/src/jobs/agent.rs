@@ -384,6 +384,12 @@ impl JobAgent {
             .map(|s| (&s.rec, s.tried.as_slice()))
     }
 
+    /// Distinct nodes whose capacity adverts this node holds (stale ones included: an entry
+    /// older than four advert periods is not dispatched to).
+    pub fn adverts_heard(&self) -> usize {
+        self.capacity.len()
+    }
+
     /// Tasks this node supervises now.
     pub fn supervising(&self) -> usize {
         self.supervised.len()
