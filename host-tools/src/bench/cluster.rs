@@ -439,17 +439,23 @@ fn print_table(r: &ClusterBenchResult, args: &ClusterBenchArgs) -> anyhow::Resul
         "",
         None,
     );
-    for (label, steps) in [
-        ("sealed overlay", &r.density),
-        ("floor, overlay off", &r.floor),
-    ] {
+    for (overlay, steps) in [(true, &r.density), (false, &r.floor)] {
         for d in steps {
-            row(
-                &format!("density ({label}) {} VMs: answering / joined", d.vms),
-                format!("{}/{} / {}", d.answering, d.vms, d.joined),
-                "",
-                None,
-            );
+            if overlay {
+                row(
+                    &format!("density, sealed overlay, {} VMs: answering, joined", d.vms),
+                    format!("{}/{}, {}/{}", d.answering, d.vms, d.joined, d.vms),
+                    "",
+                    None,
+                );
+            } else {
+                row(
+                    &format!("floor, overlay off, {} VMs: answering", d.vms),
+                    format!("{}/{}", d.answering, d.vms),
+                    "",
+                    None,
+                );
+            }
             row(
                 "  grow / settle time, PSS per VM",
                 format!(
@@ -470,7 +476,7 @@ fn print_table(r: &ClusterBenchResult, args: &ClusterBenchArgs) -> anyhow::Resul
     let headline = r.density_max_joined.map(|n| n as f64);
     row(
         &format!(
-            "DENSITY: most VMs answering and joined, overlay on, sealed (max tried {})",
+            "DENSITY, sealed overlay: most joined (tried {})",
             args.density_max
         ),
         cell(headline, |v| format!("{v:.0}")),
@@ -479,7 +485,7 @@ fn print_table(r: &ClusterBenchResult, args: &ClusterBenchArgs) -> anyhow::Resul
     );
     row(
         &format!(
-            "floor: most VMs answering, overlay off (max tried {})",
+            "floor, overlay off: most answering (tried {})",
             args.floor_max
         ),
         cell(r.floor_max_answering.map(|n| n as f64), |v| {
