@@ -10,5 +10,6 @@ pub mod hostinfo;
 pub mod image;
 pub mod job;
 pub mod net;
+pub mod owner_only;
 pub mod qemu;
 pub mod vm;
