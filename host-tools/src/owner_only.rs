@@ -206,6 +206,17 @@ pub fn peer_allowed(stream: &UnixStream) -> Result<u32, PeerRefused> {
     }
 }
 
+/// Answers a refused control-socket client with one line and closes, first reading (for at
+/// most 100 ms) what it sent, so the close does not reset the connection over the answer.
+pub fn refuse_peer(mut conn: UnixStream, line: &str) {
+    let _ = conn.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+    let _ = writeln!(conn, "{line}");
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+    let mut sink = [0u8; 4096];
+    let _ = io::Read::read(&mut conn, &mut sink);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

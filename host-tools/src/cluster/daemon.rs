@@ -209,14 +209,14 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         .name("cluster-control".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
+                let Ok(conn) = conn else { continue };
                 // The socket is 0600 in a 0700 directory; the uid check holds even if a
                 // descriptor or a looser mode ever leaks it.
                 if let Err(e) = owner_only::peer_allowed(&conn) {
                     eprintln!("unipeer cluster daemon: refused a control connection: {e}");
                     let text = serde_json::to_string(&Response::failure(e.to_string()))
                         .expect("responses serialise");
-                    let _ = writeln!(conn, "{text}");
+                    owner_only::refuse_peer(conn, &text);
                     continue;
                 }
                 let shared = acceptor.clone();

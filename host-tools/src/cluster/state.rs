@@ -131,7 +131,7 @@ mod tests {
 
     fn wait_for_name(pid: u32, name: &str) {
         let start = std::time::Instant::now();
-        while !live_cmdline(pid).is_some_and(|a| a.first().is_some_and(|p| p == name)) {
+        while live_cmdline(pid).is_none_or(|a| a.first().is_none_or(|p| p != name)) {
             assert!(
                 start.elapsed() < std::time::Duration::from_secs(5),
                 "{pid} never became {name}"
@@ -147,7 +147,7 @@ mod tests {
         let run_dir = Path::new("/tmp/unipeer-state-test/run");
         let blob = "/tmp/unipeer-state-test/run/vms/n1.config";
         let other_blob = "/tmp/unipeer-state-test/other/vms/n1.config";
-        let mut procs = vec![
+        let mut procs = [
             spawn_named("qemu-system-x86_64", &["-initrd", blob]),
             spawn_named("qemu-system-x86_64", &["-initrd", other_blob]),
             spawn_named("sleepy", &["-initrd", blob]),
