@@ -6,25 +6,33 @@
 //!
 //! # API (HTTP/1.1, JSON bodies, every answer `Connection: close`)
 //!
+//! Every request carries `Authorization: Bearer TOKEN` (the token file the front-end writes at
+//! start, [`access`]), a `Host` naming the front-end, no foreign `Origin`, and for a `POST`
+//! `Content-Type: application/json`.
+//!
 //! | request | answer |
 //! |---|---|
 //! | `GET /v1/info` | `{"server":"s1","run_dir":"...","cluster":true,"nodes":5,"ready":3,"images":[{"name":"default","apps":["wordcount",...]}]}`: `cluster` whether a cluster daemon answers, `nodes` all nodes of every server, `ready` nodes up on this server, `images` every image under `images/` that opens (verified) |
 //! | `GET /v1/nodes[?probe=1]` | `[{"name":"n1","server":"s1","ip":"10.77.0.11","state":"up","image":"default","memory_mb":64}]`, every server's nodes (`[]` without a cluster); `probe=1` also asks each node's diagnostic port and adds `answering` and `overlay_id` |
-//! | `POST /v1/deploy` `{"image":"default","count":3,"memory_mb":64,"accel":"auto"}` | `{"server":"s1","image":"default","nodes":["n4","n5","n6"],"ready_ms":812.5}` once every new VM printed its ready line. `memory_mb` and `accel` are optional; the first deploy starts the cluster (with `accel`; later deploys use the cluster's accelerator), later ones add nodes; all tagged with this server. One deploy at a time. |
+//! | `POST /v1/deploy` `{"image":"default","count":3,"memory_mb":64,"accel":"auto"}` | `{"server":"s1","image":"default","nodes":["n4","n5","n6"],"ready_ms":812.5}` once every new VM printed its ready line. `memory_mb` and `accel` are optional; the first deploy starts the cluster (with `accel`; later deploys use the cluster's accelerator), later ones add nodes; all tagged with this server. One deploy at a time, within [`limits::FrontendLimits`]. |
 //! | `POST /v1/nodes/{name}/kill` | `{"node":"n4","state":"down"}` |
 //! | `POST /v1/nodes/{name}/restart` | `{"node":"n4","state":"up","ready_ms":640.1}` |
-//! | `CONNECT n3:7002 HTTP/1.1` | `HTTP/1.1 200 Connection established` and a blank line, then the connection is a raw byte pipe to TCP port 7002 of node `n3` until either side closes |
+//! | `CONNECT n3:7003 HTTP/1.1` | `HTTP/1.1 200 Connection established` and a blank line, then the connection is a raw byte pipe to the client port ([`CONNECT_PORT`]) of node `n3` until either side closes, it is idle too long or its time is up; any other port is 403 |
 //!
-//! Errors answer `{"error":"..."}` with 400 (malformed request, bad JSON or values), 404 (unknown
-//! path or node), 405 (wrong method), 409 (refused by the cluster: no cluster, a node of another
-//! server, a launch refused), 411/413/431 (body or head too large), 500 (the cluster failed),
-//! 502 (a `CONNECT` that could not reach the node), 503 (more than [`CONNECTIONS_MAX`]
-//! connections). Kill and restart act only on this server's nodes; `CONNECT` reaches any node.
+//! Errors answer `{"error":"..."}` with 400 (malformed request, bad JSON, values or `Host`, a
+//! deploy over the per-deploy memory), 401 (no or wrong token), 403 (a foreign `Origin`, a
+//! `CONNECT` to another port), 404 (unknown path or node), 405 (wrong method), 408 (the head not
+//! within [`HEAD_DEADLINE`]), 409 (refused by the cluster: no cluster, a node of another server,
+//! a launch refused), 411/413/431 (body or head too large), 415 (a `POST` that is not JSON), 429
+//! (this server's VM or memory limit reached), 500 (the cluster failed), 502 (a `CONNECT` that
+//! could not reach the node), 503 (more than [`CONNECTIONS_MAX`] connections, or over one
+//! source's share, [`limits::CONNECTIONS_PER_SOURCE`] / [`limits::PENDING_PER_SOURCE`]). Kill
+//! and restart act only on this server's nodes; `CONNECT` reaches any node.
 //!
 //! Limits: request line and headers at most [`HEAD_MAX`] bytes (431 beyond), a body at most
 //! [`BODY_MAX`] bytes and only with `Content-Length` (413 beyond; `Transfer-Encoding` is refused
-//! with 501), each read waits at most 10 s and a whole request at most 30 s (408), one thread
-//! per connection, [`CONNECTIONS_MAX`] at once (open `CONNECT` pipes count).
+//! with 501), the head within [`HEAD_DEADLINE`] and a whole request within 30 s (408), one
+//! thread per connection, [`CONNECTIONS_MAX`] at once (open `CONNECT` pipes count).
 
 pub mod access;
 pub mod client;
@@ -65,7 +73,7 @@ const READ_TICK: Duration = Duration::from_millis(250);
 /// Longest time a client may take to send a request's head (line and headers).
 pub const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest time a client may take to send a whole request.
-const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 /// Most header lines.
 const HEADERS_MAX: usize = 100;
 
