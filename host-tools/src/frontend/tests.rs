@@ -460,7 +460,7 @@ impl Trickle {
 
 impl Read for Trickle {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.next() % 4 == 0 {
+        if self.next().is_multiple_of(4) {
             return Err(std::io::ErrorKind::WouldBlock.into());
         }
         let n = (self.next() % 64 + 1) as usize;
@@ -502,7 +502,7 @@ fn hostile_heads_never_panic_and_never_pass_without_the_token() {
     let deadline = Duration::from_millis(50);
     let mut parsed = 0usize;
     for round in 0..20_000u32 {
-        let mut input: Vec<u8> = if round % 10 == 0 {
+        let mut input: Vec<u8> = if round.is_multiple_of(10) {
             (0..next() % 300).map(|_| next() as u8).collect()
         } else {
             seeds[(next() % seeds.len() as u64) as usize].to_vec()
