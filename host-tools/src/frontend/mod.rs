@@ -392,6 +392,17 @@ pub fn read_request_within(
     head_deadline: Duration,
     request_deadline: Duration,
 ) -> Result<HttpRequest, HttpError> {
+    read_request_checked(r, head_deadline, request_deadline, &|_| Ok(()))
+}
+
+/// [`read_request_within`] that runs `check` on the head before reading any body: a request
+/// the check refuses (no token, say) costs no body read.
+pub fn read_request_checked(
+    r: &mut impl Read,
+    head_deadline: Duration,
+    request_deadline: Duration,
+    check: &dyn Fn(&HttpRequest) -> Result<(), HttpError>,
+) -> Result<HttpRequest, HttpError> {
     let start = Instant::now();
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
@@ -428,6 +439,7 @@ pub fn read_request_within(
         body: Vec::new(),
         rest: Vec::new(),
     };
+    check(&req)?;
     if req.header("transfer-encoding").is_some() {
         return Err(http_err(
             501,
@@ -575,9 +587,14 @@ pub fn respond(w: &mut impl Write, status: u16, body: &Value) -> io::Result<()> 
     text.push(b'\n');
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
+         {}Connection: close\r\n\r\n",
         reason(status),
-        text.len()
+        text.len(),
+        if status == 401 {
+            "WWW-Authenticate: Bearer realm=\"unipeer front-end\"\r\n"
+        } else {
+            ""
+        }
     );
     w.write_all(head.as_bytes())?;
     w.write_all(&text)?;
@@ -666,7 +683,13 @@ impl Shared {
         let _ = stream.set_read_timeout(Some(READ_TICK));
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
         let _ = stream.set_nodelay(true);
-        let req = match read_request(&mut stream) {
+        // Host, Origin, token and content type are judged on the head, before any body.
+        let check = |req: &HttpRequest| {
+            self.access
+                .check(req)
+                .map_err(|refusal| http_err(refusal.status, refusal.message))
+        };
+        let req = match read_request_checked(&mut stream, HEAD_DEADLINE, REQUEST_DEADLINE, &check) {
             Ok(r) => r,
             Err(e) if e.status == 0 => return,
             Err(e) => {
@@ -675,15 +698,6 @@ impl Shared {
                 return;
             }
         };
-        if let Err(refusal) = self.access.check(&req) {
-            let _ = respond(
-                &mut stream,
-                refusal.status,
-                &json!({ "error": refusal.message }),
-            );
-            linger(stream);
-            return;
-        }
         slot.authenticated();
         if req.method == "CONNECT" {
             self.connect(stream, req);

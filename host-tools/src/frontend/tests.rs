@@ -254,6 +254,18 @@ fn the_api_refuses_requests_without_token_foreign_origins_and_bad_hosts() {
     );
     let e = Frontend::with_token(url.clone(), zeros).info().unwrap_err();
     assert_eq!(e.status, Some(401), "{e}");
+    // Judged on the head: a body announced but never sent is not waited for.
+    let start = std::time::Instant::now();
+    let (status, _) = send(format!(
+        "POST /v1/deploy HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000000\r\n\r\n"
+    ));
+    assert_eq!(status, 401);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     // A cross-site page: a foreign Origin is 403 even with the token; our own origin passes.
     let origin = |o: &str| get(&format!("Host: {host}\r\n{auth}Origin: {o}\r\n")).0;
     assert_eq!(origin("http://evil.example"), 403);
