@@ -8,8 +8,8 @@
 //!   file (a front-end on another machine).
 //! - `Host` must name this front-end: `localhost`, an IP literal, or a name given with
 //!   `--allow-host`, with the listening port (400 otherwise): a DNS-rebound name is refused.
-//! - A request with an `Origin` header is refused unless the origin is this front-end (403): a
-//!   page in a browser cannot drive the API cross-site.
+//! - A request with an `Origin` header is refused unless the origin is `http://` + its own
+//!   `Host` (403): a page in a browser cannot drive the API cross-site.
 //! - A `POST` must say `Content-Type: application/json` (415): a browser's "simple" cross-site
 //!   form post cannot.
 
@@ -143,9 +143,10 @@ impl AccessRule {
             ));
         }
         if let Some(origin) = req.header("origin") {
+            // Same origin only: the page was loaded from the very authority it now asks.
             let ours = origin
                 .strip_prefix("http://")
-                .is_some_and(|a| !a.contains('/') && self.names_us(a));
+                .is_some_and(|a| a.eq_ignore_ascii_case(host) && self.names_us(a));
             if !ours {
                 return Err(refuse(
                     403,
@@ -282,6 +283,7 @@ mod tests {
             "https://127.0.0.1:7700",
             "null",
             "http://localhost:80",
+            "http://10.9.9.9:7700",
         ] {
             assert_eq!(
                 ok(&req("GET", "/", &[h, auth, ("origin", o)])),
