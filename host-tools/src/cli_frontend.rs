@@ -4,9 +4,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use unipeer::cluster::relay::PipeLimits;
+use unipeer::frontend::limits::FrontendLimits;
 use unipeer::frontend::{self, FrontendConfig, FrontendServer};
 use unipeer::hostinfo::AccelChoice;
 
@@ -30,6 +33,24 @@ pub struct FrontendArgs {
     /// Copies of every record and chunk in a cluster this front-end starts (default 3).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
     replicas: Option<u8>,
+    /// Most VMs of this front-end's server at once (killed ones count: they can be restarted).
+    #[arg(long, default_value_t = FrontendLimits::default().vms_max)]
+    max_vms: usize,
+    /// Most guest memory of those VMs together, MiB.
+    #[arg(long, default_value_t = FrontendLimits::default().memory_mb_max)]
+    max_memory_mb: u64,
+    /// Most guest memory one deploy asks for (count × memory_mb), MiB.
+    #[arg(long, default_value_t = FrontendLimits::default().deploy_memory_mb_max)]
+    max_deploy_memory_mb: u64,
+    /// A CONNECT relay ends after this many seconds without traffic.
+    #[arg(long, default_value_t = FrontendLimits::default().relay.idle.as_secs())]
+    relay_idle_s: u64,
+    /// A CONNECT relay ends after this many seconds whatever.
+    #[arg(long, default_value_t = FrontendLimits::default().relay.total.as_secs())]
+    relay_max_s: u64,
+    /// A host name clients may use in `Host` (besides localhost and IP addresses); repeatable.
+    #[arg(long = "allow-host")]
+    allow_hosts: Vec<String>,
 }
 
 pub fn run(run_dir: &Path, a: FrontendArgs) -> anyhow::Result<ExitCode> {
@@ -41,6 +62,20 @@ pub fn run(run_dir: &Path, a: FrontendArgs) -> anyhow::Result<ExitCode> {
     } else {
         Some(unipeer::image::repo_root().join(a.ca))
     };
+    if a.relay_idle_s == 0 || a.relay_max_s == 0 {
+        anyhow::bail!("--relay-idle-s and --relay-max-s must be at least 1");
+    }
+    let limits = FrontendLimits {
+        vms_max: a.max_vms,
+        memory_mb_max: a.max_memory_mb,
+        deploy_memory_mb_max: a.max_deploy_memory_mb,
+        relay: PipeLimits {
+            idle: Duration::from_secs(a.relay_idle_s),
+            total: Duration::from_secs(a.relay_max_s),
+        },
+    };
+    // The daemon it may start, and the token file, are owner-only whatever the shell's umask.
+    unipeer::owner_only::owner_only_umask();
     let server = FrontendServer::bind(FrontendConfig {
         listen: a.listen,
         server: a.server.clone(),
@@ -49,13 +84,28 @@ pub fn run(run_dir: &Path, a: FrontendArgs) -> anyhow::Result<ExitCode> {
         accel: a.accel,
         ca_store,
         replicas: a.replicas,
+        token_dir: frontend::access::token_dir(),
+        allow_hosts: a.allow_hosts,
+        limits,
     })
     .with_context(|| format!("front-end on {}", a.listen))?;
+    let addr = server.local_addr()?;
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "unipeer frontend: WARNING: the API listens on {addr}, beyond loopback: any host \
+             that can reach this address may try it. Requests need the token in {} (copy it \
+             only over a trusted channel; clients take it from {}); CONNECT relays carry only \
+             the nodes' authenticated client port {}.",
+            server.token_path().display(),
+            frontend::access::TOKEN_ENV,
+            frontend::CONNECT_PORT
+        );
+    }
     eprintln!(
-        "unipeer frontend: server {} of the cluster in {}, API on http://{}",
+        "unipeer frontend: server {} of the cluster in {}, API on http://{addr} (token in {})",
         a.server,
         run_dir.display(),
-        server.local_addr()?
+        server.token_path().display()
     );
     server.serve();
     Ok(ExitCode::SUCCESS)

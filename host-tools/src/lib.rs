@@ -10,6 +10,7 @@ pub mod hostinfo;
 pub mod image;
 pub mod job;
 pub mod net;
+pub mod owner_only;
 pub mod qemu;
 pub mod vm;
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use unipeer_node::launch::GuestExit;
 
 use crate::hostinfo::Accel;
+use crate::owner_only;
 
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -298,11 +299,12 @@ impl VmSpec {
         if !qemu_available() {
             return Err(LaunchError::QemuMissing);
         }
-        fs::create_dir_all(&self.run_dir)?;
-        fs::write(self.config_path(), &self.config_blob)?;
-        let _ = fs::remove_file(self.serial_path());
+        // The blob holds the node's private key: 0600, created anew (never through a planted
+        // symlink), in a 0700 directory; removed once the VM is ready (`remove_config`).
+        owner_only::create_dir(&self.run_dir)?;
+        owner_only::write_file(&self.config_path(), &self.config_blob)?;
         let _ = fs::remove_file(self.qmp_path());
-        fs::write(self.serial_path(), b"")?;
+        drop(owner_only::create_file(&self.serial_path())?);
         let mut cmd = if self.die_with_parent && setpriv_available() {
             let mut c = Command::new("/usr/bin/setpriv");
             c.args(["--pdeathsig", "KILL", "--", QEMU]);
@@ -325,6 +327,7 @@ impl VmSpec {
         Ok(RunningVm {
             child: Some(child),
             name: self.name.clone(),
+            config_path: Some(self.config_path()),
             serial_path: self.serial_path(),
             qmp_path: self.qmp_path(),
             command_line: self.command_line(),
@@ -338,6 +341,8 @@ impl VmSpec {
 pub struct RunningVm {
     child: Option<Child>,
     pub name: String,
+    /// The launch-config blob until [`RunningVm::remove_config`] (or the kill) removes it.
+    config_path: Option<PathBuf>,
     pub serial_path: PathBuf,
     pub qmp_path: PathBuf,
     /// The command that started it, for error reports.
@@ -476,8 +481,27 @@ impl RunningVm {
             .and_then(GuestExit::from_qemu_status)
     }
 
+    /// Removes the launch-config blob (it holds the node's private key and users' keys). QEMU
+    /// reads `-initrd` while it starts the machine, so call this once the guest has printed a
+    /// line (it is ready); a restart writes the blob again.
+    pub fn remove_config(&mut self) -> std::io::Result<()> {
+        match self.config_path.take() {
+            Some(p) => match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Makes QEMU's QMP socket 0600 (QEMU binds it under our umask; its directory is 0700).
+    pub fn restrict_qmp(&self) -> std::io::Result<()> {
+        owner_only::restrict(&self.qmp_path)
+    }
+
     /// Kills QEMU (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
+        let _ = self.remove_config();
         if let Some(child) = self.child.as_mut() {
             if self.exit.is_none() {
                 let _ = child.kill();
@@ -495,6 +519,8 @@ impl RunningVm {
 
     /// Lets QEMU outlive this handle (a daemon records its pid instead).
     pub fn detach(mut self) -> u32 {
+        // QEMU may not have read its blob yet: the new owner removes it.
+        self.config_path = None;
         let pid = self.pid().unwrap_or(0);
         self.child = None;
         pid

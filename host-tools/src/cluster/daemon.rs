@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,7 @@ use crate::diag::{self, Report};
 use crate::net::{
     self, PortInfo, Response, SwitchClient, SwitchConfig, UplinkConfig, UplinkStatus,
 };
+use crate::owner_only;
 use crate::qemu::{NetAttach, RunningVm, VmSpec, mac_string};
 use crate::vm::{self, DIAG_TCP_PORT, DIAG_UDP_PORT, ECHO_PORT, OVERLAY_PORT, VmOptions};
 
@@ -158,15 +159,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Runs the daemon until a `shutdown` request; every VM is stopped before it returns.
 pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
     let socket = cfg.run_dir.join(SOCKET_NAME);
-    std::fs::create_dir_all(vms_dir(&cfg.run_dir))
-        .map_err(|e| format!("run directory {}: {e}", cfg.run_dir.display()))?;
+    // Everything the daemon and its QEMUs create (serial logs, QMP sockets) is owner-only.
+    owner_only::owner_only_umask();
+    for dir in [cfg.run_dir.clone(), vms_dir(&cfg.run_dir)] {
+        owner_only::create_dir(&dir)
+            .map_err(|e| format!("run directory {}: {e}", dir.display()))?;
+    }
     if UnixStream::connect(&socket).is_ok() {
         return Err(format!(
             "a cluster daemon already answers at {}",
             socket.display()
         ));
     }
-    let _ = std::fs::remove_file(&socket);
     let mut switch_cfg = SwitchConfig::new(&cfg.run_dir);
     switch_cfg.seed = cfg.seed;
     if !cfg.uplink {
@@ -176,7 +180,7 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         };
     }
     let switch = net::start(switch_cfg).map_err(|e| e.to_string())?;
-    let listener = UnixListener::bind(&socket)
+    let listener = owner_only::bind_socket(&socket)
         .map_err(|e| format!("cannot bind {}: {e}", socket.display()))?;
     let (main_tx, main_rx) = mpsc::channel();
     let shared = Arc::new(Shared {
@@ -206,6 +210,15 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
+                // The socket is 0600 in a 0700 directory; the uid check holds even if a
+                // descriptor or a looser mode ever leaks it.
+                if let Err(e) = owner_only::peer_allowed(&conn) {
+                    eprintln!("unipeer cluster daemon: refused a control connection: {e}");
+                    let text = serde_json::to_string(&Response::failure(e.to_string()))
+                        .expect("responses serialise");
+                    owner_only::refuse_peer(conn, &text);
+                    continue;
+                }
                 let shared = acceptor.clone();
                 let _ = thread::Builder::new()
                     .name("cluster-conn".into())
@@ -627,24 +640,7 @@ impl Shared {
             issuers.insert(key.clone(), issuer);
         }
         let issuer = issuers.get_mut(&key).expect("inserted above");
-        let issued = issuer
-            .issue_peer(crate::ca::store::now_unix_ms(), PEER_CERT_VALID_MS)
-            .map_err(err)?;
-        // A credential holder gets the credentials of the users registered when it launched
-        // (users added later reach it only through credential delegation); the other VMs get
-        // none and obtain them from their neighbours.
-        let users: Vec<String> = if with_credentials {
-            authority
-                .state
-                .users
-                .iter()
-                .map(|u| u.name.clone())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let users: Vec<&str> = users.iter().map(String::as_str).collect();
-        let m = crate::ca::launch_material_issued(&authority, &issued, &users).map_err(err)?;
+        let m = issue_material(&authority, issuer, server, with_credentials).map_err(err)?;
         lock(&self.materials).insert(node.to_string(), m.clone());
         Ok(m)
     }
@@ -939,6 +935,42 @@ impl Shared {
     }
 }
 
+/// A fresh VM identity on `server`, certified by `issuer`, with its launch material. A
+/// credential holder gets the keys of the users registered when it launched that the signed
+/// list lets it serve ([`users_to_hold`]; users added later reach it only by credential
+/// delegation); the other VMs get none and obtain them from their neighbours.
+pub fn issue_material(
+    authority: &AuthorityStore,
+    issuer: &mut FrontEndIssuer,
+    server: &str,
+    with_credentials: bool,
+) -> anyhow::Result<LaunchMaterial> {
+    let issued = issuer.issue_peer(crate::ca::store::now_unix_ms(), PEER_CERT_VALID_MS)?;
+    let users: Vec<String> = if with_credentials {
+        users_to_hold(&authority.user_list()?, issued.node_id, server)
+    } else {
+        Vec::new()
+    };
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    crate::ca::launch_material_issued(authority, &issued, &users)
+}
+
+/// The users whose pre-shared keys a VM (`node` on `server`) is launched with: those the
+/// authority's signed list lets it serve, no others (a VM's blob never carries a key it could
+/// not use; a user it may serve but lacks still reaches it by credential delegation).
+pub fn users_to_hold(
+    list: &unipeer_node::auth::UserList,
+    node: unipeer_node::NodeId,
+    server: &str,
+) -> Vec<String> {
+    list.body
+        .users
+        .iter()
+        .filter(|u| list.allows(&u.name, node, server))
+        .map(|u| u.name.clone())
+        .collect()
+}
+
 fn find<'a>(nodes: &'a mut [NodeSlot], name: &str) -> Result<&'a mut NodeSlot, String> {
     if let Some(i) = nodes.iter().position(|n| n.plan.name == name) {
         return Ok(&mut nodes[i]);
@@ -970,6 +1002,17 @@ fn wait_ready(vms: &mut [(String, RunningVm)], timeout: Duration) -> Result<Vec<
             let serial = std::fs::read(&vm.serial_path).unwrap_or_default();
             if contains(&serial, READY_MARKER.as_bytes()) {
                 times[i] = Some(vm.launched_at.elapsed().as_secs_f64() * 1000.0);
+                // QEMU read its blob long before the guest got this far.
+                if let Err(e) = vm.remove_config() {
+                    eprintln!(
+                        "unipeer cluster daemon: {name}: cannot remove its launch config: {e}"
+                    );
+                }
+                if let Err(e) = vm.restrict_qmp() {
+                    eprintln!(
+                        "unipeer cluster daemon: {name}: cannot restrict its QMP socket: {e}"
+                    );
+                }
                 continue;
             }
             if let Some(status) = vm.try_exit() {
@@ -1051,4 +1094,71 @@ fn probe_all(targets: &[Ipv4Addr], timeout: Duration) -> HashMap<Ipv4Addr, Repor
         }
     }
     answers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unipeer_node::auth::UserCredential;
+    use unipeer_node::auth::users::Allowance;
+
+    /// A VM's launch config carries the keys of exactly the users the signed list lets it
+    /// serve: every-peer users, users of its server, users pinned to its node id; not users of
+    /// another server or another peer (before: every registered user's key).
+    #[test]
+    fn a_vms_launch_material_holds_only_users_it_may_serve() {
+        let root =
+            std::env::temp_dir().join(format!("unipeer-daemon-users-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut store = AuthorityStore::init(&root).unwrap();
+        let (_, key_path, chain_path) =
+            store.add_intermediate("s1", INTERMEDIATE_VALID_MS).unwrap();
+        let mut issuer = FrontEndIssuer::load(&key_path, &chain_path).unwrap();
+        // A peer id that is not the VM's.
+        let other = issuer
+            .issue_peer(crate::ca::store::now_unix_ms(), PEER_CERT_VALID_MS)
+            .unwrap();
+        store.add_user("anyone", vec![Allowance::AnyPeer]).unwrap();
+        store
+            .add_user("on-s1", vec![Allowance::Server("s1".into())])
+            .unwrap();
+        store
+            .add_user("on-s2", vec![Allowance::Server("s2".into())])
+            .unwrap();
+        store
+            .add_user("other-peer", vec![Allowance::Peer(other.node_id)])
+            .unwrap();
+
+        let m = issue_material(&store, &mut issuer, "s1", true).unwrap();
+        let creds = m
+            .extra
+            .iter()
+            .find(|(k, _)| k == unipeer_node::auth::EXTRA_CREDENTIALS)
+            .map(|(_, v)| postcard::from_bytes::<Vec<UserCredential>>(v).unwrap())
+            .expect("a credentials entry");
+        let mut names: Vec<&str> = creds.iter().map(|c| c.user.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["anyone", "on-s1"]);
+        assert_eq!(
+            creds.iter().find(|c| c.user == "on-s1").unwrap().psk,
+            store.user_psk("on-s1").unwrap()
+        );
+
+        // The pure rule, with a node pinned by id.
+        let list = store.user_list().unwrap();
+        let mut pinned = users_to_hold(&list, other.node_id, "s2");
+        pinned.sort();
+        assert_eq!(pinned, ["anyone", "on-s2", "other-peer"]);
+
+        // A non-holder gets none.
+        let m = issue_material(&store, &mut issuer, "s1", false).unwrap();
+        let creds = m
+            .extra
+            .iter()
+            .find(|(k, _)| k == unipeer_node::auth::EXTRA_CREDENTIALS)
+            .map(|(_, v)| postcard::from_bytes::<Vec<UserCredential>>(v).unwrap())
+            .unwrap();
+        assert!(creds.is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -167,7 +167,7 @@ fn inspect(run_dir: &Path) -> Found {
         return Found::Live(info);
     }
     match state::load(run_dir) {
-        Some(st) if state::process_alive(st.daemon_pid, "unipeer") => Found::Hung(st.daemon_pid),
+        Some(st) if state::is_cluster_daemon(st.daemon_pid, run_dir) => Found::Hung(st.daemon_pid),
         Some(st) => Found::Stale(st),
         None if run_dir.join(protocol::SOCKET_NAME).exists() => {
             Found::Stale(state::StateFile::default())
@@ -178,11 +178,10 @@ fn inspect(run_dir: &Path) -> Found {
 
 /// Removes a dead cluster's leftovers; answers what was done.
 fn clean(run_dir: &Path, st: &state::StateFile) -> String {
-    let needle = run_dir.display().to_string();
     let mut killed = 0;
     for n in &st.nodes {
         if let Some(pid) = n.qemu_pid
-            && state::process_alive(pid, &needle)
+            && state::is_cluster_qemu(pid, run_dir)
         {
             state::kill_process(pid);
             killed += 1;
@@ -260,7 +259,7 @@ pub fn up(run_dir: &Path, opts: &UpOptions) -> Result<UpReport, ClusterError> {
         Found::Stale(st) => notes.push(clean(run_dir, &st)),
         Found::Absent => {}
     }
-    std::fs::create_dir_all(run_dir)
+    crate::owner_only::create_dir(run_dir)
         .map_err(|e| ClusterError::Setup(format!("cannot create {}: {e}", run_dir.display())))?;
     let netns = if opts.use_netns {
         match netns::unavailable_reason() {
@@ -530,7 +529,8 @@ pub fn relay(run_dir: &Path, node: &str, port: u16) -> Result<UnixStream, Cluste
 
 fn spawn_daemon(run_dir: &Path, netns: Option<&str>, opts: &UpOptions) -> Result<Child, String> {
     use std::os::unix::process::CommandExt;
-    let log = std::fs::File::create(run_dir.join("daemon.log")).map_err(|e| e.to_string())?;
+    let log = crate::owner_only::create_file(&run_dir.join("daemon.log"))
+        .map_err(|e| format!("{}: {e}", run_dir.join("daemon.log").display()))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = netns::command(netns, &opts.daemon_exe);
     cmd.args(["cluster", "daemon", "--run-dir"])
@@ -584,12 +584,13 @@ pub fn down(run_dir: &Path) -> Result<String, ClusterError> {
             let stopped = ClusterClient::connect(run_dir)
                 .and_then(|mut c| c.call_within::<()>(&Request::Shutdown, Duration::from_secs(30)));
             let start = Instant::now();
-            while state::process_alive(info.pid, "unipeer") && start.elapsed() < DAEMON_STOP_TIMEOUT
+            while state::is_cluster_daemon(info.pid, run_dir)
+                && start.elapsed() < DAEMON_STOP_TIMEOUT
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let st = state::load(run_dir).unwrap_or_default();
-            if state::process_alive(info.pid, "unipeer") {
+            if state::is_cluster_daemon(info.pid, run_dir) {
                 state::kill_process(info.pid);
             }
             let mut st = st;
@@ -724,7 +725,7 @@ pub fn serial_log(run_dir: &Path, node: &str) -> Result<PathBuf, ClusterError> {
 
 /// Whether the daemon of `run_dir` is alive (for `logs -f`).
 pub fn daemon_alive(run_dir: &Path) -> bool {
-    state::load(run_dir).is_some_and(|s| state::process_alive(s.daemon_pid, "unipeer"))
+    state::load(run_dir).is_some_and(|s| state::is_cluster_daemon(s.daemon_pid, run_dir))
 }
 
 /// How a client on the host reaches a node (printed by `up` and `status`).

@@ -40,15 +40,46 @@ impl fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
-/// One front-end, e.g. `Frontend { url: "http://127.0.0.1:7700".into() }`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One front-end, e.g. `Frontend::new("http://127.0.0.1:7700")`. Its API token is read for
+/// every call from `UNIPEER_FRONTEND_TOKEN` or the token file the front-end wrote
+/// ([`super::access::find_token`]), unless one was given ([`Frontend::with_token`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Frontend {
     pub url: String,
+    token: Option<String>,
+}
+
+impl fmt::Debug for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frontend")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Frontend {
     pub fn new(url: impl Into<String>) -> Frontend {
-        Frontend { url: url.into() }
+        Frontend {
+            url: url.into(),
+            token: None,
+        }
+    }
+
+    /// A front-end whose token the caller knows.
+    pub fn with_token(url: impl Into<String>, token: impl Into<String>) -> Frontend {
+        Frontend {
+            url: url.into(),
+            token: Some(token.into()),
+        }
+    }
+
+    /// The `Authorization` header line for `authority`, if a token is known.
+    fn authorization(&self, authority: &str) -> String {
+        self.token
+            .clone()
+            .or_else(|| super::access::find_token(&super::access::token_dir(), authority))
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default()
     }
 
     fn err(&self, status: Option<u16>, message: impl Into<String>) -> ClientError {
@@ -117,10 +148,11 @@ impl Frontend {
         let body = body.unwrap_or_default();
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {auth}\r\nAccept: application/json\r\n\
-             Connection: close\r\nContent-Length: {}\r\n",
-            body.len()
+             Connection: close\r\nContent-Length: {}\r\n{}",
+            body.len(),
+            self.authorization(&auth)
         );
-        if !body.is_empty() {
+        if method == "POST" {
             req.push_str("Content-Type: application/json\r\n");
         }
         req.push_str("\r\n");
@@ -228,11 +260,14 @@ impl Frontend {
     /// positioned right after the front-end's blank line. Its timeouts are cleared: the caller
     /// sets its own.
     pub fn connect(&self, node: &str, port: u16) -> Result<TcpStream, ClientError> {
-        let (mut s, _) = self.open(CALL_TIMEOUT)?;
+        let (mut s, auth) = self.open(CALL_TIMEOUT)?;
         let target = format!("{node}:{port}");
         let io = |e: io::Error| self.err(None, format!("CONNECT {target}: {e}"));
-        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-            .map_err(io)?;
+        let head = format!(
+            "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{}\r\n",
+            self.authorization(&auth)
+        );
+        s.write_all(head.as_bytes()).map_err(io)?;
         // Byte by byte: the node's first bytes must stay in the stream.
         let mut head = Vec::new();
         let mut byte = [0u8; 1];

@@ -6,30 +6,40 @@
 //!
 //! # API (HTTP/1.1, JSON bodies, every answer `Connection: close`)
 //!
+//! Every request carries `Authorization: Bearer TOKEN` (the token file the front-end writes at
+//! start, [`access`]), a `Host` naming the front-end, no foreign `Origin`, and for a `POST`
+//! `Content-Type: application/json`.
+//!
 //! | request | answer |
 //! |---|---|
 //! | `GET /v1/info` | `{"server":"s1","run_dir":"...","cluster":true,"nodes":5,"ready":3,"images":[{"name":"default","apps":["wordcount",...]}]}`: `cluster` whether a cluster daemon answers, `nodes` all nodes of every server, `ready` nodes up on this server, `images` every image under `images/` that opens (verified) |
 //! | `GET /v1/nodes[?probe=1]` | `[{"name":"n1","server":"s1","ip":"10.77.0.11","state":"up","image":"default","memory_mb":64}]`, every server's nodes (`[]` without a cluster); `probe=1` also asks each node's diagnostic port and adds `answering` and `overlay_id` |
-//! | `POST /v1/deploy` `{"image":"default","count":3,"memory_mb":64,"accel":"auto"}` | `{"server":"s1","image":"default","nodes":["n4","n5","n6"],"ready_ms":812.5}` once every new VM printed its ready line. `memory_mb` and `accel` are optional; the first deploy starts the cluster (with `accel`; later deploys use the cluster's accelerator), later ones add nodes; all tagged with this server. One deploy at a time. |
+//! | `POST /v1/deploy` `{"image":"default","count":3,"memory_mb":64,"accel":"auto"}` | `{"server":"s1","image":"default","nodes":["n4","n5","n6"],"ready_ms":812.5}` once every new VM printed its ready line. `memory_mb` and `accel` are optional; the first deploy starts the cluster (with `accel`; later deploys use the cluster's accelerator), later ones add nodes; all tagged with this server. One deploy at a time, within [`limits::FrontendLimits`]. |
 //! | `POST /v1/nodes/{name}/kill` | `{"node":"n4","state":"down"}` |
 //! | `POST /v1/nodes/{name}/restart` | `{"node":"n4","state":"up","ready_ms":640.1}` |
-//! | `CONNECT n3:7002 HTTP/1.1` | `HTTP/1.1 200 Connection established` and a blank line, then the connection is a raw byte pipe to TCP port 7002 of node `n3` until either side closes |
+//! | `CONNECT n3:7003 HTTP/1.1` | `HTTP/1.1 200 Connection established` and a blank line, then the connection is a raw byte pipe to the client port ([`CONNECT_PORT`]) of node `n3` until either side closes, it is idle too long or its time is up; any other port is 403 |
 //!
-//! Errors answer `{"error":"..."}` with 400 (malformed request, bad JSON or values), 404 (unknown
-//! path or node), 405 (wrong method), 409 (refused by the cluster: no cluster, a node of another
-//! server, a launch refused), 411/413/431 (body or head too large), 500 (the cluster failed),
-//! 502 (a `CONNECT` that could not reach the node), 503 (more than [`CONNECTIONS_MAX`]
-//! connections). Kill and restart act only on this server's nodes; `CONNECT` reaches any node.
+//! Errors answer `{"error":"..."}` with 400 (malformed request, bad JSON, values or `Host`, a
+//! deploy over the per-deploy memory), 401 (no or wrong token), 403 (a foreign `Origin`, a
+//! `CONNECT` to another port), 404 (unknown path or node), 405 (wrong method), 408 (the head not
+//! within [`HEAD_DEADLINE`]), 409 (refused by the cluster: no cluster, a node of another server,
+//! a launch refused), 411/413/431 (body or head too large), 415 (a `POST` that is not JSON), 429
+//! (this server's VM or memory limit reached), 500 (the cluster failed), 502 (a `CONNECT` that
+//! could not reach the node), 503 (more than [`CONNECTIONS_MAX`] connections, or over one
+//! source's share, [`limits::CONNECTIONS_PER_SOURCE`] / [`limits::PENDING_PER_SOURCE`]). Kill
+//! and restart act only on this server's nodes; `CONNECT` reaches any node.
 //!
 //! Limits: request line and headers at most [`HEAD_MAX`] bytes (431 beyond), a body at most
 //! [`BODY_MAX`] bytes and only with `Content-Length` (413 beyond; `Transfer-Encoding` is refused
-//! with 501), each read waits at most 10 s and a whole request at most 30 s (408), one thread
-//! per connection, [`CONNECTIONS_MAX`] at once (open `CONNECT` pipes count).
+//! with 501), the head within [`HEAD_DEADLINE`] and a whole request within 30 s (408), one
+//! thread per connection, [`CONNECTIONS_MAX`] at once (open `CONNECT` pipes count).
 
+pub mod access;
 pub mod client;
+pub mod limits;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +48,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use self::access::AccessRule;
+use self::limits::{FrontendLimits, SourceSlot, SourceTable};
 use crate::cluster::{self, ClusterError, GrowOptions, NodeState};
 use crate::hostinfo::{self, AccelChoice};
 
@@ -51,10 +63,17 @@ pub const BODY_MAX: usize = 1 << 20;
 pub const CONNECTIONS_MAX: usize = 32;
 /// Most VMs one deploy asks for.
 pub const DEPLOY_MAX: usize = 64;
-/// Longest wait for one read or write of a request or answer.
+/// The only node port a `CONNECT` reaches: the client port, where the Application Agent and
+/// the node authenticate each other and seal every frame.
+pub const CONNECT_PORT: u16 = unipeer_node::jobs::client::CLIENT_PORT;
+/// Longest wait for one write of an answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a read waiting for a request wakes up to look at its deadlines.
+const READ_TICK: Duration = Duration::from_millis(250);
+/// Longest time a client may take to send a request's head (line and headers).
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest time a client may take to send a whole request.
-const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 /// Most header lines.
 const HEADERS_MAX: usize = 100;
 
@@ -153,19 +172,29 @@ pub struct FrontendConfig {
     pub ca_store: Option<PathBuf>,
     /// Copies of every record and chunk in a cluster it starts (`None`: 3).
     pub replicas: Option<u8>,
+    /// Where the API token is written ([`access::token_dir`] unless a test says otherwise).
+    pub token_dir: PathBuf,
+    /// Host names accepted in `Host` besides `localhost` and IP literals.
+    pub allow_hosts: Vec<String>,
+    pub limits: FrontendLimits,
 }
 
 /// A bound front-end; [`FrontendServer::serve`] runs it.
 pub struct FrontendServer {
     listener: TcpListener,
+    token_path: PathBuf,
     shared: Arc<Shared>,
 }
 
 struct Shared {
     cfg: FrontendConfig,
+    access: AccessRule,
     /// One deploy at a time.
     deploying: Mutex<()>,
     active: AtomicUsize,
+    /// Busy answers lingering on their threads.
+    refusing: AtomicUsize,
+    sources: Arc<SourceTable>,
 }
 
 /// Whether `name` is a plausible node, server or image name (letters, digits, `-`, `_`, `.`,
@@ -188,12 +217,27 @@ impl FrontendServer {
             ));
         }
         let listener = TcpListener::bind(cfg.listen)?;
+        let addr = listener.local_addr()?;
+        let token = access::new_token()?;
+        let token_path = access::write_token(&cfg.token_dir, addr, &token).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "writing the API token into {}: {e}",
+                    cfg.token_dir.display()
+                ),
+            )
+        })?;
         Ok(FrontendServer {
             listener,
+            token_path,
             shared: Arc::new(Shared {
+                access: AccessRule::new(token, addr.port(), &cfg.allow_hosts),
                 cfg,
                 deploying: Mutex::new(()),
                 active: AtomicUsize::new(0),
+                refusing: AtomicUsize::new(0),
+                sources: Arc::new(SourceTable::default()),
             }),
         })
     }
@@ -202,23 +246,35 @@ impl FrontendServer {
         self.listener.local_addr()
     }
 
+    /// The file holding the API token (0600).
+    pub fn token_path(&self) -> &std::path::Path {
+        &self.token_path
+    }
+
     /// Serves connections until the process ends.
     pub fn serve(self) {
         for conn in self.listener.incoming() {
-            let Ok(mut stream) = conn else {
+            let Ok(stream) = conn else {
                 // Out of descriptors, say: do not spin.
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             };
             if self.shared.active.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = respond(
-                    &mut stream,
-                    503,
-                    &json!({"error": format!("busy: {CONNECTIONS_MAX} connections already")}),
-                );
+                self.shared
+                    .refuse_busy(stream, format!("{CONNECTIONS_MAX} connections already"));
                 continue;
             }
+            let source = stream
+                .peer_addr()
+                .map(|a| a.ip())
+                .unwrap_or(IpAddr::from([0u8; 4]));
+            let slot = match SourceTable::admit(&self.shared.sources, source) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    self.shared.refuse_busy(stream, why);
+                    continue;
+                }
+            };
             self.shared.active.fetch_add(1, Ordering::SeqCst);
             let guard = ActiveGuard(self.shared.clone());
             let shared = self.shared.clone();
@@ -226,7 +282,7 @@ impl FrontendServer {
                 .name("frontend-conn".into())
                 .spawn(move || {
                     let _guard = guard;
-                    shared.connection(stream);
+                    shared.connection(stream, slot);
                 });
         }
     }
@@ -298,21 +354,61 @@ fn io_err(e: &io::Error) -> HttpError {
     }
 }
 
-/// Reads one request: head (at most [`HEAD_MAX`] bytes), then a body of `Content-Length`
-/// bytes (at most [`BODY_MAX`]), within [`REQUEST_DEADLINE`].
+/// Reads one request: head (at most [`HEAD_MAX`] bytes) within [`HEAD_DEADLINE`], then a body
+/// of `Content-Length` bytes (at most [`BODY_MAX`]), all within [`REQUEST_DEADLINE`]. A read
+/// that times out (the socket's read timeout) only makes it look at the deadlines, so set a
+/// short one.
 pub fn read_request(r: &mut impl Read) -> Result<HttpRequest, HttpError> {
+    read_request_within(r, HEAD_DEADLINE, REQUEST_DEADLINE)
+}
+
+/// A read that a timeout interrupted: `None` (try again) while `deadline` has not passed.
+fn read_some(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    start: Instant,
+    deadline: Duration,
+) -> Result<usize, HttpError> {
+    loop {
+        match r.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && start.elapsed() < deadline => {}
+            Err(e) => return Err(io_err(&e)),
+        }
+        if start.elapsed() >= deadline {
+            return Err(http_err(408, "request timed out"));
+        }
+    }
+}
+
+/// [`read_request`] with the head's and the whole request's deadlines given.
+pub fn read_request_within(
+    r: &mut impl Read,
+    head_deadline: Duration,
+    request_deadline: Duration,
+) -> Result<HttpRequest, HttpError> {
+    read_request_checked(r, head_deadline, request_deadline, &|_| Ok(()))
+}
+
+/// [`read_request_within`] that runs `check` on the head before reading any body: a request
+/// the check refuses (no token, say) costs no body read.
+pub fn read_request_checked(
+    r: &mut impl Read,
+    head_deadline: Duration,
+    request_deadline: Duration,
+    check: &dyn Fn(&HttpRequest) -> Result<(), HttpError>,
+) -> Result<HttpRequest, HttpError> {
     let start = Instant::now();
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_end = loop {
         let from = buf.len().saturating_sub(3);
-        let n = loop {
-            match r.read(&mut chunk) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err(&e)),
-            }
-        };
+        let n = read_some(r, &mut chunk, start, head_deadline)?;
         if n == 0 {
             return Err(if buf.is_empty() {
                 http_err(0, "closed")
@@ -331,8 +427,8 @@ pub fn read_request(r: &mut impl Read) -> Result<HttpRequest, HttpError> {
         if buf.len() > HEAD_MAX {
             return Err(http_err(431, format!("request head over {HEAD_MAX} bytes")));
         }
-        if start.elapsed() > REQUEST_DEADLINE {
-            return Err(http_err(408, "request timed out"));
+        if start.elapsed() > head_deadline {
+            return Err(http_err(408, "request head timed out"));
         }
     };
     let (method, target, headers) = parse_head(&buf[..head_end - 4])?;
@@ -343,6 +439,7 @@ pub fn read_request(r: &mut impl Read) -> Result<HttpRequest, HttpError> {
         body: Vec::new(),
         rest: Vec::new(),
     };
+    check(&req)?;
     if req.header("transfer-encoding").is_some() {
         return Err(http_err(
             501,
@@ -385,11 +482,11 @@ pub fn read_request(r: &mut impl Read) -> Result<HttpRequest, HttpError> {
         return Ok(req);
     }
     while after.len() < length {
-        if start.elapsed() > REQUEST_DEADLINE {
+        if start.elapsed() > request_deadline {
             return Err(http_err(408, "request timed out"));
         }
         let want = (length - after.len()).min(chunk.len());
-        match r.read(&mut chunk[..want]) {
+        match read_some(r, &mut chunk[..want], start, request_deadline) {
             Ok(0) => {
                 return Err(http_err(
                     400,
@@ -400,8 +497,7 @@ pub fn read_request(r: &mut impl Read) -> Result<HttpRequest, HttpError> {
                 ));
             }
             Ok(n) => after.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(&e)),
+            Err(e) => return Err(e),
         }
     }
     req.rest = after.split_off(length);
@@ -466,11 +562,15 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -487,9 +587,14 @@ pub fn respond(w: &mut impl Write, status: u16, body: &Value) -> io::Result<()> 
     text.push(b'\n');
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
+         {}Connection: close\r\n\r\n",
         reason(status),
-        text.len()
+        text.len(),
+        if status == 401 {
+            "WWW-Authenticate: Bearer realm=\"unipeer front-end\"\r\n"
+        } else {
+            ""
+        }
     );
     w.write_all(head.as_bytes())?;
     w.write_all(&text)?;
@@ -546,12 +651,45 @@ fn parse_accel(s: &str) -> Option<AccelChoice> {
     }
 }
 
+/// Most busy answers lingering at once (each on a thread for at most a second).
+const REFUSALS_LINGERING_MAX: usize = 16;
+
 impl Shared {
-    fn connection(&self, mut stream: TcpStream) {
-        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    /// Answers 503 and closes. While few refusals are in flight, on a thread that reads what
+    /// the client sent (so the answer is not cut off by a reset); beyond that, at once.
+    fn refuse_busy(self: &Arc<Self>, mut stream: TcpStream, why: String) {
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let answer = json!({ "error": format!("busy: {why}") });
+        if self.refusing.fetch_add(1, Ordering::SeqCst) >= REFUSALS_LINGERING_MAX {
+            self.refusing.fetch_sub(1, Ordering::SeqCst);
+            let _ = respond(&mut stream, 503, &answer);
+            return;
+        }
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("frontend-busy".into())
+            .spawn(move || {
+                let _ = respond(&mut stream, 503, &answer);
+                linger(stream);
+                shared.refusing.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.refusing.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn connection(&self, mut stream: TcpStream, mut slot: SourceSlot) {
+        // Short reads: the head's deadline is checked between them.
+        let _ = stream.set_read_timeout(Some(READ_TICK));
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
         let _ = stream.set_nodelay(true);
-        let req = match read_request(&mut stream) {
+        // Host, Origin, token and content type are judged on the head, before any body.
+        let check = |req: &HttpRequest| {
+            self.access
+                .check(req)
+                .map_err(|refusal| http_err(refusal.status, refusal.message))
+        };
+        let req = match read_request_checked(&mut stream, HEAD_DEADLINE, REQUEST_DEADLINE, &check) {
             Ok(r) => r,
             Err(e) if e.status == 0 => return,
             Err(e) => {
@@ -560,6 +698,7 @@ impl Shared {
                 return;
             }
         };
+        slot.authenticated();
         if req.method == "CONNECT" {
             self.connect(stream, req);
             return;
@@ -676,11 +815,39 @@ impl Shared {
                 None => return error(400, format!("accel {a:?}: auto, kvm or tcg")),
             },
         };
+        if let Some(m) = req.memory_mb
+            && let Err((status, message)) = self.cfg.limits.admit_request(req.count, m)
+        {
+            return error(status, message);
+        }
         if let Err(e) = crate::image::open(&req.image) {
             return error(400, e.to_string());
         }
         let _one = self.deploying.lock().unwrap_or_else(|p| p.into_inner());
         let run_dir = &self.cfg.run_dir;
+        // The limits, counted under the deploy lock: this server's VMs (any state: a killed
+        // one can be restarted) and their memory.
+        let (current_mb, default_mb) = match cluster::status(run_dir, false) {
+            Ok(st) => (
+                st.nodes
+                    .iter()
+                    .filter(|n| n.server == self.cfg.server)
+                    .map(|n| n.memory_mib)
+                    .collect::<Vec<u32>>(),
+                st.settings
+                    .as_ref()
+                    .map_or(crate::vm::DEFAULT_MEMORY_MIB, |s| s.memory_mib),
+            ),
+            Err(_) => (Vec::new(), crate::vm::DEFAULT_MEMORY_MIB),
+        };
+        let memory_mb = req.memory_mb.unwrap_or(default_mb);
+        if let Err((status, message)) =
+            self.cfg
+                .limits
+                .admit_deploy(req.count, memory_mb, &current_mb)
+        {
+            return error(status, message);
+        }
         let grow = || {
             cluster::grow_nodes(
                 run_dir,
@@ -777,6 +944,18 @@ impl Shared {
                 return;
             }
         };
+        if target.1 != CONNECT_PORT {
+            let _ = respond(
+                &mut stream,
+                403,
+                &json!({ "error": format!(
+                    "CONNECT {}: only a node's client port {CONNECT_PORT} is reachable",
+                    req.target
+                ) }),
+            );
+            linger(stream);
+            return;
+        }
         let relay = match cluster::relay(&self.cfg.run_dir, &target.0, target.1) {
             Ok(r) => r,
             Err(e) => {
@@ -795,14 +974,13 @@ impl Shared {
         {
             return;
         }
-        // The pipe has no time bound: the client and the node decide when it ends.
-        let _ = stream.set_read_timeout(None);
-        let _ = stream.set_write_timeout(None);
+        // Bounded: idle and total time (`FrontendLimits::relay`).
         let Ok(reader) = stream.try_clone() else {
             return;
         };
         let client_in = io::Cursor::new(req.rest).chain(reader);
-        cluster::relay::pipe(client_in, stream, relay);
+        let end = cluster::relay::pipe_within(client_in, stream, relay, self.cfg.limits.relay);
+        log::debug!("front-end: CONNECT {} ended: {end:?}", req.target);
     }
 }
 

@@ -138,6 +138,14 @@ pub(crate) fn spawn_server(
                     break;
                 }
                 let Ok(conn) = conn else { continue };
+                // Our user or root only (the socket is also 0600 in a 0700 directory).
+                if let Err(e) = crate::owner_only::peer_allowed(&conn) {
+                    log::warn!("switch: refused a control connection: {e}");
+                    let text = serde_json::to_string(&Response::failure(e.to_string()))
+                        .expect("serialisable");
+                    crate::owner_only::refuse_peer(conn, &text);
+                    continue;
+                }
                 if live.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
                     let mut conn = conn;
                     let _ = writeln!(

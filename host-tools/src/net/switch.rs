@@ -7,7 +7,7 @@ use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,18 +97,14 @@ pub struct SwitchHandle {
 /// spawns the forwarder. Ports are added afterwards ([`SwitchClient::add_port`]).
 pub fn start(config: SwitchConfig) -> Result<SwitchHandle, StartError> {
     let dir = &config.run_dir;
-    std::fs::create_dir_all(dir).map_err(|e| StartError::RunDir(dir.clone(), e))?;
+    // 0700, ours, not a symlink: the socket inside gives control of every link.
+    crate::owner_only::create_dir(dir).map_err(|e| StartError::RunDir(dir.clone(), e))?;
     let socket = dir.join(SOCKET_NAME);
     if UnixStream::connect(&socket).is_ok() {
         return Err(StartError::AlreadyRunning(socket));
     }
-    // Nobody answers: a stale socket from a switch that died. Remove it.
-    match std::fs::remove_file(&socket) {
-        Ok(()) => log::info!("switch: removed stale {}", socket.display()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(StartError::RunDir(socket, e)),
-    }
-    let listener = UnixListener::bind(&socket).map_err(StartError::Setup)?;
+    // Nobody answers: a stale socket from a switch that died. Removed by the bind; 0600.
+    let listener = crate::owner_only::bind_socket(&socket).map_err(StartError::Setup)?;
 
     let poll = Poll::new().map_err(StartError::Setup)?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(StartError::Setup)?);
