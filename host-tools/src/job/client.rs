@@ -78,6 +78,7 @@ pub struct JobClient<S: Read + Write> {
     pub bytes_in: u64,
 }
 
+/// 32 bytes from the OS's random source.
 fn fresh_nonce() -> [u8; 32] {
     let mut n = [0u8; 32];
     getrandom::fill(&mut n).expect("the OS random source works");
@@ -97,7 +98,9 @@ impl<S: Read + Write> JobClient<S> {
             bytes_out: 0,
             bytes_in: 0,
         };
-        let (auth, hello) = UserAuthClient::start(credential.clone(), fresh_nonce());
+        // A fresh nonce and a fresh ephemeral X25519 key per session: the session key comes
+        // from the pre-shared key and the Diffie-Hellman secret (forward secrecy).
+        let (auth, hello) = UserAuthClient::start(credential.clone(), fresh_nonce(), fresh_nonce());
         c.send(&ClientRequest::Auth(hello))?;
         match c.recv()? {
             ClientReply::Auth(challenge) => {
@@ -326,18 +329,25 @@ mod tests {
         let Ok(Req::Auth(hello)) = ClientRequest::decode(&hello) else {
             panic!("expected a Hello")
         };
-        let (resp, challenge) =
-            match UserAuthResponder::on_hello(&hello, node, "s1", &users, &creds, [9; 32]) {
-                Ok(a) => a,
-                Err(e) => {
-                    let r = ClientReply::Error {
-                        code: ClientErrorCode::Auth,
-                        text: format!("{e:?}"),
-                    };
-                    let _ = s.write_all(&frame(&r.encode()));
-                    return;
-                }
-            };
+        let (resp, challenge) = match UserAuthResponder::on_hello(
+            &hello,
+            node,
+            "s1",
+            &users,
+            creds.first(),
+            [9; 32],
+            [10; 32],
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                let r = ClientReply::Error {
+                    code: ClientErrorCode::Auth,
+                    text: format!("{e:?}"),
+                };
+                let _ = s.write_all(&frame(&r.encode()));
+                return;
+            }
+        };
         s.write_all(&frame(&ClientReply::Auth(challenge).encode()))
             .unwrap();
         let proof = next(&mut s, &mut reader).unwrap();

@@ -7,11 +7,13 @@
 //! authentication's Challenge, checks the Proof and from then on seals every frame both ways
 //! with the session key (`Ready { authenticated: true }` is the first sealed frame). Without
 //! trust material it answers `Ready { authenticated: false }` in the clear. When the signed
-//! user list lets this node serve the user but it holds no credential, the session waits
-//! (up to [`CREDENTIAL_DEADLINE_US`]) while the node asks its neighbours for it through the
-//! overlay's `CredentialDelegator`; then it answers the Hello with the Challenge, or with an
-//! `Auth` error saying why the credential could not be had. Replies larger than
-//! the socket's buffer (a 64 KiB chunk) are streamed out as space frees.
+//! user list lets this node serve the user but it holds no credential, the node runs the
+//! handshake through a neighbour that holds it (the overlay's `CredentialDelegator`): the
+//! holder makes the peer proof over this node's transcript, this node sends the Challenge,
+//! relays the user's Proof back, and only once it verifies there does the holder delegate the
+//! credential (kept for a bounded time), with which this node finishes the handshake. Each
+//! step waits at most [`CREDENTIAL_DEADLINE_US`]; a failure is an `Auth` error saying why.
+//! Replies larger than the socket's buffer (a 64 KiB chunk) are streamed out as space frees.
 
 use alloc::string::String;
 use alloc::vec;
@@ -19,6 +21,7 @@ use alloc::vec::Vec;
 
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
+use unipeer_node::auth::delegation::DelegationError;
 use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
 use unipeer_node::auth::{
     Csprng, DelegationEvent, UserAuthError, UserAuthMessage, UserAuthResponder,
@@ -47,8 +50,9 @@ pub const SUBMIT_DEADLINE_US: u64 = 120_000_000;
 pub const RECORDS_DEADLINE_US: u64 = 20_000_000;
 /// A fetched chunk must arrive within this.
 pub const FETCH_DEADLINE_US: u64 = 30_000_000;
-/// A Hello waiting for a delegated credential is answered within this (the delegator gives
-/// up sooner, after `DELEGATION_TIMEOUT_MS`; this bounds the session if it never answers).
+/// Each relayed step of a handshake (the holder's proof, its grant) ends within this (the
+/// delegator gives up sooner, after `DELEGATION_TIMEOUT_MS`; this bounds the session if it
+/// never answers).
 pub const CREDENTIAL_DEADLINE_US: u64 =
     (unipeer_node::auth::delegation::DELEGATION_TIMEOUT_MS + 2_000) * 1_000;
 const RX_BUF: usize = 16 * 1024;
@@ -65,9 +69,9 @@ pub struct ClientCounters {
     pub bad_frames: u64,
     pub idle_closed: u64,
     pub timeouts: u64,
-    /// Hellos that waited for a delegated credential.
+    /// Hellos relayed to a credential's holder (this node held no credential).
     pub credential_waits: u64,
-    /// Of these, answered with a Challenge once the credential came.
+    /// Of these, authenticated once the holder verified the user's proof and delegated.
     pub credential_obtained: u64,
     /// Of these, refused (the neighbours refused, or time ran out).
     pub credential_failed: u64,
@@ -76,9 +80,22 @@ pub struct ClientCounters {
 enum Phase {
     AwaitHello,
     AwaitProof(UserAuthResponder),
-    /// The Hello waits for the user's credential from a neighbour.
+    /// No credential here: delegation request `id` waits for a holder's peer proof.
     AwaitCredential {
-        hello: UserAuthMessage,
+        responder: UserAuthResponder,
+        id: u64,
+        deadline_us: u64,
+    },
+    /// The Challenge (with the holder's proof) went out; the user's Proof is awaited.
+    AwaitRelayedProof {
+        responder: UserAuthResponder,
+        id: u64,
+    },
+    /// The user's Proof went to the holder; its grant is awaited.
+    AwaitGrant {
+        responder: UserAuthResponder,
+        id: u64,
+        proof: UserAuthMessage,
         deadline_us: u64,
     },
     Ready,
@@ -92,6 +109,7 @@ enum P {
     Hello,
     Proof,
     Credential,
+    RelayedProof,
     Ready,
     Closing,
 }
@@ -294,7 +312,7 @@ impl ClientPort {
         agent: &mut JobAgent,
         rng: &mut Csprng,
     ) {
-        self.on_delegation_events(now_us, overlay, rng);
+        self.on_delegation_events(now_us, overlay);
         for i in 0..self.sessions.len() {
             self.service_session(i, now_us, stack, overlay, agent, rng);
         }
@@ -303,67 +321,91 @@ impl ClientPort {
         overlay.send_trust(stack);
     }
 
-    /// Answers the Hellos that waited for a credential the delegator obtained or gave up on.
-    fn on_delegation_events(&mut self, now_us: u64, overlay: &mut Overlay, rng: &mut Csprng) {
+    /// Moves relayed handshakes on: a holder's proof becomes the Challenge, a grant finishes
+    /// the handshake, a failure closes the session with the reason.
+    fn on_delegation_events(&mut self, now_us: u64, overlay: &mut Overlay) {
         let Some(del) = overlay.delegator.as_mut() else {
             return;
         };
+        let now = instant(now_us);
         while let Some(e) = del.poll_event() {
-            let user = match &e {
-                DelegationEvent::Obtained { user, .. } | DelegationEvent::Failed { user, .. } => {
-                    user.clone()
-                }
+            let id = match &e {
+                DelegationEvent::Proved { id, .. }
+                | DelegationEvent::Obtained { id, .. }
+                | DelegationEvent::Failed { id, .. } => *id,
             };
-            if let DelegationEvent::Obtained { from, .. } = &e {
-                log::info!("client: credential of {user} obtained from {from}");
-            }
-            for s in &mut self.sessions {
-                let Phase::AwaitCredential { hello, .. } = &s.phase else {
-                    continue;
-                };
-                if s.user != user {
-                    continue;
+            let Some(s) = self.sessions.iter_mut().find(|s| match &s.phase {
+                Phase::AwaitCredential { id: i, .. }
+                | Phase::AwaitRelayedProof { id: i, .. }
+                | Phase::AwaitGrant { id: i, .. } => *i == id && s.active,
+                _ => false,
+            }) else {
+                // Its session went away meanwhile.
+                del.cancel(id);
+                continue;
+            };
+            s.last_activity_us = now_us;
+            let phase = core::mem::replace(&mut s.phase, Phase::Closing);
+            match (e, phase) {
+                (
+                    DelegationEvent::Proved { proof, .. },
+                    Phase::AwaitCredential { responder, .. },
+                ) => {
+                    s.reply(&ClientReply::Auth(responder.challenge(proof)));
+                    s.phase = Phase::AwaitRelayedProof { responder, id };
                 }
-                let hello = hello.clone();
-                s.last_activity_us = now_us;
-                match &e {
-                    DelegationEvent::Obtained { .. } => {
-                        rng.mix(&crate::arch::cpu::rdtsc().to_le_bytes());
-                        match UserAuthResponder::on_hello(
-                            &hello,
-                            self.node,
-                            &self.server,
-                            del.users(),
-                            del.credentials(),
-                            rng.bytes32(),
-                        ) {
-                            Ok((responder, challenge)) => {
-                                self.counters.credential_obtained += 1;
-                                s.reply(&ClientReply::Auth(challenge));
-                                s.phase = Phase::AwaitProof(responder);
-                            }
-                            Err(err) => {
-                                self.counters.credential_failed += 1;
-                                self.counters.auth_failures += 1;
-                                s.error(ClientErrorCode::Auth, auth_error_text(err));
-                                s.phase = Phase::Closing;
-                            }
+                (
+                    DelegationEvent::Obtained { user, from, .. },
+                    Phase::AwaitGrant {
+                        responder, proof, ..
+                    },
+                ) => {
+                    log::info!(
+                        "client: credential of {user} delegated by {from} after the user's proof"
+                    );
+                    let key = match del.credential(now, &user) {
+                        Some(c) => responder
+                            .with_credential(c)
+                            .and_then(|r| r.on_proof(&proof)),
+                        None => Err(UserAuthError::NeedCredential),
+                    };
+                    match key {
+                        Ok(key) => {
+                            self.counters.credential_obtained += 1;
+                            self.counters.authenticated += 1;
+                            s.sealer = Some(StreamSealer::new(
+                                &key,
+                                CLIENT_STREAM_CONTEXT,
+                                StreamRole::Responder,
+                            ));
+                            s.phase = Phase::Ready;
+                            log::info!("client: user {} authenticated", s.user);
+                            s.reply(&ClientReply::Ready {
+                                node: self.node,
+                                authenticated: true,
+                            });
+                        }
+                        Err(err) => {
+                            self.counters.credential_failed += 1;
+                            self.counters.auth_failures += 1;
+                            s.error(ClientErrorCode::Auth, auth_error_text(err));
                         }
                     }
-                    DelegationEvent::Failed { why, .. } => {
-                        log::info!("client: credential of {user} not obtained: {why}");
-                        self.counters.credential_failed += 1;
-                        self.counters.auth_failures += 1;
-                        s.error(
-                            ClientErrorCode::Auth,
-                            &alloc::format!(
-                                "this node holds no credential for {user} and could not obtain \
-                                 it by delegation: {why}"
-                            ),
-                        );
-                        s.phase = Phase::Closing;
-                    }
                 }
+                (DelegationEvent::Failed { user, why, .. }, _) => {
+                    log::info!("client: credential of {user} not delegated: {why}");
+                    self.counters.credential_failed += 1;
+                    self.counters.auth_failures += 1;
+                    s.error(
+                        ClientErrorCode::Auth,
+                        &alloc::format!(
+                            "this node holds no credential for {user} and could not obtain \
+                             it by delegation: {why}"
+                        ),
+                    );
+                }
+                // An event out of step with the session (not sent by the delegator).
+                (_, phase) => s.phase = phase,
             }
         }
     }
@@ -397,7 +439,10 @@ impl ClientPort {
         while self.sessions[i].pending.is_none()
             && matches!(
                 self.sessions[i].phase,
-                Phase::AwaitHello | Phase::AwaitProof(_) | Phase::Ready
+                Phase::AwaitHello
+                    | Phase::AwaitProof(_)
+                    | Phase::AwaitRelayedProof { .. }
+                    | Phase::Ready
             )
             && self.sessions[i].out_offset == self.sessions[i].out.len()
         {
@@ -462,7 +507,8 @@ impl ClientPort {
 
     fn check_pending(&mut self, i: usize, now_us: u64) {
         let s = &mut self.sessions[i];
-        if let Phase::AwaitCredential { deadline_us, .. } = s.phase
+        if let Phase::AwaitCredential { deadline_us, .. } | Phase::AwaitGrant { deadline_us, .. } =
+            s.phase
             && now_us >= deadline_us
         {
             self.counters.credential_failed += 1;
@@ -523,7 +569,8 @@ impl ClientPort {
         let phase = match s.phase {
             Phase::AwaitHello => P::Hello,
             Phase::AwaitProof(_) => P::Proof,
-            Phase::AwaitCredential { .. } => P::Credential,
+            Phase::AwaitCredential { .. } | Phase::AwaitGrant { .. } => P::Credential,
+            Phase::AwaitRelayedProof { .. } => P::RelayedProof,
             Phase::Ready => P::Ready,
             Phase::Closing => P::Closing,
         };
@@ -551,42 +598,51 @@ impl ClientPort {
                 };
                 rng.mix(&crate::arch::cpu::rdtsc().to_le_bytes());
                 let nonce = rng.bytes32();
-                match UserAuthResponder::on_hello(
+                let ephemeral = rng.bytes32();
+                let user = s.user.clone();
+                let answer = UserAuthResponder::on_hello(
                     &hello,
                     node,
                     &self.server,
                     del.users(),
-                    del.credentials(),
+                    del.credential(now, &user),
                     nonce,
-                ) {
+                    ephemeral,
+                );
+                match answer {
                     Ok((responder, challenge)) => {
                         s.reply(&ClientReply::Auth(challenge));
                         s.phase = Phase::AwaitProof(responder);
                     }
                     Err(UserAuthError::NeedCredential) => {
-                        let user = s.user.clone();
-                        // One request per user: another session may already wait for it.
-                        let asked = self.sessions.iter().any(|o| {
-                            matches!(o.phase, Phase::AwaitCredential { .. }) && o.user == user
-                        });
-                        let started = if asked {
-                            Ok(())
-                        } else {
+                        // Run the handshake through a neighbour that holds the credential; it
+                        // delegates only once the user's proof verifies there.
+                        let started = UserAuthResponder::relayed(
+                            &hello,
+                            node,
+                            &self.server,
+                            del.users(),
+                            nonce,
+                            ephemeral,
+                        )
+                        .map_err(|e| String::from(auth_error_text(e)))
+                        .and_then(|responder| {
                             let neighbours = overlay.delegation_neighbours();
-                            match overlay.delegator.as_mut() {
-                                Some(del) => del.request(now, &user, &neighbours).map(|_| ()),
-                                None => Ok(()),
-                            }
-                        };
+                            let del = overlay.delegator.as_mut().ok_or_else(String::new)?;
+                            del.request(now, responder.transcript().clone(), &neighbours)
+                                .map(|id| (responder, id))
+                                .map_err(|e| alloc::format!("{e}"))
+                        });
                         let s = &mut self.sessions[i];
                         match started {
-                            Ok(()) => {
+                            Ok((responder, id)) => {
                                 self.counters.credential_waits += 1;
                                 log::info!(
-                                    "client: no credential for {user}: asking the neighbours"
+                                    "client: no credential for {user}: relaying to the neighbours"
                                 );
                                 s.phase = Phase::AwaitCredential {
-                                    hello,
+                                    responder,
+                                    id,
                                     deadline_us: now_us + CREDENTIAL_DEADLINE_US,
                                 };
                             }
@@ -608,6 +664,39 @@ impl ClientPort {
                         self.counters.auth_failures += 1;
                         s.error(ClientErrorCode::Auth, auth_error_text(e));
                         s.phase = Phase::Closing;
+                    }
+                }
+            }
+            (
+                P::RelayedProof,
+                ClientRequest::Auth(proof_msg @ UserAuthMessage::Proof { proof }),
+            ) => {
+                let Phase::AwaitRelayedProof { responder, id } =
+                    core::mem::replace(&mut s.phase, Phase::Closing)
+                else {
+                    return;
+                };
+                let verified = match overlay.delegator.as_mut() {
+                    Some(del) => del.verify(now, id, proof),
+                    None => Err(DelegationError::NoSuchRequest),
+                };
+                let s = &mut self.sessions[i];
+                match verified {
+                    Ok(()) => {
+                        s.phase = Phase::AwaitGrant {
+                            responder,
+                            id,
+                            proof: proof_msg,
+                            deadline_us: now_us + CREDENTIAL_DEADLINE_US,
+                        };
+                    }
+                    Err(e) => {
+                        self.counters.auth_failures += 1;
+                        self.counters.credential_failed += 1;
+                        s.error(
+                            ClientErrorCode::Auth,
+                            &alloc::format!("the credential's holder is gone: {e}"),
+                        );
                     }
                 }
             }
@@ -637,7 +726,7 @@ impl ClientPort {
                     }
                 }
             }
-            (P::Ready, ClientRequest::Auth(_)) | (P::Hello | P::Proof, _) => {
+            (P::Ready, ClientRequest::Auth(_)) | (P::Hello | P::Proof | P::RelayedProof, _) => {
                 self.counters.auth_failures += 1;
                 s.error(
                     ClientErrorCode::Auth,
@@ -755,7 +844,10 @@ impl ClientPort {
             }
             let readable = socket.can_recv();
             if readable && s.pending.is_none() && s.out.is_empty() {
-                self.wake_now |= !matches!(s.phase, Phase::Closing | Phase::AwaitCredential { .. });
+                self.wake_now |= !matches!(
+                    s.phase,
+                    Phase::Closing | Phase::AwaitCredential { .. } | Phase::AwaitGrant { .. }
+                );
             }
             if matches!(s.phase, Phase::Closing)
                 && s.out.is_empty()
@@ -782,7 +874,8 @@ impl ClientPort {
             .filter(|s| s.active)
             .map(|s| match (&s.pending, &s.phase) {
                 (Some(p), _) => p.deadline_us(),
-                (None, Phase::AwaitCredential { deadline_us, .. }) => *deadline_us,
+                (None, Phase::AwaitCredential { deadline_us, .. })
+                | (None, Phase::AwaitGrant { deadline_us, .. }) => *deadline_us,
                 (None, _) => s.last_activity_us + IDLE_US + 1,
             })
             .chain(wake)
@@ -830,6 +923,7 @@ fn auth_error_text(e: UserAuthError) -> &'static str {
         UserAuthError::NotAllowed => "user not allowed on this node",
         UserAuthError::NeedCredential => "this node does not hold the user's credential",
         UserAuthError::BadProof => "proof does not verify",
+        UserAuthError::BadEphemeral => "ephemeral key is not a usable X25519 public key",
         UserAuthError::Unexpected => "unexpected authentication message",
     }
 }

@@ -266,7 +266,7 @@ impl Overlay {
                             self.delegator.as_mut(),
                         ) {
                             (Some(TrustMessage::Delegation(m)), Some(server), Some(del)) => {
-                                del.handle_message(d.from, d.peer, &server, m);
+                                del.handle_message(now, d.from, d.peer, &server, m);
                             }
                             _ => self.trust_unhandled += 1,
                         }
@@ -642,24 +642,34 @@ impl Overlay {
         };
         let DelegationCounters {
             requests_sent,
+            proved,
             granted,
             refused_not_allowed,
             refused_unknown_user,
             refused_no_credential,
+            refused_bad_proof,
+            rate_limited,
             obtained,
             failed,
             unsolicited,
             grant_not_allowed,
+            bad_grants,
+            expired,
+            malformed,
             outbound_drops,
         } = *d.counters();
         alloc::format!(
             "deleg=on\ndeleg_credentials={}\ndeleg_requests_sent={requests_sent}\n\
-             deleg_granted={granted}\ndeleg_refused_not_allowed={refused_not_allowed}\n\
+             deleg_proved={proved}\ndeleg_granted={granted}\n\
+             deleg_refused_not_allowed={refused_not_allowed}\n\
              deleg_refused_unknown_user={refused_unknown_user}\n\
-             deleg_refused_no_credential={refused_no_credential}\ndeleg_obtained={obtained}\n\
-             deleg_failed={failed}\ndeleg_unsolicited={unsolicited}\n\
-             deleg_grant_not_allowed={grant_not_allowed}\ndeleg_outbound_drops={outbound_drops}\n",
-            d.credentials().len(),
+             deleg_refused_no_credential={refused_no_credential}\n\
+             deleg_refused_bad_proof={refused_bad_proof}\ndeleg_rate_limited={rate_limited}\n\
+             deleg_obtained={obtained}\ndeleg_failed={failed}\ndeleg_unsolicited={unsolicited}\n\
+             deleg_grant_not_allowed={grant_not_allowed}\ndeleg_bad_grants={bad_grants}\n\
+             deleg_expired={expired}\ndeleg_malformed={malformed}\n\
+             deleg_outbound_drops={outbound_drops}\n",
+            d.held_count(),
         )
     }
 }

@@ -5,7 +5,7 @@ use super::*;
 use crate::auth::cert::tests::{DAY, T0, authority};
 use crate::auth::cert::{CertKind, Certificate, body_for};
 use crate::auth::delegation::{CredentialDelegator, DelegationEvent};
-use crate::auth::user_auth::{UserAuthClient, UserAuthError, UserAuthResponder};
+use crate::auth::user_auth::{UserAuthClient, UserAuthError, UserAuthMessage, UserAuthResponder};
 use crate::auth::users::{Allowance, UserCredential, UserEntry, UserList};
 use alloc::vec;
 use alloc::vec::Vec;
@@ -651,7 +651,7 @@ fn run_delegation(net: &mut Net, dels: &mut [CredentialDelegator]) {
                     panic!("not a delegation message");
                 };
                 let server = net.nodes[i].peer(got.from).unwrap().server.clone();
-                d.handle_message(got.from, got.peer, &server, m);
+                d.handle_message(net.now, got.from, got.peer, &server, m);
             }
         }
     }
@@ -684,25 +684,36 @@ fn delegation_grants_to_allowed_peers_and_refuses_others() {
     ];
 
     // Alice contacts node 1, which must first obtain her credential.
-    let (client, hello) = UserAuthClient::start(alice.clone(), [1; 32]);
+    let (client, hello) = UserAuthClient::start(alice.clone(), [1; 32], [7; 32]);
     assert_eq!(
-        UserAuthResponder::on_hello(
-            &hello,
-            ids[1],
-            "server-a",
-            &list,
-            dels[1].credentials(),
-            [2; 32]
-        )
-        .err(),
+        UserAuthResponder::on_hello(&hello, ids[1], "server-a", &list, None, [2; 32], [8; 32])
+            .err(),
         Some(UserAuthError::NeedCredential)
     );
+    let resp =
+        UserAuthResponder::relayed(&hello, ids[1], "server-a", &list, [2; 32], [8; 32]).unwrap();
     let now = net.now;
-    dels[1].request(now, "alice", &[addr(0)]).unwrap();
+    let id = dels[1]
+        .request(now, resp.transcript().clone(), &[addr(0)])
+        .unwrap();
+    run_delegation(&mut net, &mut dels);
+    let Some(DelegationEvent::Proved { id: got, proof }) = dels[1].poll_event() else {
+        panic!("node 0 proves on node 1's behalf");
+    };
+    assert_eq!(got, id);
+    // Nothing delegated yet: only the user's proof unlocks the credential.
+    assert_eq!(dels[0].counters().granted, 0);
+    assert!(dels[1].credential(net.now, "alice").is_none());
+    let (proof_msg, _, k1) = client.on_challenge(&resp.challenge(proof)).unwrap();
+    let UserAuthMessage::Proof { proof: pu } = proof_msg else {
+        panic!("a proof");
+    };
+    dels[1].verify(net.now, id, pu).unwrap();
     run_delegation(&mut net, &mut dels);
     assert_eq!(
         dels[1].poll_event(),
         Some(DelegationEvent::Obtained {
+            id,
             user: "alice".into(),
             from: ids[0]
         })
@@ -714,28 +725,29 @@ fn delegation_grants_to_allowed_peers_and_refuses_others() {
             .iter()
             .all(|(_, _, d)| !d.windows(32).any(|w| w == [0x11; 32]))
     );
-    let (resp, ch) = UserAuthResponder::on_hello(
-        &hello,
-        ids[1],
-        "server-a",
-        &list,
-        dels[1].credentials(),
-        [2; 32],
-    )
-    .unwrap();
-    let (proof, _, k1) = client.on_challenge(&ch).unwrap();
-    assert_eq!(resp.on_proof(&proof).unwrap(), k1);
+    let cred = dels[1].credential(net.now, "alice").unwrap().clone();
+    assert_eq!(
+        resp.with_credential(&cred)
+            .unwrap()
+            .on_proof(&proof_msg)
+            .unwrap(),
+        k1
+    );
 
     // Node 2 may not serve alice: its own delegator will not ask ...
+    let t2 = crate::auth::user_auth::Transcript {
+        node: ids[2],
+        ..cred_transcript(&hello, ids[1], &list)
+    };
     assert_eq!(
-        dels[2].request(net.now, "alice", &[addr(0)]),
+        dels[2].request(net.now, t2.clone(), &[addr(0)]),
         Err(crate::auth::delegation::DelegationError::NotAllowed)
     );
     // ... and a node that asks anyway (a buggy or hostile one) is refused.
     let now = net.now;
-    let bytes = TrustMessage::Delegation(crate::auth::delegation::DelegationMessage::Request {
+    let bytes = TrustMessage::Delegation(crate::auth::delegation::DelegationMessage::Prove {
         id: 1,
-        user: "alice".into(),
+        transcript: t2,
     })
     .encode();
     net.nodes[2]
@@ -744,25 +756,48 @@ fn delegation_grants_to_allowed_peers_and_refuses_others() {
     net.pump();
     run_delegation(&mut net, &mut dels);
     assert_eq!(dels[0].counters().refused_not_allowed, 1);
+    assert_eq!(dels[0].counters().proved, 1);
     assert_eq!(dels[0].counters().granted, 1);
-    assert!(dels[2].credentials().is_empty());
+    assert_eq!(dels[2].held_count(), 0);
     // The refusal answers no request of node 2's own: counted, not trusted.
     assert_eq!(dels[2].counters().unsolicited, 1);
 
     // A request nobody can answer fails, by refusal or by timeout.
     let list2 = user_list(vec![("bob", vec![Allowance::AnyPeer])]);
-    let mut lone = CredentialDelegator::new(ids[1], "server-a", list2, vec![]);
-    lone.request(Instant::ZERO, "bob", &[addr(0)]).unwrap();
+    let mut lone = CredentialDelegator::new(ids[1], "server-a", list2.clone(), vec![]);
+    let (_, bob_hello) = UserAuthClient::start(
+        UserCredential {
+            user: "bob".into(),
+            psk: [5; 32],
+        },
+        [1; 32],
+        [2; 32],
+    );
+    let tb = cred_transcript(&bob_hello, ids[1], &list2);
+    let id = lone.request(Instant::ZERO, tb, &[addr(0)]).unwrap();
     lone.handle_timeout(Instant::from_millis(
         crate::auth::delegation::DELEGATION_TIMEOUT_MS,
     ));
     assert_eq!(
         lone.poll_event(),
         Some(DelegationEvent::Failed {
+            id,
             user: "bob".into(),
             why: crate::auth::delegation::FailReason::Timeout
         })
     );
+}
+
+/// The transcript peer `node` starts for `hello` (fixed nonce and ephemeral seed).
+fn cred_transcript(
+    hello: &UserAuthMessage,
+    node: NodeId,
+    list: &UserList,
+) -> crate::auth::user_auth::Transcript {
+    UserAuthResponder::relayed(hello, node, "server-a", list, [2; 32], [8; 32])
+        .unwrap()
+        .transcript()
+        .clone()
 }
 
 /// Whether `secret` keys a stream between the two ends: the connector seals with it, the

@@ -32,8 +32,9 @@ use serde::{Deserialize, Serialize};
 
 /// The node's client port.
 pub const CLIENT_PORT: u16 = 7003;
-/// Version byte at the head of every client message.
-pub const CLIENT_WIRE_VERSION: u8 = 1;
+/// Version byte at the head of every client message (2: the user handshake carries ephemeral
+/// X25519 keys).
+pub const CLIENT_WIRE_VERSION: u8 = 2;
 /// HKDF context of the sealed client stream.
 pub const CLIENT_STREAM_CONTEXT: &[u8] = b"unipeer client stream v1";
 /// Longest frame body either way: a full chunk, its framing and the seal.
