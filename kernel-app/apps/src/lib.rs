@@ -9,6 +9,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod fail;
+pub mod kv;
 pub mod primes;
 pub mod sha256;
 pub mod wordcount;

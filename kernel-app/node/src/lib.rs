@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod launch;
 pub mod leaf_set;
 pub mod node;
+pub mod replication;
 pub mod rng;
 pub mod routing_table;
 pub mod store;
