@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use unipeer_apps::{Fail, Primes, Sha256Chunks, WordCount, primes, wordcount};
-use unipeer_jobsim::{JobSim, replay_seed};
+use unipeer_jobsim::{JobSim, replay_seed, seeds};
 use unipeer_node::Instant;
 use unipeer_node::id::Key;
 use unipeer_node::jobs::app::{AppSet, TaskError};
@@ -348,13 +348,6 @@ fn check_primes(seed: u64, o: &Outcome, strict_once: bool) -> Result<(), String>
         }
     }
     check_registered_once(seed, o, strict_once)
-}
-
-fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
-    match replay_seed() {
-        Some(s) => vec![s],
-        None => default.collect(),
-    }
 }
 
 fn report(name: &str, seed: u64, o: &Outcome) {

@@ -7,6 +7,7 @@
 //! [`scenario`] module adds the liveness phase; [`bench`] measures hops, consistency and upkeep.
 
 pub mod bench;
+pub mod harness;
 pub mod heap;
 pub mod network;
 pub mod scenario;
@@ -16,9 +17,9 @@ pub mod scenario;
 #[global_allocator]
 static HEAP: &heap::CountingAlloc = &heap::COUNTING;
 
+use harness::{Clock, Incarnation, Simulation};
 use network::{Faults, Topology};
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
 use unipeer_node::node::{Event, Node, NodeConfig, OpId, RequestKind, Timing};
 use unipeer_node::rng::Rng;
@@ -64,11 +65,11 @@ pub struct Slot {
     pub addr: PeerAddr,
     pub server: usize,
     public_key: [u8; 32],
-    timer_at: Option<Instant>,
-    incarnation: u32,
+    timer: Incarnation,
 }
 
-enum Ev {
+/// What the overlay simulator's agenda carries.
+pub enum Ev {
     Deliver {
         to: usize,
         from: PeerAddr,
@@ -78,29 +79,6 @@ enum Ev {
         slot: usize,
         incarnation: u32,
     },
-}
-
-struct Scheduled {
-    at: Instant,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
 }
 
 /// What happened to one tracked request.
@@ -165,9 +143,7 @@ pub struct Sim {
     pub faults: Faults,
     pub slots: Vec<Slot>,
     by_addr: HashMap<([u8; 4], u16), usize>,
-    queue: BinaryHeap<Reverse<Scheduled>>,
-    seq: u64,
-    same_instant: u64,
+    clock: Clock<Ev>,
     /// Ground truth: joined nodes that are up, by id.
     live: BTreeMap<NodeId, usize>,
     /// Since when the network has had no partition and no node has crashed or left.
@@ -188,6 +164,7 @@ impl Sim {
         let mut rng = Rng::from_u64(cfg.seed);
         let topology = Topology::random(&mut rng, cfg.servers, cfg.near_us, cfg.far_us);
         Sim {
+            clock: Clock::new(cfg.seed),
             cfg,
             now: Instant::ZERO,
             rng,
@@ -195,9 +172,6 @@ impl Sim {
             faults: Faults::default(),
             slots: Vec::new(),
             by_addr: HashMap::new(),
-            queue: BinaryHeap::new(),
-            seq: 0,
-            same_instant: 0,
             live: BTreeMap::new(),
             stable_since: Instant::ZERO,
             last_record_check: Instant::ZERO,
@@ -225,8 +199,7 @@ impl Sim {
             addr,
             server,
             public_key,
-            timer_at: None,
-            incarnation: 0,
+            timer: Incarnation::default(),
         });
         self.by_addr.insert((addr.ipv4, addr.port), i);
         i
@@ -250,8 +223,7 @@ impl Sim {
         node.join(self.now, &addrs);
         let s = &mut self.slots[slot];
         s.node = Some(node);
-        s.incarnation += 1;
-        s.timer_at = None;
+        s.timer.restart();
         self.after_io(slot);
     }
 
@@ -263,7 +235,7 @@ impl Sim {
             self.stable_since = self.now;
             self.stats.retired_maintenance_bytes += node.counters().maintenance_bytes_out;
             self.live.remove(&s.id);
-            s.timer_at = None;
+            s.timer.crash();
         }
     }
 
@@ -438,64 +410,12 @@ impl Sim {
     // ---- running ----
 
     fn schedule(&mut self, at: Instant, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Reverse(Scheduled {
-            at,
-            seq: self.seq,
-            ev,
-        }));
+        self.clock.schedule(at, ev);
     }
 
     /// Runs every event up to `until`, then sets the clock to it.
     pub fn run_until(&mut self, until: Instant) {
-        while let Some(Reverse(head)) = self.queue.peek() {
-            if head.at > until {
-                break;
-            }
-            let Reverse(s) = self.queue.pop().expect("peeked");
-            if s.at == self.now {
-                self.same_instant += 1;
-                assert!(
-                    self.same_instant < 1_000_000,
-                    "seed {}: livelock, a million events at {:?}",
-                    self.cfg.seed,
-                    self.now
-                );
-            } else {
-                self.same_instant = 0;
-            }
-            self.now = s.at;
-            self.stats.events += 1;
-            match s.ev {
-                Ev::Deliver { to, from, bytes } => {
-                    let now = self.now;
-                    if let Some(n) = self.slots[to].node.as_mut() {
-                        n.handle_datagram(now, from, &bytes);
-                        self.after_io(to);
-                    }
-                }
-                Ev::Timer { slot, incarnation } => {
-                    let sl = &mut self.slots[slot];
-                    if sl.incarnation != incarnation || sl.timer_at != Some(s.at) {
-                        continue; // superseded
-                    }
-                    sl.timer_at = None;
-                    let now = self.now;
-                    if let Some(n) = sl.node.as_mut() {
-                        n.handle_timeout(now);
-                        self.after_io(slot);
-                    }
-                }
-            }
-            if self.now.millis_since(self.last_record_check) >= 1000 {
-                self.last_record_check = self.now;
-                if let Ok(k) = std::env::var("SIM_TRACE_KEY") {
-                    self.trace_key(&k);
-                }
-                self.check_records();
-            }
-        }
-        self.now = self.now.max(until);
+        harness::run_until(self, until);
     }
 
     /// Drains a node's transmits and events, and re-arms its timer.
@@ -512,13 +432,8 @@ impl Sim {
         }
         let s = &mut self.slots[slot];
         let Some(node) = s.node.as_ref() else { return };
-        if let Some(at) = node.poll_timeout() {
-            let at = at.max(self.now);
-            if s.timer_at.is_none_or(|cur| at < cur) {
-                s.timer_at = Some(at);
-                let incarnation = s.incarnation;
-                self.schedule(at, Ev::Timer { slot, incarnation });
-            }
+        if let Some((at, incarnation)) = s.timer.arm(self.now, node.poll_timeout()) {
+            self.schedule(at, Ev::Timer { slot, incarnation });
         }
     }
 
@@ -545,32 +460,29 @@ impl Sim {
             self.stats.datagrams_lost += 1;
             return;
         };
-        if !self.faults.connected(from, to) || self.rng.chance(self.faults.loss) {
+        let fate = harness::fate(
+            &mut self.rng,
+            &self.topology,
+            &self.faults,
+            self.now,
+            (from, self.slots[from].server),
+            (to, self.slots[to].server),
+            0,
+        );
+        if fate.is_lost() {
             self.stats.datagrams_lost += 1;
             return;
         }
-        let copies = if self.rng.chance(self.faults.duplicate) {
-            2
-        } else {
-            1
-        };
-        let base = self
-            .topology
-            .base_us(self.slots[from].server, self.slots[to].server);
         let src = self.slots[from].addr;
-        for c in 0..copies {
-            let mut delay = base + self.rng.below(base / 10 + 1);
-            if self.rng.chance(self.faults.reorder) {
-                delay += self.rng.below(base + 1);
-            }
-            let at = self.now.plus_us(delay);
-            let payload = if c + 1 == copies {
+        let arrivals: Vec<Instant> = fate.arrivals().collect();
+        for (c, at) in arrivals.iter().enumerate() {
+            let payload = if c + 1 == arrivals.len() {
                 std::mem::take(&mut bytes)
             } else {
                 bytes.clone()
             };
             self.schedule(
-                at,
+                *at,
                 Ev::Deliver {
                     to,
                     from: src,
@@ -768,5 +680,51 @@ impl Sim {
     /// Takes the hop counts gathered so far.
     pub fn take_hops(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.hops)
+    }
+}
+
+impl Simulation for Sim {
+    type Event = Ev;
+
+    fn clock(&mut self) -> &mut Clock<Ev> {
+        &mut self.clock
+    }
+
+    fn set_now(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    fn step(&mut self, ev: Ev) {
+        self.stats.events += 1;
+        let now = self.now;
+        match ev {
+            Ev::Deliver { to, from, bytes } => {
+                if let Some(n) = self.slots[to].node.as_mut() {
+                    n.handle_datagram(now, from, &bytes);
+                    self.after_io(to);
+                }
+            }
+            Ev::Timer { slot, incarnation } => {
+                let sl = &mut self.slots[slot];
+                if !sl.timer.fire(incarnation, now) {
+                    return; // superseded
+                }
+                if let Some(n) = sl.node.as_mut() {
+                    n.handle_timeout(now);
+                    self.after_io(slot);
+                }
+            }
+        }
+    }
+
+    /// Once per simulated second: every acknowledged record keeps its copies.
+    fn after_step(&mut self) {
+        if self.now.millis_since(self.last_record_check) >= 1000 {
+            self.last_record_check = self.now;
+            if let Ok(k) = std::env::var("SIM_TRACE_KEY") {
+                self.trace_key(&k);
+            }
+            self.check_records();
+        }
     }
 }
