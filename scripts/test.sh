@@ -20,8 +20,8 @@ cargo clippy -q -p unipeer-kernel --target x86_64-unknown-none --release -- -D w
 
 echo "== build the test images once"
 cargo build -q -p unipeer
-./target/debug/unipeer image build --release --name test
-./target/debug/unipeer image build --release --name test-wc --apps wordcount,sha256
+./target/debug/unipeer image build --release --diag-test --name test
+./target/debug/unipeer image build --release --diag-test --name test-wc --apps wordcount,sha256
 
 echo "== tests"
 # QEMU tests serialise themselves; the image above is reused by every one of them.

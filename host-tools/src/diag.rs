@@ -1,9 +1,85 @@
-//! Client of a node's diagnostic service: the report over UDP or TCP, and UDP echo round trips.
+//! Client of a node's diagnostic service: the report over UDP or TCP, UDP echo round trips,
+//! and commands over TCP, authenticated with the operator key when they change state
+//! (`unipeer_node::diag_command` has the language and the challenge-response).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use unipeer_node::diag_command::{self, OPERATOR_KEY_LEN};
+
+/// File name of a run's operator key (in the cluster's run directory, or a VM's).
+pub const OPERATOR_KEY_FILE: &str = "operator.key";
+
+/// The key that authenticates operator commands on a node's diagnostic port: 32 bytes from
+/// the OS random source, one per cluster run (or per single VM), handed to the nodes in their
+/// launch config and kept by the host in a 0600 file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OperatorKey([u8; OPERATOR_KEY_LEN]);
+
+impl std::fmt::Debug for OperatorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OperatorKey(..)")
+    }
+}
+
+impl OperatorKey {
+    /// A fresh key from the OS random source.
+    pub fn generate() -> std::io::Result<OperatorKey> {
+        let mut k = [0u8; OPERATOR_KEY_LEN];
+        getrandom::fill(&mut k).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(OperatorKey(k))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<OperatorKey> {
+        bytes.try_into().ok().map(OperatorKey)
+    }
+
+    pub fn bytes(&self) -> &[u8; OPERATOR_KEY_LEN] {
+        &self.0
+    }
+
+    /// Writes the key as hex to `path`, mode 0600, not following a symlink there.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(path);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        writeln!(f, "{}", hex(&self.0))
+    }
+
+    /// Reads a key written by [`OperatorKey::write`].
+    pub fn read(path: &Path) -> std::io::Result<OperatorKey> {
+        let text = std::fs::read_to_string(path)?;
+        diag_command::parse_hex::<OPERATOR_KEY_LEN>(text.trim())
+            .map(OperatorKey)
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{} is not an operator key", path.display()))
+            })
+    }
+
+    /// The key in `path`, or a new one written there.
+    pub fn load_or_create(path: &Path) -> std::io::Result<OperatorKey> {
+        match OperatorKey::read(path) {
+            Ok(k) => Ok(k),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let k = OperatorKey::generate()?;
+                k.write(path)?;
+                Ok(k)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// A parsed diagnostic report (`key=value` lines).
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -21,6 +97,8 @@ pub enum ProbeError {
     Malformed(String),
     /// The report has no such field (a renamed counter, an older image).
     MissingField(String),
+    /// The node refused the operator key (or has none).
+    AuthRefused(String),
 }
 
 impl std::fmt::Display for ProbeError {
@@ -30,6 +108,7 @@ impl std::fmt::Display for ProbeError {
             ProbeError::Timeout => write!(f, "probe timed out"),
             ProbeError::Malformed(s) => write!(f, "not a diagnostic report: {s:?}"),
             ProbeError::MissingField(k) => write!(f, "the report has no field {k:?}"),
+            ProbeError::AuthRefused(s) => write!(f, "operator authentication refused: {s}"),
         }
     }
 }
@@ -162,16 +241,59 @@ fn read_until_end(stream: &mut TcpStream, timeout: Duration) -> Result<String, P
     Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
-/// Sends one command line over TCP (after the greeting) and returns the reply text read until
-/// the server closes or `timeout` passes.
+/// Reads one line (without its newline), byte by byte so nothing after it is consumed.
+fn read_line(stream: &mut TcpStream, timeout: Duration) -> Result<String, ProbeError> {
+    let start = Instant::now();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while start.elapsed() < timeout && line.len() < 4096 {
+        if stream.read(&mut b)? == 0 {
+            break;
+        }
+        if b[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(b[0]);
+    }
+    Err(ProbeError::Timeout)
+}
+
+/// Runs the operator challenge-response on a connected session (after the greeting).
+pub fn authenticate(
+    stream: &mut TcpStream,
+    key: &OperatorKey,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    stream.write_all(b"auth?\n")?;
+    let line = read_line(stream, timeout)?;
+    let nonce = line
+        .strip_prefix("auth-challenge ")
+        .and_then(diag_command::parse_hex::<OPERATOR_KEY_LEN>)
+        .ok_or_else(|| ProbeError::AuthRefused(line.clone()))?;
+    let mac = diag_command::operator_mac(key.bytes(), &nonce);
+    stream.write_all(format!("auth {}\n", hex(&mac)).as_bytes())?;
+    let answer = read_line(stream, timeout)?;
+    if answer == "auth ok" {
+        Ok(())
+    } else {
+        Err(ProbeError::AuthRefused(answer))
+    }
+}
+
+/// Sends one command line over TCP (after the greeting, and after authenticating when `key`
+/// is given) and returns the reply text read until the server closes or `timeout` passes.
 pub fn tcp_command(
     addr: SocketAddr,
+    key: Option<&OperatorKey>,
     command: &str,
     timeout: Duration,
 ) -> Result<String, ProbeError> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     let _greeting = read_until_end(&mut stream, timeout)?;
+    if let Some(key) = key {
+        authenticate(&mut stream, key, timeout)?;
+    }
     stream.write_all(format!("{command}\n").as_bytes())?;
     let start = Instant::now();
     let mut out = Vec::new();
@@ -263,6 +385,23 @@ mod tests {
             matches!(r.require("irq_timer"), Err(ProbeError::MissingField(k)) if k == "irq_timer")
         );
         assert!(matches!(r.require("name"), Err(ProbeError::Malformed(_))));
+    }
+
+    #[test]
+    fn operator_key_file_is_private_and_round_trips() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("unipeer-opkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(OPERATOR_KEY_FILE);
+        let k = OperatorKey::load_or_create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(OperatorKey::load_or_create(&path).unwrap(), k);
+        assert_ne!(OperatorKey::generate().unwrap(), k);
+        assert_eq!(format!("{k:?}"), "OperatorKey(..)");
+        std::fs::write(&path, "not hex\n").unwrap();
+        assert!(OperatorKey::read(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

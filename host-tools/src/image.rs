@@ -29,6 +29,10 @@ pub struct Manifest {
     /// Applications linked into the kernel (`unipeer image build --apps a,b`).
     #[serde(default)]
     pub apps: Vec<String>,
+    /// Built with the diagnostic port's test helpers (`bench-seal`, `job-primes`, `job-sha256`;
+    /// `unipeer image build --diag-test`): test images only.
+    #[serde(default)]
+    pub diag_test: bool,
 }
 
 /// Applications an image gets when `--apps` is not given: every shipped one.
@@ -182,6 +186,18 @@ pub fn build_with_apps(
     quiet: bool,
     apps: &[String],
 ) -> Result<Manifest, ImageError> {
+    build_image(name, release, quiet, apps, false)
+}
+
+/// [`build_with_apps`], with the diagnostic port's test helpers compiled in when `diag_test`
+/// (the kernel's `diag-test` feature: test images only).
+pub fn build_image(
+    name: &str,
+    release: bool,
+    quiet: bool,
+    apps: &[String],
+    diag_test: bool,
+) -> Result<Manifest, ImageError> {
     let apps = check_apps(apps)?;
     let root = repo_root();
     if Command::new("cargo").arg("--version").output().is_err() {
@@ -197,6 +213,7 @@ pub fn build_with_apps(
         .arg(
             apps.iter()
                 .map(|a| format!("app-{a}"))
+                .chain(diag_test.then(|| "diag-test".to_string()))
                 .collect::<Vec<_>>()
                 .join(","),
         );
@@ -243,6 +260,7 @@ pub fn build_with_apps(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         apps,
+        diag_test,
     };
     let text = toml::to_string(&manifest).map_err(|e| ImageError::BadImage {
         dir: dir.clone(),
@@ -314,6 +332,7 @@ mod tests {
             target: KERNEL_TARGET.into(),
             built_unix_s: 1,
             apps: vec!["primes".into()],
+            diag_test: false,
         };
         fs::write(dir.join(MANIFEST_FILE), toml::to_string(&m).unwrap()).unwrap();
         assert_eq!(open_dir(&dir).unwrap().manifest, m);

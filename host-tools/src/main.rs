@@ -142,6 +142,10 @@ enum ImageCommand {
         /// wordcount, primes, sha256, fail).
         #[arg(long, value_delimiter = ',')]
         apps: Vec<String>,
+        /// Compile in the diagnostic port's test helpers (`bench-seal`, `job-primes`,
+        /// `job-sha256`): for test images only, never for images that serve users.
+        #[arg(long)]
+        diag_test: bool,
         #[arg(long)]
         json: bool,
     },
@@ -191,6 +195,10 @@ enum VmCommand {
     Send {
         /// Address of the diagnostic TCP port (host:port).
         addr: SocketAddr,
+        /// Operator key file (`operator.key` in the VM's or cluster's run directory): needed
+        /// for commands that change state (`shutdown`, `put`, `probe`, ...).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
         /// The command words.
         #[arg(required = true, num_args = 1..)]
         command: Vec<String>,
@@ -330,6 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     release,
                     name,
                     apps,
+                    diag_test,
                     json,
                 },
         } => {
@@ -338,7 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 apps
             };
-            let m = image::build_with_apps(&name, release, false, &apps)?;
+            let m = image::build_image(&name, release, false, &apps, diag_test)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
@@ -371,9 +380,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         ),
         Command::Vm {
-            command: VmCommand::Send { addr, command },
+            command:
+                VmCommand::Send {
+                    addr,
+                    key_file,
+                    command,
+                },
         } => {
-            let reply = diag::tcp_command(addr, &command.join(" "), Duration::from_secs(20))?;
+            let key = match key_file {
+                Some(path) => Some(
+                    diag::OperatorKey::read(&path)
+                        .with_context(|| format!("reading the operator key {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let reply = diag::tcp_command(
+                addr,
+                key.as_ref(),
+                &command.join(" "),
+                Duration::from_secs(20),
+            )?;
             print!("{reply}");
             Ok(ExitCode::SUCCESS)
         }
@@ -449,6 +475,11 @@ fn vm_run(
         );
     }
     let mut ready = vm::launch_ready(&img, &opts)?;
+    let key_path = opts.run_dir.join(diag::OPERATOR_KEY_FILE);
+    if let Some(k) = &opts.operator_key {
+        k.write(&key_path)
+            .with_context(|| format!("writing {}", key_path.display()))?;
+    }
     if json {
         println!(
             "{}",
@@ -480,6 +511,11 @@ fn vm_run(
                 ready.ports.diag_udp
             );
             println!("  diagnostics (TCP): nc 127.0.0.1 {}", ready.ports.diag_tcp);
+            println!(
+                "  operator commands: unipeer vm send --key-file {} 127.0.0.1:{} shutdown",
+                key_path.display(),
+                ready.ports.diag_tcp
+            );
             println!("  UDP echo:          nc -u 127.0.0.1 {}", ready.ports.echo);
             println!("  serial log:        {}", ready.vm.serial_path.display());
             println!("  QMP:               {}", ready.vm.qmp_path.display());

@@ -7,8 +7,12 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use unipeer_node::launch::{LaunchConfig, LogLevel, NetConfig, READY_MARKER};
+use unipeer_node::diag_command::OPERATOR_KEY_EXTRA;
+use unipeer_node::launch::{
+    LaunchConfig, LogLevel, NetConfig, READY_MARKER, SEED_FROM_OS, SEED_SOURCE_EXTRA,
+};
 
+use crate::diag::OperatorKey;
 use crate::hostinfo::{self, Accel};
 use crate::image::Image;
 use crate::qemu::{Forward, LaunchError, Machine, NetAttach, RunningVm, VmSpec};
@@ -38,6 +42,9 @@ pub struct VmOptions {
     pub die_with_parent: bool,
     /// Extra named settings for the guest (`LaunchConfig::extra`).
     pub extra: Vec<(String, Vec<u8>)>,
+    /// Authenticates operator commands on the node's diagnostic port (none: the node refuses
+    /// them). A fresh one per VM unless the caller sets the cluster's.
+    pub operator_key: Option<OperatorKey>,
 }
 
 impl VmOptions {
@@ -54,6 +61,7 @@ impl VmOptions {
             run_dir,
             die_with_parent: true,
             extra: Vec::new(),
+            operator_key: OperatorKey::generate().ok(),
         }
     }
 }
@@ -101,17 +109,12 @@ pub fn mac_for(name: &str) -> [u8; 6] {
     [0x52, 0x54, 0x00, h[0], h[1], h[2]]
 }
 
-/// A per-launch seed: the name, the time and the process id.
-pub fn launch_seed(name: &str) -> [u8; 32] {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let mut h = Sha256::new();
-    h.update(name.as_bytes());
-    h.update(nanos.to_le_bytes());
-    h.update(std::process::id().to_le_bytes());
-    h.finalize().into()
+/// A per-launch seed from the host OS's random source. `Err` only if the OS source fails;
+/// nothing derived from names, times or process ids stands in for it.
+pub fn launch_seed() -> std::io::Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(seed)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -146,12 +149,27 @@ pub fn launch_config(opts: &VmOptions, net: NetConfig) -> LaunchConfig {
     if opts.exit_after_ready {
         extra.push(("exit_after_ready".to_string(), vec![1]));
     }
+    if let Some(k) = &opts.operator_key {
+        extra.push((OPERATOR_KEY_EXTRA.to_string(), k.bytes().to_vec()));
+    }
+    // The seed is marked as the OS's only when it is; a node with trust material refuses to
+    // start on an unmarked one (the all-zero seed below never reaches a trusted node).
+    let rng_seed = match launch_seed() {
+        Ok(seed) => {
+            extra.push((SEED_SOURCE_EXTRA.to_string(), SEED_FROM_OS.to_vec()));
+            seed
+        }
+        Err(e) => {
+            log::error!("no seed from the OS random source ({e}): the node runs without trust");
+            [0; 32]
+        }
+    };
     LaunchConfig {
         node_name: opts.name.clone(),
         server_id: opts.server_id.clone(),
         net,
         bootstrap: Vec::new(),
-        rng_seed: launch_seed(&opts.name),
+        rng_seed,
         launch_unix_ms: unix_ms(),
         tsc_khz_hint: hostinfo::tsc_khz_hint(),
         log_level: opts.log_level,
@@ -193,6 +211,13 @@ pub struct ReadyVm {
 }
 
 impl ReadyVm {
+    /// The operator key the VM was launched with.
+    pub fn operator_key(&self) -> Option<OperatorKey> {
+        self.config
+            .extra(OPERATOR_KEY_EXTRA)
+            .and_then(OperatorKey::from_bytes)
+    }
+
     /// The guest's entry→ready time as it printed it.
     pub fn guest_entry_to_ready_us(&self) -> Option<u64> {
         self.ready_line

@@ -211,6 +211,7 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
     let final_report = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5))?;
     let _ = diag::tcp_command(
         live.ports.diag_tcp_addr(),
+        live.operator_key().as_ref(),
         "shutdown",
         Duration::from_secs(5),
     );

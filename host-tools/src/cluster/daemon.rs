@@ -150,6 +150,9 @@ struct Shared {
     vm_order: Mutex<Vec<String>>,
     /// One front-end issuer per (authority store, server), holding an intermediate.
     issuers: Mutex<HashMap<(PathBuf, String), FrontEndIssuer>>,
+    /// This run's key for operator commands on the nodes' diagnostic ports (also in
+    /// `operator.key`, mode 0600, in the run directory).
+    operator_key: diag::OperatorKey,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -182,6 +185,12 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
     let switch = net::start(switch_cfg).map_err(|e| e.to_string())?;
     let listener = owner_only::bind_socket(&socket)
         .map_err(|e| format!("cannot bind {}: {e}", socket.display()))?;
+    let operator_key = diag::OperatorKey::generate()
+        .map_err(|e| format!("operator key from the OS random source: {e}"))?;
+    let key_path = cfg.run_dir.join(diag::OPERATOR_KEY_FILE);
+    operator_key
+        .write(&key_path)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
     let (main_tx, main_rx) = mpsc::channel();
     let shared = Arc::new(Shared {
         run_dir: cfg.run_dir.clone(),
@@ -195,6 +204,7 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         materials: Mutex::new(HashMap::new()),
         vm_order: Mutex::new(Vec::new()),
         issuers: Mutex::new(HashMap::new()),
+        operator_key,
     });
     shared.save_state();
     eprintln!(
@@ -374,6 +384,7 @@ impl Shared {
                 let ip = self.reachable_ip(&node)?;
                 let reply = diag::tcp_command(
                     SocketAddr::from((ip, DIAG_TCP_PORT)),
+                    Some(&self.operator_key),
                     &command,
                     NODE_COMMAND_TIMEOUT,
                 )
@@ -454,6 +465,7 @@ impl Shared {
         let timeout = Duration::from_secs(5) + Duration::from_millis(600) * count;
         let reply = diag::tcp_command(
             SocketAddr::from((from_ip, DIAG_TCP_PORT)),
+            Some(&self.operator_key),
             &format!("probe {to_ip} {count}"),
             timeout,
         )
@@ -489,6 +501,7 @@ impl Shared {
         opts.cpu = s.cpu.clone();
         opts.memory_mib = memory_mib;
         opts.log_level = level;
+        opts.operator_key = Some(self.operator_key.clone());
         if let Some(l) = s.leaf_set {
             opts.extra.push(("leaf_set".to_string(), vec![l]));
         }

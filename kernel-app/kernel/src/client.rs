@@ -38,6 +38,7 @@ use unipeer_node::launch::LaunchConfig;
 use unipeer_node::{Event, Instant, Key, NodeId, OpId};
 
 use crate::net::Stack;
+use crate::net::guard::{self, SourcePolicy};
 use crate::overlay::Overlay;
 
 /// Client sessions at once.
@@ -75,6 +76,10 @@ pub struct ClientCounters {
     pub credential_obtained: u64,
     /// Of these, refused (the neighbours refused, or time ran out).
     pub credential_failed: u64,
+    /// Sessions closed for a Hello/Proof not complete within `guard::HELLO_DEADLINE_US`.
+    pub hello_timeouts: u64,
+    /// Connections refused because their source held its share of the sessions.
+    pub source_capped: u64,
 }
 
 enum Phase {
@@ -150,6 +155,8 @@ struct Session {
     out_offset: usize,
     active: bool,
     last_activity_us: u64,
+    /// When the connection was accepted.
+    since_us: u64,
 }
 
 impl Session {
@@ -202,6 +209,7 @@ pub struct ClientPort {
     /// A session can take its next request (bytes already in its socket): pass again at once.
     wake_now: bool,
     pub counters: ClientCounters,
+    policy: SourcePolicy,
 }
 
 fn instant(now_us: u64) -> Instant {
@@ -230,6 +238,7 @@ impl ClientPort {
                 out_offset: 0,
                 active: false,
                 last_activity_us: 0,
+                since_us: 0,
             })
             .collect();
         let mut port = ClientPort {
@@ -239,6 +248,7 @@ impl ClientPort {
             server: config.server_id.clone(),
             wake_now: false,
             counters: ClientCounters::default(),
+            policy: SourcePolicy::new(config),
         };
         port.relisten(stack);
         port
@@ -428,9 +438,42 @@ impl ClientPort {
             return;
         }
         if !self.sessions[i].active {
+            let source = stack
+                .sockets
+                .get::<tcp::Socket>(handle)
+                .remote_endpoint()
+                .map(|e| e.addr);
+            if let Some(source) = source {
+                let held = self.sessions.iter().filter(|s| s.active).filter_map(|s| {
+                    stack
+                        .sockets
+                        .get::<tcp::Socket>(s.handle)
+                        .remote_endpoint()
+                        .map(|e| e.addr)
+                });
+                if self
+                    .policy
+                    .over_cap(source, held, guard::CLIENT_SLOTS_PER_SOURCE)
+                {
+                    self.counters.source_capped += 1;
+                    stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                    return;
+                }
+            }
             self.sessions[i].active = true;
             self.sessions[i].last_activity_us = now_us;
+            self.sessions[i].since_us = now_us;
             self.counters.sessions += 1;
+        }
+        if matches!(
+            self.sessions[i].phase,
+            Phase::AwaitHello | Phase::AwaitProof(_) | Phase::AwaitRelayedProof { .. }
+        ) && now_us.saturating_sub(self.sessions[i].since_us) > guard::HELLO_DEADLINE_US
+        {
+            // The handshake must finish within the deadline: the slot is freed.
+            self.counters.hello_timeouts += 1;
+            stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+            return;
         }
         // Pending request: complete (records) or time out.
         self.check_pending(i, now_us);
@@ -876,6 +919,10 @@ impl ClientPort {
                 (Some(p), _) => p.deadline_us(),
                 (None, Phase::AwaitCredential { deadline_us, .. })
                 | (None, Phase::AwaitGrant { deadline_us, .. }) => *deadline_us,
+                (
+                    None,
+                    Phase::AwaitHello | Phase::AwaitProof(_) | Phase::AwaitRelayedProof { .. },
+                ) => s.since_us + guard::HELLO_DEADLINE_US + 1,
                 (None, _) => s.last_activity_us + IDLE_US + 1,
             })
             .chain(wake)
@@ -892,7 +939,8 @@ impl ClientPort {
         alloc::format!(
             "client_active={}\nclient_sessions={}\nclient_authenticated={}\nclient_auth_failures={}\n\
              client_requests={}\nclient_errors={}\nclient_bad_frames={}\nclient_idle_closed={}\nclient_timeouts={}\n\
-             client_credential_waits={}\nclient_credential_obtained={}\nclient_credential_failed={}\n",
+             client_credential_waits={}\nclient_credential_obtained={}\nclient_credential_failed={}\n\
+             client_hello_timeouts={}\nclient_source_capped={}\n",
             self.sessions.iter().filter(|s| s.active).count(),
             c.sessions,
             c.authenticated,
@@ -905,6 +953,8 @@ impl ClientPort {
             c.credential_waits,
             c.credential_obtained,
             c.credential_failed,
+            c.hello_timeouts,
+            c.source_capped,
         )
     }
 }

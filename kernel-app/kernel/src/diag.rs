@@ -2,10 +2,19 @@
 //! echo port for round-trip measurements, and a TCP port that serves the report to many
 //! clients at once, each with an idle timeout.
 //!
-//! TCP protocol (line based): on connect the server sends the report; then `stats` sends it
-//! again, `ping` answers `pong`, `quit` closes, `shutdown` stops the VM with the success exit
-//! code, `help` lists the commands. Unknown or overlong input is answered with an error line
-//! and counted; a client silent for `TCP_IDLE_US` is disconnected.
+//! TCP protocol (line based; the language is `unipeer_node::diag_command`): on connect the
+//! server sends the report; then `stats` sends it again, `ping` answers `pong`, `quit` closes,
+//! `help` lists the commands. Commands that change state or cost work (`shutdown`, `put`,
+//! `probe`, `job-*`, ...) need the operator's challenge-response first (`auth?`, `auth MAC`);
+//! test helpers (`bench-seal`, `job-*`) exist only in images built with the `diag-test`
+//! feature. Unknown or overlong input is answered with an error line and counted; a client
+//! silent for `TCP_IDLE_US` is disconnected (an unauthenticated one from a source other than
+//! the host after `guard::HELLO_DEADLINE_US`), and one source other than the host holds at
+//! most `guard::DIAG_SLOTS_PER_SOURCE` sessions.
+//!
+//! UDP: a datagram from another node's service port is not answered; a source other than the
+//! host gets answers no larger than its request and at most `guard::DIAG_UDP_RATE` of them
+//! (echo: `guard::ECHO_RATE`).
 
 use alloc::string::String;
 use alloc::vec;
@@ -16,12 +25,17 @@ use core::sync::atomic::Ordering;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::IpAddress;
+use unipeer_node::auth::Csprng;
+use unipeer_node::diag_command::{
+    self, Access, DiagCommand, OPERATOR_KEY_EXTRA, OPERATOR_KEY_LEN, OperatorAuth,
+};
 use unipeer_node::launch::LaunchConfig;
 
 use crate::BootFacts;
 use crate::arch::idt::IRQS;
 use crate::jobs::JobHost;
 use crate::net::Stack;
+use crate::net::guard::{self, RateLimiter, SourcePolicy};
 use crate::overlay::Overlay;
 use crate::{clock, heap};
 
@@ -37,8 +51,6 @@ const LINE_MAX: usize = 4096;
 const PROBE_CLIENT_PORT: u16 = 7100;
 /// How long a probe waits for each answer.
 const PROBE_TIMEOUT_US: u64 = 500_000;
-/// Most echo round trips one probe may ask for.
-const PROBE_COUNT_MAX: u32 = 1000;
 /// Largest UDP payload this node sends.
 pub const UDP_PAYLOAD_MAX: usize = 1200;
 
@@ -50,6 +62,19 @@ pub struct DiagCounters {
     pub tcp_sessions: u64,
     pub tcp_idle_closed: u64,
     pub bad_requests: u64,
+    /// Operator authentications that passed, failed, or were never answered in time.
+    pub auth_ok: u64,
+    pub auth_failed: u64,
+    pub auth_timeouts: u64,
+    /// Operator commands refused to an unauthenticated session.
+    pub unauthorized: u64,
+    /// Connections refused because their source held its share of the slots.
+    pub source_capped: u64,
+    /// Datagrams not answered: from a service port, over the source's rate, or too small for
+    /// any answer.
+    pub udp_from_service_port: u64,
+    pub udp_rate_limited: u64,
+    pub udp_too_small: u64,
     pub wakeups: u64,
     /// Loop passes that found work waiting or a deadline already due, and so did not sleep.
     pub busy_polls: u64,
@@ -75,15 +100,6 @@ struct ProbeJob {
     sent_at_us: u64,
 }
 
-fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
-    let mut out = [0u8; 4];
-    let mut parts = s.split('.');
-    for b in out.iter_mut() {
-        *b = parts.next()?.parse().ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
-
 struct Session {
     handle: SocketHandle,
     /// Set once the connection is established and the greeting sent.
@@ -92,6 +108,26 @@ struct Session {
     line: Vec<u8>,
     /// Discarding the rest of an overlong line.
     skipping: bool,
+    auth: OperatorAuth,
+    /// When the outstanding challenge must be answered by (0: none outstanding).
+    challenge_deadline_us: u64,
+    /// The peer is the host uplink.
+    from_host: bool,
+}
+
+impl Session {
+    fn new(handle: SocketHandle) -> Session {
+        Session {
+            handle,
+            greeted: false,
+            last_activity_us: 0,
+            line: Vec::new(),
+            skipping: false,
+            auth: OperatorAuth::default(),
+            challenge_deadline_us: 0,
+            from_host: false,
+        }
+    }
 }
 
 /// What the report needs about the node that never changes after boot.
@@ -115,6 +151,13 @@ pub struct Diag {
     pub counters: DiagCounters,
     /// Set by the `shutdown` command; the event loop exits once replies are flushed.
     pub shutdown_requested: bool,
+    /// The operator key from the launch config (none: operator commands are refused).
+    operator_key: Option<[u8; OPERATOR_KEY_LEN]>,
+    /// Challenge nonces.
+    rng: Csprng,
+    policy: SourcePolicy,
+    udp_rate: RateLimiter,
+    echo_rate: RateLimiter,
 }
 
 fn udp_socket(stack: &mut Stack, port: u16) -> SocketHandle {
@@ -145,14 +188,20 @@ impl Diag {
         let echo = udp_socket(stack, config.net.echo_port);
         let prober = udp_socket(stack, PROBE_CLIENT_PORT);
         let sessions = (0..TCP_SESSIONS)
-            .map(|_| Session {
-                handle: tcp_socket(stack),
-                greeted: false,
-                last_activity_us: 0,
-                line: Vec::new(),
-                skipping: false,
-            })
+            .map(|_| Session::new(tcp_socket(stack)))
             .collect();
+        let operator_key = config
+            .extra(OPERATOR_KEY_EXTRA)
+            .and_then(|k| <[u8; OPERATOR_KEY_LEN]>::try_from(k).ok());
+        if operator_key.is_none() {
+            log::warn!("diag: no operator key in the launch config: operator commands are off");
+        }
+        let mut seed_input = Vec::with_capacity(96);
+        seed_input.extend_from_slice(&config.rng_seed);
+        seed_input.extend_from_slice(b"unipeer diag challenge seed");
+        seed_input.extend_from_slice(&crate::arch::cpu::hardware_entropy());
+        seed_input.extend_from_slice(&crate::arch::cpu::rdtsc().to_le_bytes());
+        let seed: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&seed_input).into();
         let mut diag = Diag {
             udp,
             echo,
@@ -170,6 +219,11 @@ impl Diag {
                 .unwrap_or(TCP_IDLE_US),
             counters: DiagCounters::default(),
             shutdown_requested: false,
+            operator_key,
+            rng: Csprng::from_seed(seed),
+            policy: SourcePolicy::new(config),
+            udp_rate: RateLimiter::new(guard::DIAG_UDP_RATE),
+            echo_rate: RateLimiter::new(guard::ECHO_RATE),
         };
         diag.relisten(stack);
         diag
@@ -180,9 +234,7 @@ impl Diag {
         for s in &mut self.sessions {
             let socket = stack.sockets.get_mut::<tcp::Socket>(s.handle);
             if socket.state() == tcp::State::Closed {
-                s.greeted = false;
-                s.line.clear();
-                s.skipping = false;
+                *s = Session::new(s.handle);
                 let _ = socket.listen(self.tcp_port);
             }
         }
@@ -197,7 +249,7 @@ impl Diag {
         mut jobs: Option<&mut JobHost>,
         info: NodeInfo<'_>,
     ) {
-        // Echo: bounce every datagram back to its sender.
+        // Echo: bounce datagrams back to their senders (same size), within the guard's rules.
         {
             let socket = stack.sockets.get_mut::<udp::Socket>(self.echo);
             let mut budget = 32;
@@ -206,17 +258,34 @@ impl Diag {
                 let mut buf = [0u8; UDP_PAYLOAD_MAX];
                 if let Ok((n, meta)) = socket.recv_slice(&mut buf) {
                     self.counters.echo_packets += 1;
-                    let _ = socket.send_slice(&buf[..n], meta.endpoint);
+                    let ep = meta.endpoint;
+                    if guard::is_service_port(ep.port, info.config) {
+                        self.counters.udp_from_service_port += 1;
+                    } else if !self.policy.is_host(ep.addr)
+                        && !self.echo_rate.allow(now_us, ep.addr)
+                    {
+                        self.counters.udp_rate_limited += 1;
+                    } else {
+                        let _ = socket.send_slice(&buf[..n], ep);
+                    }
                 }
             }
         }
-        // Report over UDP.
-        let mut pending = heapless::Vec::<smoltcp::wire::IpEndpoint, 16>::new();
+        // Report over UDP: each sender gets at most as many bytes as it sent (the host: all).
+        let mut pending = heapless::Vec::<(smoltcp::wire::IpEndpoint, usize), 16>::new();
         {
             let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
-            while let Ok((_, meta)) = socket.recv() {
+            while let Ok((payload, meta)) = socket.recv() {
                 self.counters.udp_requests += 1;
-                if pending.push(meta.endpoint).is_err() {
+                let ep = meta.endpoint;
+                let budget = self
+                    .policy
+                    .answer_budget(ep.addr, payload.len(), UDP_PAYLOAD_MAX);
+                if guard::is_service_port(ep.port, info.config) {
+                    self.counters.udp_from_service_port += 1;
+                } else if !self.policy.is_host(ep.addr) && !self.udp_rate.allow(now_us, ep.addr) {
+                    self.counters.udp_rate_limited += 1;
+                } else if pending.push((ep, budget)).is_err() {
                     break;
                 }
             }
@@ -224,9 +293,13 @@ impl Diag {
         if !pending.is_empty() {
             let report = self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info);
             let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
-            let datagram = fit_datagram(&report);
-            for ep in pending {
-                let _ = socket.send_slice(datagram.as_bytes(), ep);
+            for (ep, budget) in pending {
+                match fit_datagram(&report, budget) {
+                    Some(datagram) => {
+                        let _ = socket.send_slice(datagram.as_bytes(), ep);
+                    }
+                    None => self.counters.udp_too_small += 1,
+                }
             }
         }
         // TCP sessions.
@@ -259,6 +332,29 @@ impl Diag {
             return;
         }
         if !self.sessions[i].greeted && stack.sockets.get::<tcp::Socket>(handle).may_send() {
+            let source = stack
+                .sockets
+                .get::<tcp::Socket>(handle)
+                .remote_endpoint()
+                .map(|e| e.addr);
+            if let Some(source) = source {
+                let held = self.sessions.iter().filter(|s| s.greeted).filter_map(|s| {
+                    stack
+                        .sockets
+                        .get::<tcp::Socket>(s.handle)
+                        .remote_endpoint()
+                        .map(|e| e.addr)
+                });
+                if self
+                    .policy
+                    .over_cap(source, held, guard::DIAG_SLOTS_PER_SOURCE)
+                {
+                    self.counters.source_capped += 1;
+                    stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                    return;
+                }
+                self.sessions[i].from_host = self.policy.is_host(source);
+            }
             self.sessions[i].greeted = true;
             self.sessions[i].last_activity_us = now_us;
             self.counters.tcp_sessions += 1;
@@ -291,6 +387,7 @@ impl Diag {
                 let line = core::mem::take(&mut s.line);
                 if !self.command(
                     &line,
+                    i,
                     handle,
                     now_us,
                     stack,
@@ -316,7 +413,13 @@ impl Diag {
         }
         let s = &self.sessions[i];
         let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
-        if s.greeted && now_us.saturating_sub(s.last_activity_us) > self.idle_us {
+        if s.challenge_deadline_us != 0 && now_us > s.challenge_deadline_us {
+            // An unanswered challenge frees the slot within the deadline.
+            self.counters.auth_timeouts += 1;
+            socket.abort();
+        } else if s.greeted
+            && now_us.saturating_sub(s.last_activity_us) > session_idle_us(s, self.idle_us)
+        {
             self.counters.tcp_idle_closed += 1;
             socket.abort();
         } else if !socket.may_recv() && socket.state() == tcp::State::CloseWait {
@@ -330,6 +433,7 @@ impl Diag {
     fn command(
         &mut self,
         line: &[u8],
+        i: usize,
         handle: SocketHandle,
         now_us: u64,
         stack: &mut Stack,
@@ -337,75 +441,108 @@ impl Diag {
         jobs: Option<&mut JobHost>,
         info: NodeInfo<'_>,
     ) -> bool {
-        let text = core::str::from_utf8(line).unwrap_or("\u{fffd}");
-        let reply: String = match text.trim() {
-            "" | "stats" => self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info),
-            "jobs tasks" => match (jobs.as_deref(), overlay.as_deref()) {
+        let cmd = match diag_command::parse(line) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                self.counters.bad_requests += 1;
+                return self.reply(stack, handle, &alloc::format!("error: {e}\n"));
+            }
+        };
+        let spec = cmd.spec();
+        if spec.test_only && !cfg!(feature = "diag-test") {
+            self.counters.bad_requests += 1;
+            return self.reply(
+                stack,
+                handle,
+                &alloc::format!(
+                    "error: {} is compiled only into test images (image build --diag-test)\n",
+                    spec.name
+                ),
+            );
+        }
+        if spec.access == Access::Operator && !self.sessions[i].auth.authenticated() {
+            self.counters.unauthorized += 1;
+            return self.reply(
+                stack,
+                handle,
+                "error: authentication required (auth? then auth MAC)\n",
+            );
+        }
+        let reply: String = match cmd {
+            DiagCommand::Stats => {
+                self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info)
+            }
+            DiagCommand::JobsTasks => match (jobs.as_deref(), overlay.as_deref()) {
                 (Some(j), Some(o)) => j.tasks_text(o),
                 _ => String::from("jobs=off\nend\n"),
             },
-            "jobs" => match jobs.as_deref() {
+            DiagCommand::Jobs => match jobs.as_deref() {
                 Some(j) => j.status_text() + "end\n",
                 None => String::from("jobs=off\nend\n"),
             },
-            cmd if cmd.starts_with("job-sha256") => {
-                let n = cmd
-                    .split_ascii_whitespace()
-                    .nth(1)
-                    .and_then(|w| w.parse().ok());
-                let result = match (n, jobs, overlay) {
-                    (Some(n), Some(j), Some(o)) => j.submit_sha256(now_us, o, n),
-                    (Some(_), _, _) => Err(String::from("jobs are off on this node")),
-                    _ => Err(String::from("usage: job-sha256 TASKS")),
-                };
-                match result {
-                    Ok(text) => text,
+            DiagCommand::AuthChallenge => {
+                let mut nonce = [0u8; OPERATOR_KEY_LEN];
+                self.rng.mix(&crate::arch::cpu::rdtsc().to_le_bytes());
+                self.rng.fill(&mut nonce);
+                let s = &mut self.sessions[i];
+                let nonce = s.auth.challenge(nonce);
+                s.challenge_deadline_us = now_us.saturating_add(guard::HELLO_DEADLINE_US);
+                let mut line = String::from("auth-challenge ");
+                for b in nonce {
+                    let _ = write!(line, "{b:02x}");
+                }
+                line.push('\n');
+                line
+            }
+            DiagCommand::Auth { mac } => {
+                let key = self.operator_key;
+                let s = &mut self.sessions[i];
+                s.challenge_deadline_us = 0;
+                match s.auth.answer(key.as_ref(), &mac) {
+                    Ok(()) => {
+                        self.counters.auth_ok += 1;
+                        String::from("auth ok\n")
+                    }
                     Err(e) => {
-                        self.counters.bad_requests += 1;
+                        self.counters.auth_failed += 1;
+                        log::warn!("diag: operator authentication refused: {e}");
+                        if s.auth.failures() >= AUTH_FAILURES_MAX {
+                            let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+                            let _ = socket.send_slice(b"error: authentication failed\n");
+                            socket.close();
+                            return false;
+                        }
                         alloc::format!("error: {e}\n")
                     }
                 }
             }
-            cmd if cmd.starts_with("job-primes") => {
-                let nums: Vec<Option<u64>> = cmd
-                    .split_ascii_whitespace()
-                    .skip(1)
-                    .map(|w| w.parse().ok())
-                    .collect();
-                let result = match (nums.as_slice(), jobs, overlay) {
-                    ([Some(a), Some(b), Some(n)], Some(j), Some(o)) => {
-                        j.submit_primes(now_us, o, *a, *b, *n)
-                    }
-                    ([Some(_), Some(_), Some(_)], _, _) => {
-                        Err(String::from("jobs are off on this node"))
-                    }
-                    _ => Err(String::from("usage: job-primes START END TASKS")),
+            #[cfg(feature = "diag-test")]
+            DiagCommand::JobSha256 { tasks } => {
+                let result = match (jobs, overlay) {
+                    (Some(j), Some(o)) => j.submit_sha256(now_us, o, u64::from(tasks)),
+                    _ => Err(String::from("jobs are off on this node")),
                 };
-                match result {
-                    Ok(text) => text,
-                    Err(e) => {
-                        self.counters.bad_requests += 1;
-                        alloc::format!("error: {e}\n")
-                    }
-                }
+                self.job_answer(result)
             }
-            cmd if cmd.starts_with("bench-seal") => {
-                match cmd.split_ascii_whitespace().nth(1).map(str::parse::<u32>) {
-                    Some(Ok(n)) if (1..=BENCH_SEAL_MAX).contains(&n) => bench_seal(n),
-                    _ => {
-                        self.counters.bad_requests += 1;
-                        alloc::format!("error: usage: bench-seal N (1..={BENCH_SEAL_MAX})\n")
-                    }
-                }
+            #[cfg(feature = "diag-test")]
+            DiagCommand::JobPrimes { start, end, tasks } => {
+                let result = match (jobs, overlay) {
+                    (Some(j), Some(o)) => j.submit_primes(now_us, o, start, end, u64::from(tasks)),
+                    _ => Err(String::from("jobs are off on this node")),
+                };
+                self.job_answer(result)
             }
-            "ping" => String::from("pong\n"),
-            "help" => String::from(
-                "commands: stats, ping, probe <ipv4> [count], bench-seal N, overlay, leafset, lookup, get, put, jobs, jobs tasks, job-primes START END TASKS, job-sha256 TASKS, quit, shutdown, help\n",
-            ),
-            cmd if ["overlay", "leafset", "lookup", "get", "put", "revoke"]
-                .contains(&cmd.split_ascii_whitespace().next().unwrap_or("")) =>
-            {
-                let words: alloc::vec::Vec<&str> = cmd.split_ascii_whitespace().collect();
+            #[cfg(feature = "diag-test")]
+            DiagCommand::BenchSeal { n } => bench_seal(n),
+            #[cfg(not(feature = "diag-test"))]
+            DiagCommand::JobSha256 { .. }
+            | DiagCommand::JobPrimes { .. }
+            | DiagCommand::BenchSeal { .. } => {
+                return self.reply(stack, handle, "error: a test helper\n");
+            }
+            DiagCommand::Ping => String::from("pong\n"),
+            DiagCommand::Help => diag_command::help_text(cfg!(feature = "diag-test")),
+            DiagCommand::Overlay { words } => {
                 let Some(overlay) = overlay else {
                     self.counters.bad_requests += 1;
                     return self.reply(stack, handle, "error: the overlay is off on this node\n");
@@ -419,20 +556,20 @@ impl Diag {
                     }
                 }
             }
-            cmd if cmd.starts_with("probe") => match self.start_probe(cmd, handle) {
+            DiagCommand::Probe { target, count } => match self.start_probe(target, count, handle) {
                 Ok(()) => return true,
                 Err(e) => {
                     self.counters.bad_requests += 1;
                     alloc::format!("probe error={e}\n")
                 }
             },
-            "quit" => {
+            DiagCommand::Quit => {
                 let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
                 let _ = socket.send_slice(b"bye\n");
                 socket.close();
                 return false;
             }
-            "shutdown" => {
+            DiagCommand::Shutdown => {
                 log::info!("diag: shutdown requested over TCP");
                 self.shutdown_requested = true;
                 let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
@@ -440,16 +577,24 @@ impl Diag {
                 socket.close();
                 return false;
             }
-            _ => {
-                self.counters.bad_requests += 1;
-                String::from("error: unknown command (try help)\n")
-            }
         };
         let _ = stack
             .sockets
             .get_mut::<tcp::Socket>(handle)
             .send_slice(reply.as_bytes());
         true
+    }
+
+    /// The reply line to a diagnostic job submission.
+    #[cfg(feature = "diag-test")]
+    fn job_answer(&mut self, result: Result<String, String>) -> String {
+        match result {
+            Ok(text) => text,
+            Err(e) => {
+                self.counters.bad_requests += 1;
+                alloc::format!("error: {e}\n")
+            }
+        }
     }
 
     /// Sends one reply line; the session goes on.
@@ -470,26 +615,26 @@ impl Diag {
                 s.greeted
                     && stack.sockets.get::<tcp::Socket>(s.handle).state() != tcp::State::Closed
             })
-            .map(|s| s.last_activity_us + self.idle_us + 1)
+            .map(|s| {
+                let idle = s.last_activity_us + session_idle_us(s, self.idle_us) + 1;
+                if s.challenge_deadline_us != 0 {
+                    idle.min(s.challenge_deadline_us + 1)
+                } else {
+                    idle
+                }
+            })
             .chain(probe)
             .min()
     }
 
-    fn start_probe(&mut self, cmd: &str, session: SocketHandle) -> Result<(), &'static str> {
+    fn start_probe(
+        &mut self,
+        target: [u8; 4],
+        count: u32,
+        session: SocketHandle,
+    ) -> Result<(), &'static str> {
         if self.probe.is_some() {
             return Err("busy");
-        }
-        let mut words = cmd.split_ascii_whitespace().skip(1);
-        let target = words
-            .next()
-            .and_then(parse_ipv4)
-            .ok_or("usage: probe <ipv4> [count]")?;
-        let count = match words.next() {
-            Some(c) => c.parse::<u32>().map_err(|_| "count must be a number")?,
-            None => 10,
-        };
-        if count == 0 || count > PROBE_COUNT_MAX || words.next().is_some() {
-            return Err("count must be 1..=1000");
         }
         self.probe = Some(ProbeJob {
             session,
@@ -602,7 +747,10 @@ impl Diag {
         // Send the next request.
         if job.sent_at_us == 0 && socket.can_send() {
             let sent = if job.step == 0 {
-                socket.send_slice(b"stats\n", diag_ep)
+                // Padded: a node answers no more bytes than it was sent.
+                let mut request = [b' '; UDP_PAYLOAD_MAX];
+                request[..6].copy_from_slice(b"stats\n");
+                socket.send_slice(&request, diag_ep)
             } else {
                 let mut payload = [0u8; 64];
                 payload[..4].copy_from_slice(&job.step.to_le_bytes());
@@ -652,6 +800,9 @@ impl Diag {
              irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\nbusy_polls={}\nbusy_naps={}\n\
              sleeps_until_stack={}\nsleeps_until_diag={}\nsleeps_until_overlay={}\nsleeps_until_jobs={}\n\
              udp_requests={}\necho_packets={}\ntcp_sessions={}\ntcp_idle_closed={}\nbad_requests={}\n\
+             diag_auth_ok={}\ndiag_auth_failed={}\ndiag_auth_timeouts={}\ndiag_unauthorized={}\n\
+             diag_source_capped={}\nudp_from_service_port={}\nudp_rate_limited={}\nudp_too_small={}\n\
+             arp_refused={}\nentropy={}\n\
              boot_phases_us={}\n{}{}\
              end\n",
             config.node_name,
@@ -698,6 +849,16 @@ impl Diag {
             c.tcp_sessions,
             c.tcp_idle_closed,
             c.bad_requests,
+            c.auth_ok,
+            c.auth_failed,
+            c.auth_timeouts,
+            c.unauthorized,
+            c.source_capped,
+            c.udp_from_service_port,
+            c.udp_rate_limited,
+            c.udp_too_small,
+            arp.refused,
+            EntropySources(config),
             PhaseList(facts),
             overlay.map_or_else(
                 || String::from("overlay=off\n"),
@@ -706,6 +867,24 @@ impl Diag {
             jobs.map_or_else(|| String::from("jobs=off\n"), JobHost::status_text),
         );
         out
+    }
+}
+
+/// Where the node's randomness came from: `os-seed` (the host's OS random source) or
+/// `host-seed` (unmarked), plus `rdseed`/`rdrand` when the CPU has them (mixed into every seed).
+struct EntropySources<'a>(&'a LaunchConfig);
+
+impl core::fmt::Display for EntropySources<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(if self.0.seed_from_os() {
+            "os-seed"
+        } else {
+            "host-seed"
+        })?;
+        match crate::arch::cpu::entropy_instruction() {
+            Some(i) => write!(f, "+{i}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -760,6 +939,7 @@ const COMPACT_KEYS: &[&str] = &[
     "records",
     "overlay_undecodable",
     "trust",
+    "entropy",
     "trust_sessions",
     "trust_established",
     "trust_delivered",
@@ -771,32 +951,49 @@ const COMPACT_KEYS: &[&str] = &[
     "jobs_works_run",
 ];
 
-/// The report as one datagram: whole if it fits, else the `COMPACT_KEYS` lines (the TCP port
-/// always serves it whole).
-fn fit_datagram(report: &str) -> alloc::borrow::Cow<'_, str> {
-    if report.len() <= UDP_PAYLOAD_MAX {
-        return alloc::borrow::Cow::Borrowed(report);
+/// The report as one datagram of at most `max` bytes: whole if it fits, else the
+/// `COMPACT_KEYS` lines that fit (the TCP port always serves it whole); `None` when not even the
+/// header and the end fit.
+fn fit_datagram(report: &str, max: usize) -> Option<alloc::borrow::Cow<'_, str>> {
+    const TAIL: &str = "compact=1\nend\n";
+    if report.len() <= max {
+        return Some(alloc::borrow::Cow::Borrowed(report));
     }
-    let mut out = String::with_capacity(UDP_PAYLOAD_MAX);
+    let mut out = String::with_capacity(max);
     for line in report.lines() {
         let key = line.split('=').next().unwrap_or("");
-        let keep = !line.contains('=') && line != "end" || COMPACT_KEYS.contains(&key);
-        if keep && out.len() + line.len() + 20 < UDP_PAYLOAD_MAX {
+        let header = !line.contains('=') && line != "end";
+        let keep = header || COMPACT_KEYS.contains(&key);
+        if keep && out.len() + line.len() + 1 + TAIL.len() <= max {
             out.push_str(line);
             out.push('\n');
+        } else if header {
+            return None;
         }
     }
-    out.push_str("compact=1\nend\n");
-    alloc::borrow::Cow::Owned(out)
+    out.push_str(TAIL);
+    (out.len() <= max).then_some(alloc::borrow::Cow::Owned(out))
 }
 
-/// Most datagrams per size `bench-seal` runs (it holds the event loop while it runs).
-const BENCH_SEAL_MAX: u32 = 20_000;
+/// Failed answers after which a session is closed.
+const AUTH_FAILURES_MAX: u32 = 3;
+
+/// How long a session may stay silent: an unauthenticated one from a source other than the
+/// host only for the hello deadline.
+fn session_idle_us(s: &Session, idle_us: u64) -> u64 {
+    if s.from_host || s.auth.authenticated() {
+        idle_us
+    } else {
+        idle_us.min(guard::HELLO_DEADLINE_US)
+    }
+}
 
 /// `bench-seal N`: seals and opens `n` datagrams of 64 and of 1,200 bytes over a throwaway
 /// in-memory session pair (`unipeer_node::auth::bench::SealPair`: the overlay's own sealing
 /// path, ChaCha20-Poly1305), timed with the TSC. One line: µs per seal+open for each size,
 /// the bytes a seal adds, and the throwaway handshake's time. Runs inside the event loop.
+/// Test images only (`diag-test`).
+#[cfg(feature = "diag-test")]
 fn bench_seal(n: u32) -> String {
     use unipeer_node::auth::SEAL_OVERHEAD;
     use unipeer_node::auth::bench::SealPair;

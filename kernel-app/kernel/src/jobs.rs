@@ -34,18 +34,20 @@ use sha2::{Digest, Sha256};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
+use unipeer_node::NodeId;
 use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
 use unipeer_node::auth::{Csprng, SessionLayer};
 use unipeer_node::jobs::JobAgent;
 use unipeer_node::jobs::app::{App, AppSet, Slice, SliceState};
-use unipeer_node::jobs::delegation::{NodeKeyAuthority, SharedKeyAuthority, TokenAuthority};
+use unipeer_node::jobs::delegation::{NodeKeyAuthority, TokenAuthority};
 use unipeer_node::jobs::wire::{JOB_PORT_OFFSET, MAX_JOB_MESSAGE};
-use unipeer_node::jobs::{JobConfig, JobEvent, Submission, Work};
+use unipeer_node::jobs::{JobConfig, JobEvent, Work};
 use unipeer_node::launch::{LaunchConfig, PeerAddr};
 use unipeer_node::{Event, Instant};
 
 use crate::client::ClientPort;
 use crate::net::Stack;
+use crate::net::guard::{self, SourcePolicy};
 use crate::overlay::{Overlay, OverlayNode};
 
 /// Outgoing job connections at once (one per destination).
@@ -164,6 +166,10 @@ pub struct ChannelCounters {
     /// Incoming connections refused at the hello (bad hello, no session, IP mismatch).
     pub refused: u64,
     pub idle_closed: u64,
+    /// Connections closed for a hello not complete within the deadline.
+    pub hello_timeouts: u64,
+    /// Connections refused because their source held its share of the slots.
+    pub source_capped: u64,
     /// Messages to this node's own address, handed over without TCP.
     pub loopback: u64,
 }
@@ -205,6 +211,8 @@ struct Incoming {
     candidates: Vec<[u8; 32]>,
     active: bool,
     last_activity_us: u64,
+    /// When the connection was accepted (the hello is due within `guard::HELLO_DEADLINE_US`).
+    since_us: u64,
 }
 
 /// The TCP side of job messages.
@@ -220,10 +228,11 @@ pub struct JobChannel {
     /// Input is waiting that the last pass left for the next (bounded work per pass).
     wake_now: bool,
     pub counters: ChannelCounters,
+    policy: SourcePolicy,
 }
 
 impl JobChannel {
-    fn new(stack: &mut Stack, me: PeerAddr, heap_bytes: u64) -> Self {
+    fn new(stack: &mut Stack, me: PeerAddr, heap_bytes: u64, policy: SourcePolicy) -> Self {
         let port = me.port.wrapping_add(JOB_PORT_OFFSET);
         let incoming = (0..IN_SOCKETS)
             .map(|_| Incoming {
@@ -234,6 +243,7 @@ impl JobChannel {
                 candidates: Vec::new(),
                 active: false,
                 last_activity_us: 0,
+                since_us: 0,
             })
             .collect();
         let mut ch = JobChannel {
@@ -247,6 +257,7 @@ impl JobChannel {
             loopback: VecDeque::new(),
             wake_now: false,
             counters: ChannelCounters::default(),
+            policy,
         };
         ch.relisten(stack);
         ch
@@ -535,6 +546,19 @@ impl JobChannel {
         while let Some(m) = self.loopback.pop_front() {
             deliver(&m);
         }
+        // Sources of the connections already accepted, for the per-source cap.
+        let mut held: Vec<IpAddress> = self
+            .incoming
+            .iter()
+            .filter(|c| c.active)
+            .filter_map(|c| {
+                stack
+                    .sockets
+                    .get::<tcp::Socket>(c.handle)
+                    .remote_endpoint()
+                    .map(|e| e.addr)
+            })
+            .collect();
         for c in &mut self.incoming {
             let socket = stack.sockets.get_mut::<tcp::Socket>(c.handle);
             let state = socket.state();
@@ -545,9 +569,29 @@ impl JobChannel {
                 continue;
             }
             if !c.active {
+                if let Some(source) = socket.remote_endpoint().map(|e| e.addr) {
+                    if self.policy.over_cap(
+                        source,
+                        held.iter().copied(),
+                        guard::JOB_SLOTS_PER_SOURCE,
+                    ) {
+                        self.counters.source_capped += 1;
+                        socket.abort();
+                        continue;
+                    }
+                    held.push(source);
+                }
                 c.active = true;
                 c.last_activity_us = now_us;
+                c.since_us = now_us;
                 self.counters.accepted += 1;
+            }
+            if c.state == InState::AwaitHello
+                && now_us.saturating_sub(c.since_us) > guard::HELLO_DEADLINE_US
+            {
+                self.counters.hello_timeouts += 1;
+                socket.abort();
+                continue;
             }
             if let InState::Verifying {
                 peer,
@@ -710,6 +754,8 @@ impl JobChannel {
         for c in &self.incoming {
             if let InState::Verifying { .. } = c.state {
                 take(now_us + 20_000);
+            } else if c.active && c.state == InState::AwaitHello {
+                take(c.since_us + guard::HELLO_DEADLINE_US + 1);
             } else if c.active {
                 take(c.last_activity_us + IN_IDLE_US + 1);
             }
@@ -775,7 +821,10 @@ pub struct JobHost {
     current: Option<(Work, SliceState, u64)>,
     rng: Csprng,
     pub counters: HostCounters,
+    #[cfg_attr(not(feature = "diag-test"), allow(dead_code))]
     diag_nonce: u64,
+    /// Whether this node delegates tasks (only with trust material).
+    delegation: bool,
     chunk_bytes_max: usize,
     /// When the agent's timers last ran.
     last_tick_us: u64,
@@ -814,18 +863,16 @@ impl JobHost {
         let mut rng = Csprng::from_seed(seed);
         // Delegation tokens: signed with the node's identity key and checked against the keys
         // of peers with verified sessions. Without trust material (a development VM in the
-        // clear) a keyed-hash stand-in, keyed from nothing secret.
+        // clear) there is no key to sign with: the node neither delegates nor accepts
+        // delegated tasks (the report says `jobs_delegation=off`).
         let auth: alloc::boxed::Box<dyn TokenAuthority> = match overlay.token_identity.take() {
             Some(identity) => {
                 alloc::boxed::Box::new(NodeKeyAuthority::new(identity, overlay.peer_keys.clone()))
             }
             None => {
-                let mut h = Sha256::new();
-                h.update(b"unipeer delegation stand-in");
-                alloc::boxed::Box::new(SharedKeyAuthority {
-                    secret: h.finalize().into(),
-                    me: overlay.node.id(),
-                })
+                cfg.delegation = false;
+                log::warn!("jobs: no trust material: job delegation is off");
+                alloc::boxed::Box::new(NoDelegation)
             }
         };
         let agent = JobAgent::new(
@@ -840,7 +887,7 @@ impl JobHost {
             ipv4: config.net.ipv4,
             port: config.net.overlay_port,
         };
-        let channel = JobChannel::new(stack, me, heap_bytes);
+        let channel = JobChannel::new(stack, me, heap_bytes, SourcePolicy::new(config));
         let client = ClientPort::new(stack, config, overlay, &mut rng);
         JobHost {
             agent,
@@ -852,6 +899,7 @@ impl JobHost {
             rng,
             counters: HostCounters::default(),
             diag_nonce: 0,
+            delegation: cfg.delegation,
             chunk_bytes_max: cfg.max_chunk_bytes,
             last_tick_us: now_us,
             last_busy_us: None,
@@ -1011,6 +1059,7 @@ impl JobHost {
                 .is_none_or(|t| now_us.saturating_sub(t) > QUIET_AFTER_US)
     }
 
+    #[cfg(feature = "diag-test")]
     /// `job-primes START END TASKS` from the diagnostic port: a primes job submitted from
     /// inside the node (user `diag`).
     pub fn submit_primes(
@@ -1021,20 +1070,22 @@ impl JobHost {
         end: u64,
         tasks: u64,
     ) -> Result<String, String> {
-        if end <= start || tasks == 0 || tasks > 256 {
-            return Err(String::from(
-                "usage: job-primes START END TASKS (START < END, 1..=256 tasks)",
+        use unipeer_apps::primes::{MAX_END, MAX_SPAN};
+        let tasks = u32::try_from(tasks).unwrap_or(u32::MAX);
+        let ranges =
+            unipeer_node::diag_command::split_range(start, end, tasks).ok_or_else(|| {
+                String::from("usage: job-primes START END TASKS (START < END, 1..=256 tasks)")
+            })?;
+        if end > MAX_END || ranges.iter().any(|(a, b)| b - a > MAX_SPAN) {
+            return Err(alloc::format!(
+                "job-primes counts below {MAX_END} with at most {MAX_SPAN} numbers a task"
             ));
         }
-        let span = (end - start).div_ceil(tasks);
-        let mut list = Vec::new();
-        let mut a = start;
-        while a < end {
-            let b = (a + span).min(end);
-            list.push((unipeer_apps::primes::params(a, b), Vec::new()));
-            a = b;
-        }
-        self.diag_nonce += 1;
+        let list: Vec<_> = ranges
+            .into_iter()
+            .map(|(a, b)| (unipeer_apps::primes::params(a, b), Vec::new()))
+            .collect();
+        self.diag_nonce = self.diag_nonce.wrapping_add(1);
         let nonce = now_us ^ (self.diag_nonce << 48);
         let n = list.len();
         let name = alloc::format!("diag-primes-{start}-{end}");
@@ -1043,6 +1094,7 @@ impl JobHost {
         Ok(alloc::format!("job-primes job={job} tasks={n}\n"))
     }
 
+    #[cfg(feature = "diag-test")]
     /// Submits a job made by a diagnostic command as user `diag`.
     fn diag_submit(
         &mut self,
@@ -1053,7 +1105,7 @@ impl JobHost {
         nonce: u64,
         tasks: Vec<(Vec<u8>, Vec<Vec<u8>>)>,
     ) -> Result<unipeer_node::jobs::record::JobId, String> {
-        let s = Submission {
+        let s = unipeer_node::jobs::Submission {
             name,
             user: String::from("diag"),
             app: String::from(app),
@@ -1071,6 +1123,7 @@ impl JobHost {
         Ok(job)
     }
 
+    #[cfg(feature = "diag-test")]
     /// `job-sha256 TASKS` from the diagnostic port: TASKS tasks of the `sha256` app, each over
     /// one full-size (64 KiB) pseudo-random input chunk made here: a smoke test of big frames
     /// on the job channel (chunk uploads to their roots, executors' input fetches).
@@ -1163,9 +1216,12 @@ impl JobHost {
         let mut out = String::with_capacity(1024);
         let _ = write!(
             out,
-            "jobs=on\njobs_apps={}\njobs_slots={}\njobs_running={}\njobs_supervising={}\n\
+            "jobs=on\njobs_delegation={}\njobs_hello_timeouts={}\njobs_source_capped={}\njobs_apps={}\njobs_slots={}\njobs_running={}\njobs_supervising={}\n\
              jobs_adverts_heard={}\njobs_chunks={}\njobs_chunk_bytes={}\njobs_works_started={}\njobs_works_run={}\n\
              jobs_works_failed={}\njobs_work_queued={}\njobs_slices={}\njobs_work_us={}\njobs_work_max_us={}\n",
+            if self.delegation { "on" } else { "off" },
+            c.hello_timeouts,
+            c.source_capped,
             AppsList(&self.apps),
             self.agent.slots(),
             self.agent.running(),
@@ -1247,5 +1303,19 @@ impl core::fmt::Display for AppsList<'_> {
             f.write_str(n)?;
         }
         Ok(())
+    }
+}
+
+/// The token authority of a node without trust material: it signs nothing anyone accepts and
+/// accepts no token, so such a node neither delegates nor runs delegated tasks.
+struct NoDelegation;
+
+impl TokenAuthority for NoDelegation {
+    fn sign(&self, _msg: &[u8]) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn verify(&self, _signer: NodeId, _msg: &[u8], _sig: &[u8]) -> bool {
+        false
     }
 }

@@ -131,6 +131,12 @@ impl Overlay {
             );
             None
         } else {
+            if !config.seed_from_os() {
+                return Err(String::from(
+                    "trust: the launch config's seed is not marked as from the host OS's random \
+                     source (extra seed_source=os): refusing to derive keys from it",
+                ));
+            }
             let tc = TrustConfig::from_launch(config).map_err(|e| alloc::format!("trust: {e}"))?;
             let mut seed_input = Vec::with_capacity(64 + entropy.len());
             seed_input.extend_from_slice(&config.rng_seed);

@@ -35,6 +35,11 @@ pub const BOOTSTRAP_MAX: usize = 32;
 pub const SECRET_MAX_LEN: usize = 8 * 1024;
 /// Most extra key/value entries.
 pub const EXTRA_MAX: usize = 16;
+/// `extra` entry saying where `rng_seed` came from; [`SEED_FROM_OS`] marks the host OS's
+/// random source (nodes with trust material refuse to start without it).
+pub const SEED_SOURCE_EXTRA: &str = "seed_source";
+/// The value of [`SEED_SOURCE_EXTRA`] for a seed read from the host OS's random source.
+pub const SEED_FROM_OS: &[u8] = b"os";
 
 /// Log verbosity handed to the guest (mirrors `log::LevelFilter`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +271,11 @@ impl LaunchConfig {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_slice())
+    }
+
+    /// Whether the host marked `rng_seed` as read from its OS's random source.
+    pub fn seed_from_os(&self) -> bool {
+        self.extra(SEED_SOURCE_EXTRA) == Some(SEED_FROM_OS)
     }
 
     /// Encodes the config as a blob: header, then postcard body.

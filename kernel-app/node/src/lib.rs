@@ -11,6 +11,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod auth;
+pub mod diag_command;
 pub mod id;
 pub mod jobs;
 pub mod launch;

@@ -55,10 +55,12 @@ fn built(
         if std::env::var_os("UNIPEER_TEST_IMAGE_PREBUILT").is_some()
             && let Ok(img) = image::open(name)
             && img.manifest.apps == apps
+            && img.manifest.diag_test
         {
             return Ok(img);
         }
-        image::build_with_apps(name, true, true, apps)
+        // Test images carry the diagnostic port's test helpers (`bench-seal`, `job-*`).
+        image::build_image(name, true, true, apps, true)
             .and_then(|_| image::open(name))
             .map_err(|e| e.to_string())
     });

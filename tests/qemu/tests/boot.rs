@@ -31,8 +31,14 @@ fn udp_report(vm: &ReadyVm) -> Report {
 }
 
 fn shutdown_cleanly(mut vm: ReadyVm) {
-    let reply = diag::tcp_command(vm.ports.diag_tcp_addr(), "shutdown", scaled(PROBE))
-        .unwrap_or_else(|e| panic!("shutdown command failed: {e}{}", context(&vm)));
+    let key = vm.operator_key();
+    let reply = diag::tcp_command(
+        vm.ports.diag_tcp_addr(),
+        key.as_ref(),
+        "shutdown",
+        scaled(PROBE),
+    )
+    .unwrap_or_else(|e| panic!("shutdown command failed: {e}{}", context(&vm)));
     assert!(reply.contains("shutting down"), "reply {reply:?}");
     let status = vm
         .vm

@@ -1,8 +1,14 @@
 //! Ethernet framing and ARP for the node (RFC 826), below smoltcp, which runs as an IP-medium
 //! interface. smoltcp's own neighbour cache is a small fixed table that, after an unanswered
 //! request, stays silent towards that neighbour for a second; an overlay under loss would
-//! stall on it. Here the table is large, learns from every ARP packet and from IPv4 traffic on
-//! the segment, queues a few packets per unresolved neighbour and retries every 100 ms.
+//! stall on it. Here the table is large, queues a few packets per unresolved neighbour and
+//! retries every 100 ms.
+//!
+//! What it learns from (so a forged frame cannot redirect traffic): a reply to a request this
+//! node sent (a neighbour it is resolving); a request addressed to this node only when the
+//! sender is not yet known (an established mapping is never overwritten by a request); an IPv4
+//! frame only refreshes an entry whose MAC it matches, it never adds or changes one. Other ARP
+//! packets and IPv4 frames from unknown or mismatching senders are counted (`refused`).
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
@@ -39,6 +45,8 @@ pub struct ArpStats {
     pub queued: u64,
     pub dropped_unresolved: u64,
     pub dropped_malformed: u64,
+    /// Unsolicited replies, requests claiming a known neighbour's address with another MAC.
+    pub refused: u64,
 }
 
 struct Pending {
@@ -189,12 +197,14 @@ impl Neighbours {
         }
     }
 
-    /// Learns the sender of an IPv4 packet seen on the segment.
+    /// Refreshes the entry of an IPv4 packet's sender when the frame agrees with it (the
+    /// traffic of an established neighbour); never adds or changes an entry.
     pub fn learn_ipv4(&mut self, now_us: u64, src_mac: [u8; 6], packet: &[u8], out: &mut Outgoing) {
         if packet.len() >= 20 && packet[0] >> 4 == 4 {
             let src = [packet[12], packet[13], packet[14], packet[15]];
-            // A spoofed source costs one table slot at most; the table is bounded.
-            self.learn(now_us, src, src_mac, out);
+            if self.table.get(&src).is_some_and(|&(mac, _)| mac == src_mac) {
+                self.learn(now_us, src, src_mac, out);
+            }
         }
     }
 
@@ -215,7 +225,22 @@ impl Neighbours {
         sender_mac.copy_from_slice(&arp[8..14]);
         let sender_ip = [arp[14], arp[15], arp[16], arp[17]];
         let target_ip = [arp[24], arp[25], arp[26], arp[27]];
-        self.learn(now_us, sender_ip, sender_mac, out);
+        let known = self.table.get(&sender_ip).map(|&(mac, _)| mac);
+        let asked = self.pending.contains_key(&sender_ip);
+        let for_us = target_ip == self.ip;
+        let agrees = known == Some(sender_mac);
+        // A reply we asked for (or one agreeing with what we know); a request to us from a
+        // sender we do not know yet (RFC 826's merge, without overwriting a known mapping).
+        let learn = match op {
+            2 => for_us && (asked || agrees),
+            1 => for_us && (known.is_none() || agrees),
+            _ => false,
+        };
+        if learn {
+            self.learn(now_us, sender_ip, sender_mac, out);
+        } else if (op == 1 || op == 2) && (for_us || known.is_some_and(|m| m != sender_mac)) {
+            self.stats.refused += 1;
+        }
         if op == 1 && target_ip == self.ip && sender_mac[0] & 1 == 0 {
             self.stats.replies_sent += 1;
             out.push((

@@ -3,6 +3,7 @@
 //! and the sockets.
 
 pub mod arp;
+pub mod guard;
 pub mod virtio;
 
 use alloc::boxed::Box;
@@ -221,7 +222,14 @@ impl Stack {
             now_us,
         };
         let mut iface_config = Config::new(HardwareAddress::Ip);
-        let seed = u64::from_le_bytes(config.rng_seed[..8].try_into().expect("8 bytes"));
+        // TCP initial sequence numbers and ephemeral ports: the launch seed with the CPU's
+        // entropy (RDSEED/RDRAND where offered) mixed in.
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        sha2::Digest::update(&mut h, config.rng_seed);
+        sha2::Digest::update(&mut h, b"unipeer smoltcp seed");
+        sha2::Digest::update(&mut h, crate::arch::cpu::hardware_entropy());
+        let digest = sha2::Digest::finalize(h);
+        let seed = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
         iface_config.random_seed = seed;
         let mut iface = Interface::new(iface_config, &mut phy, instant(now_us));
         let ip = Ipv4Address::from(net.ipv4);

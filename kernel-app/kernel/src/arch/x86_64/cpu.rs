@@ -68,6 +68,19 @@ pub fn enable_simd() -> &'static str {
     if has_avx { "sse+avx" } else { "sse+xsave" }
 }
 
+/// The instruction `hardware_entropy` draws from on this CPU, if any.
+pub fn entropy_instruction() -> Option<&'static str> {
+    let has_rdrand = cpuid(1).2 & (1 << 30) != 0;
+    let has_rdseed = cpuid(0).0 >= 7 && __cpuid_count_ebx7() & (1 << 18) != 0;
+    if has_rdseed {
+        Some("rdseed")
+    } else if has_rdrand {
+        Some("rdrand")
+    } else {
+        None
+    }
+}
+
 /// Up to 32 bytes from RDSEED or RDRAND, when the CPU has them (empty otherwise); mixed into
 /// the per-launch seed, never used alone.
 pub fn hardware_entropy() -> heapless::Vec<u8, 32> {

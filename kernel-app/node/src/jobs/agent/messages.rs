@@ -479,7 +479,7 @@ impl JobAgent {
             return;
         }
         if !self.apps.has(&record.spec.app) {
-            let target = if may_delegate {
+            let target = if may_delegate && self.cfg.delegation {
                 self.capable(now, &record.spec.app)
             } else {
                 None

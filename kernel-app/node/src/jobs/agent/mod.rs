@@ -84,6 +84,9 @@ pub struct JobConfig {
     pub max_attempts: u8,
     /// A delegation token lives this long.
     pub delegation_ttl_ms: u64,
+    /// Whether this node delegates tasks for applications it lacks (off without trust
+    /// material: the stand-in token authority would accept anyone's tokens).
+    pub delegation: bool,
     /// An executor that has reported and hears nothing from any supervisor this long gives the
     /// slot back.
     pub abandon_ms: u64,
@@ -104,6 +107,7 @@ impl Default for JobConfig {
             repair_ms: 3_000,
             max_attempts: 8,
             delegation_ttl_ms: 10_000,
+            delegation: true,
             abandon_ms: 60_000,
             max_chunks: 4096,
             max_chunk_bytes: 64 << 20,
