@@ -269,6 +269,7 @@ fn boots_with(
     let answered = diag::query_udp(live.ports.diag_udp_addr(), Duration::from_secs(5)).is_ok();
     let _ = diag::tcp_command(
         live.ports.diag_tcp_addr(),
+        live.operator_key().as_ref(),
         "shutdown",
         Duration::from_secs(5),
     );
