@@ -6,6 +6,12 @@
 //! again, `ping` answers `pong`, `quit` closes, `shutdown` stops the VM with the success exit
 //! code, `help` lists the commands. Unknown or overlong input is answered with an error line
 //! and counted; a client silent for `TCP_IDLE_US` is disconnected.
+//!
+//! A [`Service`]: the report's sections come from the other services (`Service::report`);
+//! commands it does not know itself go on the bus as [`ServiceEvent::Command`] for the service
+//! that answers them (the overlay's, the job host's), whose `CommandReply` it writes to the
+//! session. A session's next line waits for the next pass after such a command, so answers
+//! keep the order of the commands.
 
 use alloc::string::String;
 use alloc::vec;
@@ -20,9 +26,8 @@ use unipeer_node::launch::LaunchConfig;
 
 use crate::BootFacts;
 use crate::arch::idt::IRQS;
-use crate::jobs::JobHost;
 use crate::net::Stack;
-use crate::overlay::Overlay;
+use crate::service::{Context, Service, ServiceEvent};
 use crate::{clock, heap};
 
 /// TCP connections served at once.
@@ -50,13 +55,6 @@ pub struct DiagCounters {
     pub tcp_sessions: u64,
     pub tcp_idle_closed: u64,
     pub bad_requests: u64,
-    pub wakeups: u64,
-    /// Loop passes that found work waiting or a deadline already due, and so did not sleep.
-    pub busy_polls: u64,
-    /// Busy streaks cut short by a nap (should stay near 0).
-    pub busy_naps: u64,
-    /// Sleeps with a deadline, by the service that set it: stack, diag, overlay, jobs.
-    pub sleeps_until: [u64; 4],
 }
 
 /// A running `probe`: first the peer's name from its diagnostic port, then `count` echo round
@@ -92,13 +90,11 @@ struct Session {
     line: Vec<u8>,
     /// Discarding the rest of an overlong line.
     skipping: bool,
-}
-
-/// What the report needs about the node that never changes after boot.
-#[derive(Clone, Copy)]
-pub struct NodeInfo<'a> {
-    pub facts: &'a BootFacts,
-    pub config: &'a LaunchConfig,
+    /// Input read but left for the next pass (after a command another service answers).
+    backlog: Vec<u8>,
+    /// A command went to another service this pass: look again next pass (its answer comes
+    /// back first, so the session is not closed before it).
+    resume: bool,
 }
 
 pub struct Diag {
@@ -113,8 +109,8 @@ pub struct Diag {
     tcp_port: u16,
     idle_us: u64,
     pub counters: DiagCounters,
-    /// Set by the `shutdown` command; the event loop exits once replies are flushed.
-    pub shutdown_requested: bool,
+    /// The command just run went to another service (see `Diag::command`).
+    routed: bool,
 }
 
 fn udp_socket(stack: &mut Stack, port: u16) -> SocketHandle {
@@ -151,6 +147,8 @@ impl Diag {
                 last_activity_us: 0,
                 line: Vec::new(),
                 skipping: false,
+                backlog: Vec::new(),
+                resume: false,
             })
             .collect();
         let mut diag = Diag {
@@ -169,7 +167,7 @@ impl Diag {
                 .filter(|&us| us > 0)
                 .unwrap_or(TCP_IDLE_US),
             counters: DiagCounters::default(),
-            shutdown_requested: false,
+            routed: false,
         };
         diag.relisten(stack);
         diag
@@ -183,23 +181,19 @@ impl Diag {
                 s.greeted = false;
                 s.line.clear();
                 s.skipping = false;
+                s.backlog.clear();
+                s.resume = false;
                 let _ = socket.listen(self.tcp_port);
             }
         }
     }
 
     /// Serves whatever arrived. Bounded: at most a socket buffer's worth per socket per call.
-    pub fn service(
-        &mut self,
-        now_us: u64,
-        stack: &mut Stack,
-        mut overlay: Option<&mut Overlay>,
-        mut jobs: Option<&mut JobHost>,
-        info: NodeInfo<'_>,
-    ) {
+    fn service(&mut self, cx: &mut Context<'_>) {
+        let now_us = cx.now_us;
         // Echo: bounce every datagram back to its sender.
         {
-            let socket = stack.sockets.get_mut::<udp::Socket>(self.echo);
+            let socket = cx.stack.sockets.get_mut::<udp::Socket>(self.echo);
             let mut budget = 32;
             while budget > 0 && socket.can_recv() && socket.can_send() {
                 budget -= 1;
@@ -213,7 +207,7 @@ impl Diag {
         // Report over UDP.
         let mut pending = heapless::Vec::<smoltcp::wire::IpEndpoint, 16>::new();
         {
-            let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
+            let socket = cx.stack.sockets.get_mut::<udp::Socket>(self.udp);
             while let Ok((_, meta)) = socket.recv() {
                 self.counters.udp_requests += 1;
                 if pending.push(meta.endpoint).is_err() {
@@ -222,8 +216,8 @@ impl Diag {
             }
         }
         if !pending.is_empty() {
-            let report = self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info);
-            let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
+            let report = self.report(cx);
+            let socket = cx.stack.sockets.get_mut::<udp::Socket>(self.udp);
             let datagram = fit_datagram(&report);
             for ep in pending {
                 let _ = socket.send_slice(datagram.as_bytes(), ep);
@@ -231,47 +225,39 @@ impl Diag {
         }
         // TCP sessions.
         for i in 0..self.sessions.len() {
-            self.service_session(
-                i,
-                now_us,
-                stack,
-                overlay.as_deref_mut(),
-                jobs.as_deref_mut(),
-                info,
-            );
+            self.service_session(i, cx);
         }
-        self.service_probe(now_us, stack);
-        self.relisten(stack);
+        self.service_probe(now_us, cx.stack);
+        self.relisten(cx.stack);
     }
 
-    fn service_session(
-        &mut self,
-        i: usize,
-        now_us: u64,
-        stack: &mut Stack,
-        mut overlay: Option<&mut Overlay>,
-        mut jobs: Option<&mut JobHost>,
-        info: NodeInfo<'_>,
-    ) {
+    fn service_session(&mut self, i: usize, cx: &mut Context<'_>) {
+        let now_us = cx.now_us;
         let handle = self.sessions[i].handle;
-        let state = stack.sockets.get::<tcp::Socket>(handle).state();
+        let state = cx.stack.sockets.get::<tcp::Socket>(handle).state();
         if state == tcp::State::Listen || state == tcp::State::SynReceived {
             return;
         }
-        if !self.sessions[i].greeted && stack.sockets.get::<tcp::Socket>(handle).may_send() {
+        if !self.sessions[i].greeted && cx.stack.sockets.get::<tcp::Socket>(handle).may_send() {
             self.sessions[i].greeted = true;
             self.sessions[i].last_activity_us = now_us;
             self.counters.tcp_sessions += 1;
-            let report = self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info);
-            let _ = stack
+            let report = self.report(cx);
+            let _ = cx
+                .stack
                 .sockets
                 .get_mut::<tcp::Socket>(handle)
                 .send_slice(report.as_bytes());
         }
-        // Read what arrived, line by line.
+        // Read what arrived (first what an earlier pass left), line by line.
         let mut input = [0u8; 512];
-        let n = {
-            let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+        self.sessions[i].resume = false;
+        let backlog = core::mem::take(&mut self.sessions[i].backlog);
+        let n = if !backlog.is_empty() {
+            input[..backlog.len()].copy_from_slice(&backlog);
+            backlog.len()
+        } else {
+            let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
             if socket.can_recv() {
                 socket.recv_slice(&mut input).unwrap_or(0)
             } else {
@@ -281,7 +267,7 @@ impl Diag {
         if n > 0 {
             self.sessions[i].last_activity_us = now_us;
         }
-        for &b in &input[..n] {
+        for (k, &b) in input[..n].iter().enumerate() {
             let s = &mut self.sessions[i];
             if b == b'\n' {
                 if s.skipping {
@@ -289,15 +275,13 @@ impl Diag {
                     continue;
                 }
                 let line = core::mem::take(&mut s.line);
-                if !self.command(
-                    &line,
-                    handle,
-                    now_us,
-                    stack,
-                    overlay.as_deref_mut(),
-                    jobs.as_deref_mut(),
-                    info,
-                ) {
+                if !self.command(&line, handle, cx) {
+                    break;
+                }
+                if core::mem::take(&mut self.routed) {
+                    // The answer comes back in this pass; the next line waits for the next.
+                    self.sessions[i].backlog = input[k + 1..n].to_vec();
+                    self.sessions[i].resume = true;
                     break;
                 }
             } else if s.line.len() >= LINE_MAX {
@@ -305,7 +289,8 @@ impl Diag {
                     s.skipping = true;
                     s.line.clear();
                     self.counters.bad_requests += 1;
-                    let _ = stack
+                    let _ = cx
+                        .stack
                         .sockets
                         .get_mut::<tcp::Socket>(handle)
                         .send_slice(b"error: line too long\n");
@@ -315,8 +300,10 @@ impl Diag {
             }
         }
         let s = &self.sessions[i];
-        let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
-        if s.greeted && now_us.saturating_sub(s.last_activity_us) > self.idle_us {
+        let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
+        if s.resume {
+            // Closing waits until the routed command's answer is in the socket.
+        } else if s.greeted && now_us.saturating_sub(s.last_activity_us) > self.idle_us {
             self.counters.tcp_idle_closed += 1;
             socket.abort();
         } else if !socket.may_recv() && socket.state() == tcp::State::CloseWait {
@@ -325,69 +312,21 @@ impl Diag {
         }
     }
 
-    /// Runs one command line; returns false when the session ends.
-    #[allow(clippy::too_many_arguments)]
-    fn command(
-        &mut self,
-        line: &[u8],
-        handle: SocketHandle,
-        now_us: u64,
-        stack: &mut Stack,
-        overlay: Option<&mut Overlay>,
-        jobs: Option<&mut JobHost>,
-        info: NodeInfo<'_>,
-    ) -> bool {
+    /// Runs one command line; returns false when the session ends. A command it does not
+    /// know goes to the other services (`routed` is set; the answer comes back on the bus).
+    fn command(&mut self, line: &[u8], handle: SocketHandle, cx: &mut Context<'_>) -> bool {
         let text = core::str::from_utf8(line).unwrap_or("\u{fffd}");
         let reply: String = match text.trim() {
-            "" | "stats" => self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info),
-            "jobs tasks" => match (jobs.as_deref(), overlay.as_deref()) {
-                (Some(j), Some(o)) => j.tasks_text(o),
-                _ => String::from("jobs=off\nend\n"),
-            },
-            "jobs" => match jobs.as_deref() {
-                Some(j) => j.status_text() + "end\n",
-                None => String::from("jobs=off\nend\n"),
-            },
-            cmd if cmd.starts_with("job-sha256") => {
-                let n = cmd
-                    .split_ascii_whitespace()
-                    .nth(1)
-                    .and_then(|w| w.parse().ok());
-                let result = match (n, jobs, overlay) {
-                    (Some(n), Some(j), Some(o)) => j.submit_sha256(now_us, o, n),
-                    (Some(_), _, _) => Err(String::from("jobs are off on this node")),
-                    _ => Err(String::from("usage: job-sha256 TASKS")),
-                };
-                match result {
-                    Ok(text) => text,
-                    Err(e) => {
-                        self.counters.bad_requests += 1;
-                        alloc::format!("error: {e}\n")
-                    }
+            "" | "stats" => self.report(cx),
+            // The job host's lines and the client port's, as before they were two services.
+            "jobs" => {
+                let mut out = String::with_capacity(2048);
+                if cx.peers.report_of("jobs", &mut out) {
+                    cx.peers.report_of("client", &mut out);
+                } else {
+                    out.push_str("jobs=off\n");
                 }
-            }
-            cmd if cmd.starts_with("job-primes") => {
-                let nums: Vec<Option<u64>> = cmd
-                    .split_ascii_whitespace()
-                    .skip(1)
-                    .map(|w| w.parse().ok())
-                    .collect();
-                let result = match (nums.as_slice(), jobs, overlay) {
-                    ([Some(a), Some(b), Some(n)], Some(j), Some(o)) => {
-                        j.submit_primes(now_us, o, *a, *b, *n)
-                    }
-                    ([Some(_), Some(_), Some(_)], _, _) => {
-                        Err(String::from("jobs are off on this node"))
-                    }
-                    _ => Err(String::from("usage: job-primes START END TASKS")),
-                };
-                match result {
-                    Ok(text) => text,
-                    Err(e) => {
-                        self.counters.bad_requests += 1;
-                        alloc::format!("error: {e}\n")
-                    }
-                }
+                out + "end\n"
             }
             cmd if cmd.starts_with("bench-seal") => {
                 match cmd.split_ascii_whitespace().nth(1).map(str::parse::<u32>) {
@@ -402,23 +341,6 @@ impl Diag {
             "help" => String::from(
                 "commands: stats, ping, probe <ipv4> [count], bench-seal N, overlay, leafset, lookup, get, put, jobs, jobs tasks, job-primes START END TASKS, job-sha256 TASKS, quit, shutdown, help\n",
             ),
-            cmd if ["overlay", "leafset", "lookup", "get", "put", "revoke"]
-                .contains(&cmd.split_ascii_whitespace().next().unwrap_or("")) =>
-            {
-                let words: alloc::vec::Vec<&str> = cmd.split_ascii_whitespace().collect();
-                let Some(overlay) = overlay else {
-                    self.counters.bad_requests += 1;
-                    return self.reply(stack, handle, "error: the overlay is off on this node\n");
-                };
-                match overlay.command(now_us, &words, handle) {
-                    Ok(Some(text)) => text,
-                    Ok(None) => return true,
-                    Err(e) => {
-                        self.counters.bad_requests += 1;
-                        alloc::format!("error: {e}\n")
-                    }
-                }
-            }
             cmd if cmd.starts_with("probe") => match self.start_probe(cmd, handle) {
                 Ok(()) => return true,
                 Err(e) => {
@@ -427,43 +349,71 @@ impl Diag {
                 }
             },
             "quit" => {
-                let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+                let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
                 let _ = socket.send_slice(b"bye\n");
                 socket.close();
                 return false;
             }
             "shutdown" => {
                 log::info!("diag: shutdown requested over TCP");
-                self.shutdown_requested = true;
-                let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+                cx.request_shutdown();
+                let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
                 let _ = socket.send_slice(b"shutting down\n");
                 socket.close();
                 return false;
             }
-            _ => {
-                self.counters.bad_requests += 1;
-                String::from("error: unknown command (try help)\n")
+            cmd => {
+                // Another service's (or nobody's: then it comes back to `unclaimed`).
+                cx.outbox.post(ServiceEvent::Command {
+                    session: handle,
+                    line: String::from(cmd),
+                });
+                self.routed = true;
+                return true;
             }
         };
-        let _ = stack
+        let _ = cx
+            .stack
             .sockets
             .get_mut::<tcp::Socket>(handle)
             .send_slice(reply.as_bytes());
         true
     }
 
-    /// Sends one reply line; the session goes on.
-    fn reply(&self, stack: &mut Stack, handle: SocketHandle, text: &str) -> bool {
-        let _ = stack
-            .sockets
-            .get_mut::<tcp::Socket>(handle)
-            .send_slice(text.as_bytes());
-        true
+    /// A command no service answered: the answers of a node whose overlay (and so job host)
+    /// is off, or an unknown command.
+    fn unclaimed(&mut self, cmd: &str) -> String {
+        let first = cmd.split_ascii_whitespace().next().unwrap_or("");
+        let error = if ["overlay", "leafset", "lookup", "get", "put", "revoke"].contains(&first) {
+            String::from("error: the overlay is off on this node\n")
+        } else if cmd == "jobs tasks" {
+            return String::from("jobs=off\nend\n");
+        } else if cmd.starts_with("job-sha256") {
+            match cmd.split_ascii_whitespace().nth(1).map(str::parse::<u64>) {
+                Some(Ok(_)) => String::from("error: jobs are off on this node\n"),
+                _ => String::from("error: usage: job-sha256 TASKS\n"),
+            }
+        } else if cmd.starts_with("job-primes") {
+            let nums: Vec<Option<u64>> = cmd
+                .split_ascii_whitespace()
+                .skip(1)
+                .map(|w| w.parse().ok())
+                .collect();
+            match nums.as_slice() {
+                [Some(_), Some(_), Some(_)] => String::from("error: jobs are off on this node\n"),
+                _ => String::from("error: usage: job-primes START END TASKS\n"),
+            }
+        } else {
+            String::from("error: unknown command (try help)\n")
+        };
+        self.counters.bad_requests += 1;
+        error
     }
 
     /// Earliest time a session or the running probe needs attention.
-    pub fn next_deadline_us(&self, stack: &Stack) -> Option<u64> {
+    fn next_deadline(&self, now_us: u64, stack: &Stack) -> Option<u64> {
         let probe = self.probe.as_ref().map(|p| p.sent_at_us + PROBE_TIMEOUT_US);
+        let backlog = self.sessions.iter().any(|s| s.resume).then_some(now_us);
         self.sessions
             .iter()
             .filter(|s| {
@@ -472,6 +422,7 @@ impl Diag {
             })
             .map(|s| s.last_activity_us + self.idle_us + 1)
             .chain(probe)
+            .chain(backlog)
             .min()
     }
 
@@ -615,23 +566,20 @@ impl Diag {
     }
 
     /// Whether every TCP reply has left (used before a requested shutdown).
-    pub fn flushed(&self, stack: &Stack) -> bool {
+    fn all_sent(&self, stack: &Stack) -> bool {
         self.sessions.iter().all(|s| {
             let socket = stack.sockets.get::<tcp::Socket>(s.handle);
             socket.send_queue() == 0
         })
     }
 
-    /// The report: `key=value` lines between a header and `end`.
-    pub fn report(
-        &self,
-        now_us: u64,
-        stack: &Stack,
-        overlay: Option<&Overlay>,
-        jobs: Option<&JobHost>,
-        info: NodeInfo<'_>,
-    ) -> String {
-        let (facts, config) = (info.facts, info.config);
+    /// The report: `key=value` lines between a header and `end`: its own and the loop's,
+    /// then every other service's section (in set order).
+    fn report(&self, cx: &Context<'_>) -> String {
+        let (now_us, stack) = (cx.now_us, &*cx.stack);
+        let (facts, config) = (cx.node.facts, cx.node.config);
+        let lc = cx.loop_counters;
+        let bus = cx.outbox.counters();
         let (heap_in_use, heap_high, heap_size) = heap::usage();
         let nic = &stack.phy.nic.stats;
         let arp = &stack.phy.neighbours.stats;
@@ -650,10 +598,9 @@ impl Diag {
              rx_frames={}\ntx_frames={}\nrx_bytes={}\ntx_bytes={}\nrx_errors={}\ntx_queue_full={}\nrx_ignored={}\n\
              arp_neighbours={}\narp_requests={}\narp_replies={}\narp_queued={}\narp_dropped={}\n\
              irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\nbusy_polls={}\nbusy_naps={}\n\
-             sleeps_until_stack={}\nsleeps_until_diag={}\nsleeps_until_overlay={}\nsleeps_until_jobs={}\n\
+             {}bus_posted={}\nbus_dropped={}\nbus_unclaimed={}\n\
              udp_requests={}\necho_packets={}\ntcp_sessions={}\ntcp_idle_closed={}\nbad_requests={}\n\
-             boot_phases_us={}\n{}{}\
-             end\n",
+             boot_phases_us={}\n",
             config.node_name,
             config.server_id,
             ip,
@@ -686,26 +633,90 @@ impl Diag {
             IRQS.nic.load(Ordering::Relaxed),
             IRQS.spurious.load(Ordering::Relaxed),
             IRQS.other.load(Ordering::Relaxed),
-            c.wakeups,
-            c.busy_polls,
-            c.busy_naps,
-            c.sleeps_until[0],
-            c.sleeps_until[1],
-            c.sleeps_until[2],
-            c.sleeps_until[3],
+            lc.wakeups,
+            lc.busy_polls,
+            lc.busy_naps,
+            SleepCauses(&lc.sleeps_until),
+            bus.posted,
+            bus.dropped,
+            bus.unclaimed,
             c.udp_requests,
             c.echo_packets,
             c.tcp_sessions,
             c.tcp_idle_closed,
             c.bad_requests,
             PhaseList(facts),
-            overlay.map_or_else(
-                || String::from("overlay=off\n"),
-                |o| o.status_text() + &o.trust_text()
-            ),
-            jobs.map_or_else(|| String::from("jobs=off\n"), JobHost::status_text),
         );
+        cx.peers.report_all(&mut out);
+        // Sections the report always has: a node without the overlay says so.
+        for name in ["overlay", "jobs"] {
+            if !cx.peers.has(name) {
+                let _ = writeln!(out, "{name}=off");
+            }
+        }
+        out.push_str("end\n");
         out
+    }
+}
+
+impl Service for Diag {
+    fn name(&self) -> &'static str {
+        "diag"
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        self.service(cx);
+    }
+
+    fn handle(
+        &mut self,
+        cx: &mut Context<'_>,
+        _from: &'static str,
+        event: ServiceEvent,
+    ) -> Option<ServiceEvent> {
+        let (session, text) = match event {
+            ServiceEvent::CommandReply {
+                session,
+                text,
+                failed,
+            } => {
+                if failed {
+                    self.counters.bad_requests += 1;
+                }
+                (session, text)
+            }
+            // Its own command, back because no other service answers it.
+            ServiceEvent::Command { session, line } => (session, self.unclaimed(&line)),
+            other => return Some(other),
+        };
+        // The session is one of ours; it may have closed meanwhile.
+        if self.sessions.iter().any(|s| s.handle == session) {
+            let tcp = cx.stack.sockets.get_mut::<tcp::Socket>(session);
+            if tcp.may_send() {
+                let _ = tcp.send_slice(text.as_bytes());
+            }
+        }
+        None
+    }
+
+    fn next_deadline_us(&self, now_us: u64, stack: &Stack) -> Option<u64> {
+        self.next_deadline(now_us, stack)
+    }
+
+    fn flushed(&self, stack: &Stack) -> bool {
+        self.all_sent(stack)
+    }
+}
+
+/// `sleeps_until_<cause>=n` lines, one per cause.
+struct SleepCauses<'a>(&'a [(&'static str, u64)]);
+
+impl core::fmt::Display for SleepCauses<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (name, n) in self.0 {
+            writeln!(f, "sleeps_until_{name}={n}")?;
+        }
+        Ok(())
     }
 }
 
