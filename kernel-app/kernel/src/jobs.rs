@@ -959,28 +959,26 @@ impl JobHost {
 
     /// An agent event no other service claimed.
     fn log_event(&mut self, e: JobEvent) {
-        {
-            self.counters.events_unclaimed += 1;
-            match e {
-                JobEvent::TaskRegistered {
-                    job,
-                    task,
-                    verified,
-                    ..
-                } => log::info!("jobs: task {task} of job {job} registered (verified={verified})"),
-                JobEvent::TaskFailed { job, task, failure } => {
-                    log::info!("jobs: task {task} of job {job} failed: {failure:?}")
-                }
-                JobEvent::TaskDisputed { job, task, .. } => {
-                    log::info!("jobs: task {task} of job {job} disputed")
-                }
-                JobEvent::ReduceSpawned { job, task } => {
-                    log::info!("jobs: reduce task {task} of job {job} spawned")
-                }
-                JobEvent::Submitted { job } => log::info!("jobs: job {job} submitted"),
-                JobEvent::Dispatched { task, to } => log::debug!("jobs: {task} leased to {to}"),
-                JobEvent::ChunkFetched { id, .. } => log::debug!("jobs: chunk {id} fetched"),
+        self.counters.events_unclaimed += 1;
+        match e {
+            JobEvent::TaskRegistered {
+                job,
+                task,
+                verified,
+                ..
+            } => log::info!("jobs: task {task} of job {job} registered (verified={verified})"),
+            JobEvent::TaskFailed { job, task, failure } => {
+                log::info!("jobs: task {task} of job {job} failed: {failure:?}")
             }
+            JobEvent::TaskDisputed { job, task, .. } => {
+                log::info!("jobs: task {task} of job {job} disputed")
+            }
+            JobEvent::ReduceSpawned { job, task } => {
+                log::info!("jobs: reduce task {task} of job {job} spawned")
+            }
+            JobEvent::Submitted { job } => log::info!("jobs: job {job} submitted"),
+            JobEvent::Dispatched { task, to } => log::debug!("jobs: {task} leased to {to}"),
+            JobEvent::ChunkFetched { id, .. } => log::debug!("jobs: chunk {id} fetched"),
         }
     }
 
