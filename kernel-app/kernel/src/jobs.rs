@@ -48,7 +48,7 @@ use unipeer_node::launch::{LaunchConfig, PeerAddr};
 
 use crate::net::Stack;
 use crate::service::{
-    Context, Demand, Dht, JobReply, JobRequest, OverlayAccess, Service, ServiceEvent,
+    Context, Demand, Dht, JobReply, JobRequest, Outbox, OverlayAccess, Service, ServiceEvent,
 };
 
 /// Outgoing job connections at once (one per destination).
@@ -945,7 +945,7 @@ impl JobHost {
 
     /// Moves the agent's transmits to the channel and its events onto the bus (for the client
     /// port; what nobody claims comes back to `log_event`).
-    fn drain(&mut self, now_us: u64, outbox: &mut crate::service::Outbox<'_>) {
+    fn drain(&mut self, now_us: u64, outbox: &mut Outbox<'_>) {
         while let Some(t) = self.agent.poll_transmit() {
             self.channel.send(now_us, t.dst, t.payload);
         }
