@@ -37,8 +37,8 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
 use unipeer_node::Instant;
+use unipeer_node::auth::Csprng;
 use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
-use unipeer_node::auth::{Csprng, SessionLayer};
 use unipeer_node::jobs::JobAgent;
 use unipeer_node::jobs::app::{App, AppSet, Slice, SliceState};
 use unipeer_node::jobs::delegation::{NodeKeyAuthority, SharedKeyAuthority, TokenAuthority};
@@ -49,6 +49,7 @@ use unipeer_node::launch::{LaunchConfig, PeerAddr};
 use crate::net::Stack;
 use crate::service::{
     Context, Demand, Dht, JobReply, JobRequest, Outbox, OverlayAccess, Service, ServiceEvent,
+    StreamKeys,
 };
 
 /// Outgoing job connections at once (one per destination).
@@ -346,7 +347,7 @@ impl JobChannel {
         &mut self,
         now_us: u64,
         stack: &mut Stack,
-        mut trust: Option<&mut SessionLayer>,
+        mut trust: Option<&mut (dyn StreamKeys + '_)>,
         rng: &mut Csprng,
     ) {
         let mut i = 0;
@@ -370,7 +371,7 @@ impl JobChannel {
         i: usize,
         now_us: u64,
         stack: &mut Stack,
-        trust: Option<&mut SessionLayer>,
+        trust: Option<&mut (dyn StreamKeys + '_)>,
         rng: &mut Csprng,
     ) -> bool {
         let me = self.me;
@@ -531,7 +532,7 @@ impl JobChannel {
         &mut self,
         now_us: u64,
         stack: &mut Stack,
-        mut trust: Option<&mut SessionLayer>,
+        mut trust: Option<&mut (dyn StreamKeys + '_)>,
         mut deliver: impl FnMut(&[u8]),
     ) {
         self.wake_now = false;
@@ -736,7 +737,7 @@ enum Verdict {
 }
 
 fn verify(
-    trust: Option<&mut SessionLayer>,
+    trust: Option<&mut (dyn StreamKeys + '_)>,
     now_us: u64,
     peer: PeerAddr,
     nonce: &[u8; 16],
@@ -883,7 +884,7 @@ impl JobHost {
         let now = instant(now_us);
         {
             let agent = &mut self.agent;
-            let (dht, trust) = overlay.dht_and_trust();
+            let (dht, trust) = overlay.dht_and_keys();
             let mut node = Dht(dht);
             self.channel.pump_in(now_us, stack, trust, |m| {
                 agent.handle_message(now, &mut node, m)
@@ -1317,7 +1318,7 @@ impl Service for JobHost {
     /// The agent's transmits into the channel, its events onto the bus; channel output.
     fn flush(&mut self, cx: &mut Context<'_>) {
         self.drain(cx.now_us, &mut cx.outbox);
-        let trust = cx.peers.overlay().and_then(|o| o.dht_and_trust().1);
+        let trust = cx.peers.overlay().and_then(|o| o.dht_and_keys().1);
         self.channel
             .pump_out(cx.now_us, cx.stack, trust, &mut self.rng);
     }

@@ -28,7 +28,9 @@ use unipeer_node::wire::{SealError, Sealer};
 use unipeer_node::{Event, Instant, Key, Node, NodeConfig, NodeId, OpId, ServerTag, jobs};
 
 use crate::net::Stack;
-use crate::service::{Context, Outbox, OverlayAccess, Service, ServiceEvent, SessionId};
+use crate::service::{
+    Context, Outbox, OverlayAccess, Service, ServiceEvent, SessionId, StreamKeys,
+};
 
 /// Datagrams taken from the socket per pass (bounded work).
 const RX_BUDGET: usize = 64;
@@ -738,8 +740,9 @@ impl OverlayAccess for Overlay {
         &mut self.node
     }
 
-    fn dht_and_trust(&mut self) -> (&mut dyn jobs::Overlay, Option<&mut SessionLayer>) {
-        (&mut self.node, self.trust.as_mut())
+    fn dht_and_keys(&mut self) -> (&mut dyn jobs::Overlay, Option<&mut dyn StreamKeys>) {
+        let keys = self.trust.as_mut().map(|t| t as &mut dyn StreamKeys);
+        (&mut self.node, keys)
     }
 
     fn trusted(&self) -> bool {

@@ -19,8 +19,9 @@
 //! - **Asking the overlay.** `cx.peers.overlay()` gives [`OverlayAccess`], a narrow interface:
 //!   DHT reads and requests (`lookup`/`put`/`get`, the node core's `jobs::Overlay`; the
 //!   operation id comes back at once and the answer later as [`ServiceEvent::Overlay`]), the
-//!   trust layer's sessions (to key a stream) and the credential delegator. Not the overlay
-//!   service itself: it cannot be polled, flushed or reconfigured from outside.
+//!   trust layer's stream keys ([`StreamKeys`], to seal a TCP stream to a peer) and the
+//!   credential delegator. Not the overlay service itself: it cannot be polled, flushed or
+//!   reconfigured from outside.
 //! - **Telling another service.** `cx.outbox.post(event)` queues a typed [`ServiceEvent`] on the
 //!   bus; the loop offers it to every other service in set order until one claims it (returns
 //!   `None` from `handle`), and last to the sender, which so handles what nobody claimed (e.g. a
@@ -570,9 +571,9 @@ pub trait OverlayAccess {
     /// DHT reads and requests, as the job agent sees the overlay (answers come back as
     /// [`ServiceEvent::Overlay`]).
     fn dht(&mut self) -> &mut dyn jobs::Overlay;
-    /// The DHT and the trust layer at once (the job channel reads a message for the agent
-    /// while it keys a stream with a session).
-    fn dht_and_trust(&mut self) -> (&mut dyn jobs::Overlay, Option<&mut SessionLayer>);
+    /// The DHT and the trust layer's stream keys at once (the job channel reads a message for
+    /// the agent while it keys a stream with a session); no keys without trust material.
+    fn dht_and_keys(&mut self) -> (&mut dyn jobs::Overlay, Option<&mut dyn StreamKeys>);
     /// Whether peers and users authenticate (the launch config carries trust material).
     fn trusted(&self) -> bool;
     fn node_id(&self) -> NodeId;
@@ -584,6 +585,29 @@ pub trait OverlayAccess {
     fn take_token_identity(&mut self) -> Option<IdentityKey>;
     /// Public keys of the peers with verified sessions (kept current by the overlay).
     fn peer_keys(&self) -> Rc<RefCell<PeerKeys>>;
+}
+
+/// The trust layer as a service keying a sealed stream to a peer sees it (the job channel
+/// today): the connection secret, the acceptor's candidates, and asking for a session.
+pub trait StreamKeys {
+    /// The connection secret for a stream to `peer` opened with `nonce` (`None`: no session).
+    fn stream_secret_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Option<[u8; 32]>;
+    /// The secrets a connecting `peer` may have keyed its stream with, newest session first.
+    fn stream_secret_candidates_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Vec<[u8; 32]>;
+    /// Starts a handshake with `peer` unless a session exists or one is under way.
+    fn ensure_session(&mut self, now: Instant, peer: PeerAddr);
+}
+
+impl StreamKeys for SessionLayer {
+    fn stream_secret_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Option<[u8; 32]> {
+        SessionLayer::stream_secret_for(self, peer, nonce)
+    }
+    fn stream_secret_candidates_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Vec<[u8; 32]> {
+        SessionLayer::stream_secret_candidates_for(self, peer, nonce)
+    }
+    fn ensure_session(&mut self, now: Instant, peer: PeerAddr) {
+        SessionLayer::ensure_session(self, now, peer)
+    }
 }
 
 /// The node core's `jobs::Overlay` over a `&mut dyn` one, for the agent's generic calls.
