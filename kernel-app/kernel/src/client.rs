@@ -14,6 +14,11 @@
 //! credential (kept for a bounded time), with which this node finishes the handshake. Each
 //! step waits at most [`CREDENTIAL_DEADLINE_US`]; a failure is an `Auth` error saying why.
 //! Replies larger than the socket's buffer (a 64 KiB chunk) are streamed out as space frees.
+//!
+//! A [`Service`]: record gets go to the overlay through the loop's [`OverlayAccess`]; what needs
+//! the job agent (store, submit, fetch, cancel, capacity) goes to the job host as a
+//! [`JobRequest`] on the bus, and the answers (and the agent's events a session waits for) come
+//! back the same way.
 
 use alloc::string::String;
 use alloc::vec;
@@ -26,7 +31,6 @@ use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
 use unipeer_node::auth::{
     Csprng, DelegationEvent, UserAuthError, UserAuthMessage, UserAuthResponder,
 };
-use unipeer_node::jobs::JobAgent;
 use unipeer_node::jobs::chunk::ChunkError;
 use unipeer_node::jobs::client::{
     CLIENT_PORT, CLIENT_STREAM_CONTEXT, ClientErrorCode, ClientReply, ClientRequest,
@@ -39,7 +43,9 @@ use unipeer_node::{Event, Instant, Key, NodeId, OpId};
 
 use crate::net::Stack;
 use crate::net::guard::{self, SourcePolicy};
-use crate::overlay::Overlay;
+use crate::service::{
+    Context, Demand, JobReply, JobRequest, Outbox, OverlayAccess, Service, ServiceEvent,
+};
 
 /// Client sessions at once.
 pub const SESSIONS: usize = 4;
@@ -51,6 +57,9 @@ pub const SUBMIT_DEADLINE_US: u64 = 120_000_000;
 pub const RECORDS_DEADLINE_US: u64 = 20_000_000;
 /// A fetched chunk must arrive within this.
 pub const FETCH_DEADLINE_US: u64 = 30_000_000;
+/// The job host answers a request within this (it does at once, in the same pass, unless the
+/// loop's event bus dropped the request).
+pub const HOST_DEADLINE_US: u64 = 5_000_000;
 /// Each relayed step of a handshake (the holder's proof, its grant) ends within this (the
 /// delegator gives up sooner, after `DELEGATION_TIMEOUT_MS`; this bounds the session if it
 /// never answers).
@@ -132,6 +141,10 @@ enum Pending {
         id: Key,
         deadline_us: u64,
     },
+    /// Asked the job host; its `JobReply` follows.
+    Host {
+        deadline_us: u64,
+    },
 }
 
 impl Pending {
@@ -139,7 +152,8 @@ impl Pending {
         match self {
             Pending::Submit { deadline_us, .. }
             | Pending::Records { deadline_us, .. }
-            | Pending::Fetch { deadline_us, .. } => *deadline_us,
+            | Pending::Fetch { deadline_us, .. }
+            | Pending::Host { deadline_us } => *deadline_us,
         }
     }
 }
@@ -208,6 +222,8 @@ pub struct ClientPort {
     server: String,
     /// A session can take its next request (bytes already in its socket): pass again at once.
     wake_now: bool,
+    /// Nonces of the user authentication (`None` only while a pass borrows it).
+    rng: Option<Csprng>,
     pub counters: ClientCounters,
     policy: SourcePolicy,
 }
@@ -217,12 +233,18 @@ fn instant(now_us: u64) -> Instant {
 }
 
 impl ClientPort {
+    /// `entropy` is mixed into the seed of the nonces (RDRAND output where the CPU has it).
     pub fn new(
         stack: &mut Stack,
         config: &LaunchConfig,
-        overlay: &mut Overlay,
-        _rng: &mut Csprng,
+        overlay: &mut dyn OverlayAccess,
+        entropy: &[u8],
     ) -> ClientPort {
+        let mut seed_input = Vec::with_capacity(64 + entropy.len());
+        seed_input.extend_from_slice(&config.rng_seed);
+        seed_input.extend_from_slice(b"unipeer client port");
+        seed_input.extend_from_slice(entropy);
+        let seed: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&seed_input).into();
         let sessions = (0..SESSIONS)
             .map(|_| Session {
                 handle: stack.sockets.add(tcp::Socket::new(
@@ -243,10 +265,11 @@ impl ClientPort {
             .collect();
         let mut port = ClientPort {
             sessions,
-            trust: overlay.trust.is_some(),
-            node: overlay.node.id(),
+            trust: overlay.trusted(),
+            node: overlay.node_id(),
             server: config.server_id.clone(),
             wake_now: false,
+            rng: Some(Csprng::from_seed(seed)),
             counters: ClientCounters::default(),
             policy: SourcePolicy::new(config),
         };
@@ -314,27 +337,26 @@ impl ClientPort {
     }
 
     /// Reads requests, answers what can be answered, completes and times out pending ones.
-    pub fn service(
+    /// (Credential requests the sessions started go out with the overlay's flush, in this
+    /// pass.)
+    fn service(
         &mut self,
         now_us: u64,
         stack: &mut Stack,
-        overlay: &mut Overlay,
-        agent: &mut JobAgent,
+        overlay: &mut dyn OverlayAccess,
+        outbox: &mut Outbox<'_>,
         rng: &mut Csprng,
     ) {
         self.on_delegation_events(now_us, overlay);
         for i in 0..self.sessions.len() {
-            self.service_session(i, now_us, stack, overlay, agent, rng);
+            self.service_session(i, now_us, stack, overlay, outbox, rng);
         }
-        // Credential requests the sessions started go out in this pass.
-        overlay.pump_delegation(instant(now_us));
-        overlay.send_trust(stack);
     }
 
     /// Moves relayed handshakes on: a holder's proof becomes the Challenge, a grant finishes
     /// the handshake, a failure closes the session with the reason.
-    fn on_delegation_events(&mut self, now_us: u64, overlay: &mut Overlay) {
-        let Some(del) = overlay.delegator.as_mut() else {
+    fn on_delegation_events(&mut self, now_us: u64, overlay: &mut dyn OverlayAccess) {
+        let Some(del) = overlay.delegator() else {
             return;
         };
         let now = instant(now_us);
@@ -425,8 +447,8 @@ impl ClientPort {
         i: usize,
         now_us: u64,
         stack: &mut Stack,
-        overlay: &mut Overlay,
-        agent: &mut JobAgent,
+        overlay: &mut dyn OverlayAccess,
+        outbox: &mut Outbox<'_>,
         rng: &mut Csprng,
     ) {
         let handle = self.sessions[i].handle;
@@ -528,7 +550,7 @@ impl ClientPort {
                 break;
             };
             self.counters.requests += 1;
-            self.request(i, now_us, req, overlay, agent, rng);
+            self.request(i, now_us, req, overlay, outbox, rng);
         }
         let s = &mut self.sessions[i];
         let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
@@ -582,11 +604,11 @@ impl ClientPort {
                 s.reply(&ClientReply::Records(answers));
                 s.last_activity_us = now_us;
             }
-            Pending::Submit { .. } | Pending::Fetch { .. } if late => {
-                let what = if matches!(p, Pending::Submit { .. }) {
-                    "job records not all stored in time"
-                } else {
-                    "chunk did not arrive in time"
+            Pending::Submit { .. } | Pending::Fetch { .. } | Pending::Host { .. } if late => {
+                let what = match p {
+                    Pending::Submit { .. } => "job records not all stored in time",
+                    Pending::Fetch { .. } => "chunk did not arrive in time",
+                    _ => "the job host did not answer in time",
                 };
                 s.pending = None;
                 self.counters.timeouts += 1;
@@ -602,8 +624,8 @@ impl ClientPort {
         i: usize,
         now_us: u64,
         req: ClientRequest,
-        overlay: &mut Overlay,
-        agent: &mut JobAgent,
+        overlay: &mut dyn OverlayAccess,
+        outbox: &mut Outbox<'_>,
         rng: &mut Csprng,
     ) {
         let now = instant(now_us);
@@ -630,7 +652,7 @@ impl ClientPort {
                     });
                     return;
                 }
-                let Some(del) = overlay.delegator.as_mut() else {
+                let Some(del) = overlay.delegator() else {
                     self.counters.auth_failures += 1;
                     s.error(
                         ClientErrorCode::Auth,
@@ -671,7 +693,7 @@ impl ClientPort {
                         .map_err(|e| String::from(auth_error_text(e)))
                         .and_then(|responder| {
                             let neighbours = overlay.delegation_neighbours();
-                            let del = overlay.delegator.as_mut().ok_or_else(String::new)?;
+                            let del = overlay.delegator().ok_or_else(String::new)?;
                             del.request(now, responder.transcript().clone(), &neighbours)
                                 .map(|id| (responder, id))
                                 .map_err(|e| alloc::format!("{e}"))
@@ -719,7 +741,7 @@ impl ClientPort {
                 else {
                     return;
                 };
-                let verified = match overlay.delegator.as_mut() {
+                let verified = match overlay.delegator() {
                     Some(del) => del.verify(now, id, proof),
                     None => Err(DelegationError::NoSuchRequest),
                 };
@@ -777,55 +799,37 @@ impl ClientPort {
                 );
                 s.phase = Phase::Closing;
             }
-            (P::Ready, ClientRequest::PutChunk { data }) => match agent.store_input(now, &data) {
-                Ok(id) => s.reply(&ClientReply::ChunkStored { id }),
-                Err(ChunkError::Full) => {
-                    self.counters.errors += 1;
-                    s.error(ClientErrorCode::Busy, "chunk store full; try again later")
-                }
-                Err(e) => {
-                    self.counters.errors += 1;
-                    s.error(
-                        ClientErrorCode::OutOfBounds,
-                        &alloc::format!("chunk refused: {e:?}"),
-                    )
-                }
-            },
+            (P::Ready, ClientRequest::PutChunk { data }) => {
+                s.pending = Some(Pending::Host {
+                    deadline_us: now_us + HOST_DEADLINE_US,
+                });
+                outbox.post(ServiceEvent::JobRequest {
+                    session: i,
+                    request: JobRequest::StoreInput(data),
+                });
+            }
             (P::Ready, ClientRequest::Submit(req)) => {
                 let user = if s.user.is_empty() {
                     "anonymous"
                 } else {
                     s.user.as_str()
                 };
-                match agent.submit_stored(now, &mut overlay.node, user, &req) {
-                    Ok(job) => {
-                        log::info!(
-                            "client: job {job} ({} tasks of {}) submitted by {user}",
-                            req.tasks.len(),
-                            req.app
-                        );
-                        s.pending = Some(Pending::Submit {
-                            job,
-                            deadline_us: now_us + SUBMIT_DEADLINE_US,
-                        });
-                    }
-                    Err(e) => {
-                        self.counters.errors += 1;
-                        let code = match e {
-                            SubmitError::NotJoined => ClientErrorCode::NotJoined,
-                            SubmitError::Busy => ClientErrorCode::Busy,
-                            SubmitError::OutOfBounds | SubmitError::MissingInput => {
-                                ClientErrorCode::OutOfBounds
-                            }
-                        };
-                        s.error(code, &alloc::format!("{e}"));
-                    }
-                }
+                let request = JobRequest::Submit {
+                    user: String::from(user),
+                    request: req,
+                };
+                s.pending = Some(Pending::Host {
+                    deadline_us: now_us + HOST_DEADLINE_US,
+                });
+                outbox.post(ServiceEvent::JobRequest {
+                    session: i,
+                    request,
+                });
             }
             (P::Ready, ClientRequest::Records { keys }) => {
                 let keys = keys
                     .into_iter()
-                    .map(|k| match overlay.node.get(now, k) {
+                    .map(|k| match overlay.dht().get(now, k) {
                         Ok(op) => (k, Some(op), None),
                         Err(_) => (k, None, Some(RecordAnswer::Failed)),
                     })
@@ -841,31 +845,113 @@ impl ClientPort {
                     id,
                     deadline_us: now_us + FETCH_DEADLINE_US,
                 });
-                agent.fetch_chunk(now, &mut overlay.node, id);
+                outbox.post(ServiceEvent::JobRequest {
+                    session: i,
+                    request: JobRequest::Fetch(id),
+                });
             }
             (P::Ready, ClientRequest::Cancel { job, tasks }) => {
-                let n = agent.cancel(now, &mut overlay.node, &tasks);
-                log::info!("client: cancel of {n} task(s) of job {job}");
-                s.reply(&ClientReply::Cancelled {
-                    job,
-                    tasks: n.min(usize::from(u16::MAX)) as u16,
+                s.pending = Some(Pending::Host {
+                    deadline_us: now_us + HOST_DEADLINE_US,
+                });
+                outbox.post(ServiceEvent::JobRequest {
+                    session: i,
+                    request: JobRequest::Cancel { job, tasks },
                 });
             }
             (P::Ready, ClientRequest::Ping) => {
-                s.reply(&ClientReply::Pong {
-                    node,
-                    joined: overlay.node.is_joined(),
-                    apps: agent_app_names(agent),
-                    slots: agent.slots(),
-                    running: agent.running().min(255) as u8,
+                s.pending = Some(Pending::Host {
+                    deadline_us: now_us + HOST_DEADLINE_US,
+                });
+                outbox.post(ServiceEvent::JobRequest {
+                    session: i,
+                    request: JobRequest::Capacity,
                 });
             }
             (P::Closing | P::Credential, _) => {}
         }
     }
 
+    /// The job host's answer to session `i`'s request.
+    fn on_job_reply(
+        &mut self,
+        i: usize,
+        now_us: u64,
+        reply: JobReply,
+        overlay: &mut dyn OverlayAccess,
+    ) {
+        let node = self.node;
+        let Some(s) = self.sessions.get_mut(i) else {
+            return;
+        };
+        // Late (timed out) or for a session since closed: dropped.
+        if !matches!(s.pending, Some(Pending::Host { .. })) {
+            return;
+        }
+        s.pending = None;
+        match reply {
+            JobReply::Stored(Ok(id)) => s.reply(&ClientReply::ChunkStored { id }),
+            JobReply::Stored(Err(ChunkError::Full)) => {
+                self.counters.errors += 1;
+                s.error(ClientErrorCode::Busy, "chunk store full; try again later")
+            }
+            JobReply::Stored(Err(e)) => {
+                self.counters.errors += 1;
+                s.error(
+                    ClientErrorCode::OutOfBounds,
+                    &alloc::format!("chunk refused: {e:?}"),
+                )
+            }
+            JobReply::Submitted {
+                result: Ok(job),
+                tasks,
+                app,
+            } => {
+                let user = if s.user.is_empty() {
+                    "anonymous"
+                } else {
+                    s.user.as_str()
+                };
+                log::info!("client: job {job} ({tasks} tasks of {app}) submitted by {user}");
+                s.pending = Some(Pending::Submit {
+                    job,
+                    deadline_us: now_us + SUBMIT_DEADLINE_US,
+                });
+            }
+            JobReply::Submitted { result: Err(e), .. } => {
+                self.counters.errors += 1;
+                let code = match e {
+                    SubmitError::NotJoined => ClientErrorCode::NotJoined,
+                    SubmitError::Busy => ClientErrorCode::Busy,
+                    SubmitError::OutOfBounds | SubmitError::MissingInput => {
+                        ClientErrorCode::OutOfBounds
+                    }
+                };
+                s.error(code, &alloc::format!("{e}"));
+            }
+            JobReply::Cancelled { job, asked } => {
+                log::info!("client: cancel of {asked} task(s) of job {job}");
+                s.reply(&ClientReply::Cancelled {
+                    job,
+                    tasks: asked.min(usize::from(u16::MAX)) as u16,
+                });
+            }
+            JobReply::Capacity {
+                apps,
+                slots,
+                running,
+            } => s.reply(&ClientReply::Pong {
+                node,
+                joined: overlay.dht().is_joined(),
+                apps,
+                slots,
+                running: running.min(255) as u8,
+            }),
+        }
+    }
+
     /// Streams queued replies into the sockets; closes sessions that are done.
-    pub fn flush(&mut self, now_us: u64, stack: &mut Stack) {
+    fn flush(&mut self, now_us: u64, stack: &mut Stack) {
         self.wake_now = false;
         for s in &mut self.sessions {
             if !s.active {
@@ -910,7 +996,7 @@ impl ClientPort {
         self.relisten(stack);
     }
 
-    pub fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
+    fn next_deadline(&self, now_us: u64) -> Option<u64> {
         let wake = self.wake_now.then_some(now_us);
         self.sessions
             .iter()
@@ -930,11 +1016,11 @@ impl ClientPort {
     }
 
     /// Whether a session waits for the overlay or the agent.
-    pub fn has_pending(&self) -> bool {
+    fn has_pending(&self) -> bool {
         self.sessions.iter().any(|s| s.pending.is_some())
     }
 
-    pub fn status_text(&self) -> String {
+    fn status_text(&self) -> String {
         let c = &self.counters;
         alloc::format!(
             "client_active={}\nclient_sessions={}\nclient_authenticated={}\nclient_auth_failures={}\n\
@@ -959,14 +1045,6 @@ impl ClientPort {
     }
 }
 
-fn agent_app_names(agent: &JobAgent) -> Vec<String> {
-    let _ = agent;
-    crate::jobs::linked_apps()
-        .names()
-        .map(String::from)
-        .collect()
-}
-
 fn auth_error_text(e: UserAuthError) -> &'static str {
     match e {
         UserAuthError::UnknownUser => "unknown user",
@@ -975,5 +1053,62 @@ fn auth_error_text(e: UserAuthError) -> &'static str {
         UserAuthError::BadProof => "proof does not verify",
         UserAuthError::BadEphemeral => "ephemeral key is not a usable X25519 public key",
         UserAuthError::Unexpected => "unexpected authentication message",
+    }
+}
+
+impl Service for ClientPort {
+    fn name(&self) -> &'static str {
+        "client"
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        let Some(overlay) = cx.peers.overlay() else {
+            return;
+        };
+        let Some(mut rng) = self.rng.take() else {
+            return;
+        };
+        self.service(cx.now_us, cx.stack, overlay, &mut cx.outbox, &mut rng);
+        self.rng = Some(rng);
+    }
+
+    fn flush(&mut self, cx: &mut Context<'_>) {
+        self.flush(cx.now_us, cx.stack);
+    }
+
+    fn handle(
+        &mut self,
+        cx: &mut Context<'_>,
+        _from: &'static str,
+        event: ServiceEvent,
+    ) -> Option<ServiceEvent> {
+        match event {
+            ServiceEvent::Overlay(e) => {
+                (!self.on_overlay_event(&e)).then_some(ServiceEvent::Overlay(e))
+            }
+            ServiceEvent::Job(e) => self.on_job_event(e).map(ServiceEvent::Job),
+            ServiceEvent::JobReply { session, reply } => {
+                if let Some(overlay) = cx.peers.overlay() {
+                    self.on_job_reply(session, cx.now_us, reply, overlay);
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    fn next_deadline_us(&self, now_us: u64, _stack: &Stack) -> Option<u64> {
+        self.next_deadline(now_us)
+    }
+
+    fn report(&self, out: &mut String) {
+        out.push_str(&self.status_text());
+    }
+
+    fn demand(&self) -> Demand {
+        Demand {
+            requests: self.counters.requests,
+            waiting: self.has_pending(),
+        }
     }
 }

@@ -15,6 +15,13 @@
 //! UDP: a datagram from another node's service port is not answered; a source other than the
 //! host gets answers no larger than its request and at most `guard::DIAG_UDP_RATE` of them
 //! (echo: `guard::ECHO_RATE`).
+//!
+//! A [`Service`]: the report's sections come from the other services (`Service::report`).
+//! Every line is parsed once, here, and checked (test-only, operator access) before anything
+//! acts on it; a command another service answers (the overlay's, the job host's) goes on the
+//! bus as a typed [`ServiceEvent::Command`] carrying the session's operator flag, and that
+//! service's `CommandReply` is written to the session. A session's next line waits for the
+//! next pass after such a command, so answers keep the order of the commands.
 
 use alloc::string::String;
 use alloc::vec;
@@ -33,10 +40,9 @@ use unipeer_node::launch::LaunchConfig;
 
 use crate::BootFacts;
 use crate::arch::idt::IRQS;
-use crate::jobs::JobHost;
 use crate::net::Stack;
 use crate::net::guard::{self, RateLimiter, SourcePolicy};
-use crate::overlay::Overlay;
+use crate::service::{Context, RoutedCommand, Service, ServiceEvent, UNAUTHORIZED_REPLY};
 use crate::{clock, heap};
 
 /// TCP connections served at once.
@@ -75,13 +81,6 @@ pub struct DiagCounters {
     pub udp_from_service_port: u64,
     pub udp_rate_limited: u64,
     pub udp_too_small: u64,
-    pub wakeups: u64,
-    /// Loop passes that found work waiting or a deadline already due, and so did not sleep.
-    pub busy_polls: u64,
-    /// Busy streaks cut short by a nap (should stay near 0).
-    pub busy_naps: u64,
-    /// Sleeps with a deadline, by the service that set it: stack, diag, overlay, jobs.
-    pub sleeps_until: [u64; 4],
 }
 
 /// A running `probe`: first the peer's name from its diagnostic port, then `count` echo round
@@ -108,6 +107,11 @@ struct Session {
     line: Vec<u8>,
     /// Discarding the rest of an overlong line.
     skipping: bool,
+    /// Input read but left for the next pass (after a command another service answers).
+    backlog: Vec<u8>,
+    /// A command went to another service this pass: look again next pass (its answer comes
+    /// back first, so the session is not closed before it).
+    resume: bool,
     auth: OperatorAuth,
     /// When the outstanding challenge must be answered by (0: none outstanding).
     challenge_deadline_us: u64,
@@ -123,18 +127,13 @@ impl Session {
             last_activity_us: 0,
             line: Vec::new(),
             skipping: false,
+            backlog: Vec::new(),
+            resume: false,
             auth: OperatorAuth::default(),
             challenge_deadline_us: 0,
             from_host: false,
         }
     }
-}
-
-/// What the report needs about the node that never changes after boot.
-#[derive(Clone, Copy)]
-pub struct NodeInfo<'a> {
-    pub facts: &'a BootFacts,
-    pub config: &'a LaunchConfig,
 }
 
 pub struct Diag {
@@ -149,8 +148,8 @@ pub struct Diag {
     tcp_port: u16,
     idle_us: u64,
     pub counters: DiagCounters,
-    /// Set by the `shutdown` command; the event loop exits once replies are flushed.
-    pub shutdown_requested: bool,
+    /// The command just run went to another service (see `Diag::command`).
+    routed: bool,
     /// The operator key from the launch config (none: operator commands are refused).
     operator_key: Option<[u8; OPERATOR_KEY_LEN]>,
     /// Challenge nonces.
@@ -218,7 +217,7 @@ impl Diag {
                 .filter(|&us| us > 0)
                 .unwrap_or(TCP_IDLE_US),
             counters: DiagCounters::default(),
-            shutdown_requested: false,
+            routed: false,
             operator_key,
             rng: Csprng::from_seed(seed),
             policy: SourcePolicy::new(config),
@@ -241,17 +240,12 @@ impl Diag {
     }
 
     /// Serves whatever arrived. Bounded: at most a socket buffer's worth per socket per call.
-    pub fn service(
-        &mut self,
-        now_us: u64,
-        stack: &mut Stack,
-        mut overlay: Option<&mut Overlay>,
-        mut jobs: Option<&mut JobHost>,
-        info: NodeInfo<'_>,
-    ) {
+    fn service(&mut self, cx: &mut Context<'_>) {
+        let now_us = cx.now_us;
+        let config = cx.node.config;
         // Echo: bounce datagrams back to their senders (same size), within the guard's rules.
         {
-            let socket = stack.sockets.get_mut::<udp::Socket>(self.echo);
+            let socket = cx.stack.sockets.get_mut::<udp::Socket>(self.echo);
             let mut budget = 32;
             while budget > 0 && socket.can_recv() && socket.can_send() {
                 budget -= 1;
@@ -259,7 +253,7 @@ impl Diag {
                 if let Ok((n, meta)) = socket.recv_slice(&mut buf) {
                     self.counters.echo_packets += 1;
                     let ep = meta.endpoint;
-                    if guard::is_service_port(ep.port, info.config) {
+                    if guard::is_service_port(ep.port, config) {
                         self.counters.udp_from_service_port += 1;
                     } else if !self.policy.is_host(ep.addr)
                         && !self.echo_rate.allow(now_us, ep.addr)
@@ -274,14 +268,14 @@ impl Diag {
         // Report over UDP: each sender gets at most as many bytes as it sent (the host: all).
         let mut pending = heapless::Vec::<(smoltcp::wire::IpEndpoint, usize), 16>::new();
         {
-            let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
+            let socket = cx.stack.sockets.get_mut::<udp::Socket>(self.udp);
             while let Ok((payload, meta)) = socket.recv() {
                 self.counters.udp_requests += 1;
                 let ep = meta.endpoint;
                 let budget = self
                     .policy
                     .answer_budget(ep.addr, payload.len(), UDP_PAYLOAD_MAX);
-                if guard::is_service_port(ep.port, info.config) {
+                if guard::is_service_port(ep.port, config) {
                     self.counters.udp_from_service_port += 1;
                 } else if !self.policy.is_host(ep.addr) && !self.udp_rate.allow(now_us, ep.addr) {
                     self.counters.udp_rate_limited += 1;
@@ -291,8 +285,8 @@ impl Diag {
             }
         }
         if !pending.is_empty() {
-            let report = self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info);
-            let socket = stack.sockets.get_mut::<udp::Socket>(self.udp);
+            let report = self.report(cx);
+            let socket = cx.stack.sockets.get_mut::<udp::Socket>(self.udp);
             for (ep, budget) in pending {
                 match fit_datagram(&report, budget) {
                     Some(datagram) => {
@@ -304,40 +298,28 @@ impl Diag {
         }
         // TCP sessions.
         for i in 0..self.sessions.len() {
-            self.service_session(
-                i,
-                now_us,
-                stack,
-                overlay.as_deref_mut(),
-                jobs.as_deref_mut(),
-                info,
-            );
+            self.service_session(i, cx);
         }
-        self.service_probe(now_us, stack);
-        self.relisten(stack);
+        self.service_probe(now_us, cx.stack);
+        self.relisten(cx.stack);
     }
 
-    fn service_session(
-        &mut self,
-        i: usize,
-        now_us: u64,
-        stack: &mut Stack,
-        mut overlay: Option<&mut Overlay>,
-        mut jobs: Option<&mut JobHost>,
-        info: NodeInfo<'_>,
-    ) {
+    fn service_session(&mut self, i: usize, cx: &mut Context<'_>) {
+        let now_us = cx.now_us;
         let handle = self.sessions[i].handle;
-        let state = stack.sockets.get::<tcp::Socket>(handle).state();
+        let state = cx.stack.sockets.get::<tcp::Socket>(handle).state();
         if state == tcp::State::Listen || state == tcp::State::SynReceived {
             return;
         }
-        if !self.sessions[i].greeted && stack.sockets.get::<tcp::Socket>(handle).may_send() {
-            let source = stack
+        if !self.sessions[i].greeted && cx.stack.sockets.get::<tcp::Socket>(handle).may_send() {
+            let source = cx
+                .stack
                 .sockets
                 .get::<tcp::Socket>(handle)
                 .remote_endpoint()
                 .map(|e| e.addr);
             if let Some(source) = source {
+                let stack = &*cx.stack;
                 let held = self.sessions.iter().filter(|s| s.greeted).filter_map(|s| {
                     stack
                         .sockets
@@ -350,7 +332,7 @@ impl Diag {
                     .over_cap(source, held, guard::DIAG_SLOTS_PER_SOURCE)
                 {
                     self.counters.source_capped += 1;
-                    stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                    cx.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
                     return;
                 }
                 self.sessions[i].from_host = self.policy.is_host(source);
@@ -358,16 +340,22 @@ impl Diag {
             self.sessions[i].greeted = true;
             self.sessions[i].last_activity_us = now_us;
             self.counters.tcp_sessions += 1;
-            let report = self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info);
-            let _ = stack
+            let report = self.report(cx);
+            let _ = cx
+                .stack
                 .sockets
                 .get_mut::<tcp::Socket>(handle)
                 .send_slice(report.as_bytes());
         }
-        // Read what arrived, line by line.
+        // Read what arrived (first what an earlier pass left), line by line.
         let mut input = [0u8; 512];
-        let n = {
-            let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+        self.sessions[i].resume = false;
+        let backlog = core::mem::take(&mut self.sessions[i].backlog);
+        let n = if !backlog.is_empty() {
+            input[..backlog.len()].copy_from_slice(&backlog);
+            backlog.len()
+        } else {
+            let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
             if socket.can_recv() {
                 socket.recv_slice(&mut input).unwrap_or(0)
             } else {
@@ -377,7 +365,7 @@ impl Diag {
         if n > 0 {
             self.sessions[i].last_activity_us = now_us;
         }
-        for &b in &input[..n] {
+        for (k, &b) in input[..n].iter().enumerate() {
             let s = &mut self.sessions[i];
             if b == b'\n' {
                 if s.skipping {
@@ -385,16 +373,13 @@ impl Diag {
                     continue;
                 }
                 let line = core::mem::take(&mut s.line);
-                if !self.command(
-                    &line,
-                    i,
-                    handle,
-                    now_us,
-                    stack,
-                    overlay.as_deref_mut(),
-                    jobs.as_deref_mut(),
-                    info,
-                ) {
+                if !self.command(&line, i, handle, cx) {
+                    break;
+                }
+                if core::mem::take(&mut self.routed) {
+                    // The answer comes back in this pass; the next line waits for the next.
+                    self.sessions[i].backlog = input[k + 1..n].to_vec();
+                    self.sessions[i].resume = true;
                     break;
                 }
             } else if s.line.len() >= LINE_MAX {
@@ -402,7 +387,8 @@ impl Diag {
                     s.skipping = true;
                     s.line.clear();
                     self.counters.bad_requests += 1;
-                    let _ = stack
+                    let _ = cx
+                        .stack
                         .sockets
                         .get_mut::<tcp::Socket>(handle)
                         .send_slice(b"error: line too long\n");
@@ -412,8 +398,10 @@ impl Diag {
             }
         }
         let s = &self.sessions[i];
-        let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
-        if s.challenge_deadline_us != 0 && now_us > s.challenge_deadline_us {
+        let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
+        if s.resume {
+            // Closing waits until the routed command's answer is in the socket.
+        } else if s.challenge_deadline_us != 0 && now_us > s.challenge_deadline_us {
             // An unanswered challenge frees the slot within the deadline.
             self.counters.auth_timeouts += 1;
             socket.abort();
@@ -428,31 +416,30 @@ impl Diag {
         }
     }
 
-    /// Runs one command line; returns false when the session ends.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs one command line of session `i`; returns false when the session ends. The line is
+    /// parsed (`diag_command::parse`) and checked here, before anything acts on it: a test
+    /// helper outside a test image and an operator command from a session that has not
+    /// authenticated are refused. What another service answers goes on the bus only after these
+    /// checks (`routed` is set; the answer comes back on the bus).
     fn command(
         &mut self,
         line: &[u8],
         i: usize,
         handle: SocketHandle,
-        now_us: u64,
-        stack: &mut Stack,
-        overlay: Option<&mut Overlay>,
-        jobs: Option<&mut JobHost>,
-        info: NodeInfo<'_>,
+        cx: &mut Context<'_>,
     ) -> bool {
         let cmd = match diag_command::parse(line) {
             Ok(cmd) => cmd,
             Err(e) => {
                 self.counters.bad_requests += 1;
-                return self.reply(stack, handle, &alloc::format!("error: {e}\n"));
+                return reply(cx, handle, &alloc::format!("error: {e}\n"));
             }
         };
         let spec = cmd.spec();
         if spec.test_only && !cfg!(feature = "diag-test") {
             self.counters.bad_requests += 1;
-            return self.reply(
-                stack,
+            return reply(
+                cx,
                 handle,
                 &alloc::format!(
                     "error: {} is compiled only into test images (image build --diag-test)\n",
@@ -460,26 +447,34 @@ impl Diag {
                 ),
             );
         }
-        if spec.access == Access::Operator && !self.sessions[i].auth.authenticated() {
+        let operator = self.sessions[i].auth.authenticated();
+        if spec.access == Access::Operator && !operator {
             self.counters.unauthorized += 1;
-            return self.reply(
-                stack,
-                handle,
-                "error: authentication required (auth? then auth MAC)\n",
-            );
+            return reply(cx, handle, UNAUTHORIZED_REPLY);
         }
-        let reply: String = match cmd {
-            DiagCommand::Stats => {
-                self.report(now_us, stack, overlay.as_deref(), jobs.as_deref(), info)
+        if let Some(command) = RoutedCommand::from_parsed(&cmd) {
+            // Another service's (or nobody's: then it comes back to `unclaimed`).
+            cx.outbox.post(ServiceEvent::Command {
+                session: handle,
+                command,
+                operator,
+            });
+            self.routed = true;
+            return true;
+        }
+        let now_us = cx.now_us;
+        let reply_text: String = match cmd {
+            DiagCommand::Stats => self.report(cx),
+            // The job host's lines and the client port's, as before they were two services.
+            DiagCommand::Jobs => {
+                let mut out = String::with_capacity(2048);
+                if cx.peers.report_of("jobs", &mut out) {
+                    cx.peers.report_of("client", &mut out);
+                } else {
+                    out.push_str("jobs=off\n");
+                }
+                out + "end\n"
             }
-            DiagCommand::JobsTasks => match (jobs.as_deref(), overlay.as_deref()) {
-                (Some(j), Some(o)) => j.tasks_text(o),
-                _ => String::from("jobs=off\nend\n"),
-            },
-            DiagCommand::Jobs => match jobs.as_deref() {
-                Some(j) => j.status_text() + "end\n",
-                None => String::from("jobs=off\nend\n"),
-            },
             DiagCommand::AuthChallenge => {
                 let mut nonce = [0u8; OPERATOR_KEY_LEN];
                 self.rng.mix(&crate::arch::cpu::rdtsc().to_le_bytes());
@@ -507,7 +502,7 @@ impl Diag {
                         self.counters.auth_failed += 1;
                         log::warn!("diag: operator authentication refused: {e}");
                         if s.auth.failures() >= AUTH_FAILURES_MAX {
-                            let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+                            let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
                             let _ = socket.send_slice(b"error: authentication failed\n");
                             socket.close();
                             return false;
@@ -517,45 +512,13 @@ impl Diag {
                 }
             }
             #[cfg(feature = "diag-test")]
-            DiagCommand::JobSha256 { tasks } => {
-                let result = match (jobs, overlay) {
-                    (Some(j), Some(o)) => j.submit_sha256(now_us, o, u64::from(tasks)),
-                    _ => Err(String::from("jobs are off on this node")),
-                };
-                self.job_answer(result)
-            }
-            #[cfg(feature = "diag-test")]
-            DiagCommand::JobPrimes { start, end, tasks } => {
-                let result = match (jobs, overlay) {
-                    (Some(j), Some(o)) => j.submit_primes(now_us, o, start, end, u64::from(tasks)),
-                    _ => Err(String::from("jobs are off on this node")),
-                };
-                self.job_answer(result)
-            }
-            #[cfg(feature = "diag-test")]
             DiagCommand::BenchSeal { n } => bench_seal(n),
             #[cfg(not(feature = "diag-test"))]
-            DiagCommand::JobSha256 { .. }
-            | DiagCommand::JobPrimes { .. }
-            | DiagCommand::BenchSeal { .. } => {
-                return self.reply(stack, handle, "error: a test helper\n");
+            DiagCommand::BenchSeal { .. } => {
+                return reply(cx, handle, "error: a test helper\n");
             }
             DiagCommand::Ping => String::from("pong\n"),
             DiagCommand::Help => diag_command::help_text(cfg!(feature = "diag-test")),
-            DiagCommand::Overlay { words } => {
-                let Some(overlay) = overlay else {
-                    self.counters.bad_requests += 1;
-                    return self.reply(stack, handle, "error: the overlay is off on this node\n");
-                };
-                match overlay.command(now_us, &words, handle) {
-                    Ok(Some(text)) => text,
-                    Ok(None) => return true,
-                    Err(e) => {
-                        self.counters.bad_requests += 1;
-                        alloc::format!("error: {e}\n")
-                    }
-                }
-            }
             DiagCommand::Probe { target, count } => match self.start_probe(target, count, handle) {
                 Ok(()) => return true,
                 Err(e) => {
@@ -564,51 +527,46 @@ impl Diag {
                 }
             },
             DiagCommand::Quit => {
-                let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+                let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
                 let _ = socket.send_slice(b"bye\n");
                 socket.close();
                 return false;
             }
             DiagCommand::Shutdown => {
                 log::info!("diag: shutdown requested over TCP");
-                self.shutdown_requested = true;
-                let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+                cx.request_shutdown();
+                let socket = cx.stack.sockets.get_mut::<tcp::Socket>(handle);
                 let _ = socket.send_slice(b"shutting down\n");
                 socket.close();
                 return false;
             }
+            // Routed above.
+            DiagCommand::Overlay { .. }
+            | DiagCommand::JobsTasks
+            | DiagCommand::JobPrimes { .. }
+            | DiagCommand::JobSha256 { .. } => return true,
         };
-        let _ = stack
-            .sockets
-            .get_mut::<tcp::Socket>(handle)
-            .send_slice(reply.as_bytes());
-        true
+        reply(cx, handle, &reply_text)
     }
 
-    /// The reply line to a diagnostic job submission.
-    #[cfg(feature = "diag-test")]
-    fn job_answer(&mut self, result: Result<String, String>) -> String {
-        match result {
-            Ok(text) => text,
-            Err(e) => {
-                self.counters.bad_requests += 1;
-                alloc::format!("error: {e}\n")
+    /// A routed command no service answered: the answers of a node whose overlay (and so job
+    /// host) is off.
+    fn unclaimed(&mut self, command: &RoutedCommand) -> String {
+        let error = match command {
+            RoutedCommand::JobsTasks => return String::from("jobs=off\nend\n"),
+            RoutedCommand::Overlay(_) => "error: the overlay is off on this node\n",
+            RoutedCommand::JobPrimes { .. } | RoutedCommand::JobSha256 { .. } => {
+                "error: jobs are off on this node\n"
             }
-        }
-    }
-
-    /// Sends one reply line; the session goes on.
-    fn reply(&self, stack: &mut Stack, handle: SocketHandle, text: &str) -> bool {
-        let _ = stack
-            .sockets
-            .get_mut::<tcp::Socket>(handle)
-            .send_slice(text.as_bytes());
-        true
+        };
+        self.counters.bad_requests += 1;
+        String::from(error)
     }
 
     /// Earliest time a session or the running probe needs attention.
-    pub fn next_deadline_us(&self, stack: &Stack) -> Option<u64> {
+    fn next_deadline(&self, now_us: u64, stack: &Stack) -> Option<u64> {
         let probe = self.probe.as_ref().map(|p| p.sent_at_us + PROBE_TIMEOUT_US);
+        let backlog = self.sessions.iter().any(|s| s.resume).then_some(now_us);
         self.sessions
             .iter()
             .filter(|s| {
@@ -624,6 +582,7 @@ impl Diag {
                 }
             })
             .chain(probe)
+            .chain(backlog)
             .min()
     }
 
@@ -763,23 +722,20 @@ impl Diag {
     }
 
     /// Whether every TCP reply has left (used before a requested shutdown).
-    pub fn flushed(&self, stack: &Stack) -> bool {
+    fn all_sent(&self, stack: &Stack) -> bool {
         self.sessions.iter().all(|s| {
             let socket = stack.sockets.get::<tcp::Socket>(s.handle);
             socket.send_queue() == 0
         })
     }
 
-    /// The report: `key=value` lines between a header and `end`.
-    pub fn report(
-        &self,
-        now_us: u64,
-        stack: &Stack,
-        overlay: Option<&Overlay>,
-        jobs: Option<&JobHost>,
-        info: NodeInfo<'_>,
-    ) -> String {
-        let (facts, config) = (info.facts, info.config);
+    /// The report: `key=value` lines between a header and `end`: its own and the loop's,
+    /// then every other service's section (in set order).
+    fn report(&self, cx: &Context<'_>) -> String {
+        let (now_us, stack) = (cx.now_us, &*cx.stack);
+        let (facts, config) = (cx.node.facts, cx.node.config);
+        let lc = cx.loop_counters;
+        let bus = cx.outbox.counters();
         let (heap_in_use, heap_high, heap_size) = heap::usage();
         let nic = &stack.phy.nic.stats;
         let arp = &stack.phy.neighbours.stats;
@@ -798,13 +754,12 @@ impl Diag {
              rx_frames={}\ntx_frames={}\nrx_bytes={}\ntx_bytes={}\nrx_errors={}\ntx_queue_full={}\nrx_ignored={}\n\
              arp_neighbours={}\narp_requests={}\narp_replies={}\narp_queued={}\narp_dropped={}\n\
              irq_timer={}\nirq_nic={}\nirq_spurious={}\nirq_other={}\nwakeups={}\nbusy_polls={}\nbusy_naps={}\n\
-             sleeps_until_stack={}\nsleeps_until_diag={}\nsleeps_until_overlay={}\nsleeps_until_jobs={}\n\
+             {}bus_posted={}\nbus_dropped={}\nbus_unclaimed={}\n\
              udp_requests={}\necho_packets={}\ntcp_sessions={}\ntcp_idle_closed={}\nbad_requests={}\n\
              diag_auth_ok={}\ndiag_auth_failed={}\ndiag_auth_timeouts={}\ndiag_unauthorized={}\n\
              diag_source_capped={}\nudp_from_service_port={}\nudp_rate_limited={}\nudp_too_small={}\n\
              arp_refused={}\nentropy={}\n\
-             boot_phases_us={}\n{}{}\
-             end\n",
+             boot_phases_us={}\n",
             config.node_name,
             config.server_id,
             ip,
@@ -837,13 +792,13 @@ impl Diag {
             IRQS.nic.load(Ordering::Relaxed),
             IRQS.spurious.load(Ordering::Relaxed),
             IRQS.other.load(Ordering::Relaxed),
-            c.wakeups,
-            c.busy_polls,
-            c.busy_naps,
-            c.sleeps_until[0],
-            c.sleeps_until[1],
-            c.sleeps_until[2],
-            c.sleeps_until[3],
+            lc.wakeups,
+            lc.busy_polls,
+            lc.busy_naps,
+            SleepCauses(&lc.sleeps_until),
+            bus.posted,
+            bus.dropped,
+            bus.unclaimed,
             c.udp_requests,
             c.echo_packets,
             c.tcp_sessions,
@@ -860,13 +815,79 @@ impl Diag {
             arp.refused,
             EntropySources(config),
             PhaseList(facts),
-            overlay.map_or_else(
-                || String::from("overlay=off\n"),
-                |o| o.status_text() + &o.trust_text()
-            ),
-            jobs.map_or_else(|| String::from("jobs=off\n"), JobHost::status_text),
         );
+        cx.peers.report_all(&mut out);
+        // Sections the report always has: a node without the overlay says so.
+        for name in ["overlay", "jobs"] {
+            if !cx.peers.has(name) {
+                let _ = writeln!(out, "{name}=off");
+            }
+        }
+        out.push_str("end\n");
         out
+    }
+}
+
+impl Service for Diag {
+    fn name(&self) -> &'static str {
+        "diag"
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        self.service(cx);
+    }
+
+    fn handle(
+        &mut self,
+        cx: &mut Context<'_>,
+        _from: &'static str,
+        event: ServiceEvent,
+    ) -> Option<ServiceEvent> {
+        let (session, text) = match event {
+            ServiceEvent::CommandReply {
+                session,
+                text,
+                failed,
+            } => {
+                if failed {
+                    self.counters.bad_requests += 1;
+                }
+                (session, text)
+            }
+            // Its own command, back because no other service answers it.
+            ServiceEvent::Command {
+                session, command, ..
+            } => (session, self.unclaimed(&command)),
+            other => return Some(other),
+        };
+        // The session is one of ours; it may have closed meanwhile.
+        if self.sessions.iter().any(|s| s.handle == session) {
+            let tcp = cx.stack.sockets.get_mut::<tcp::Socket>(session);
+            if tcp.may_send() {
+                let _ = tcp.send_slice(text.as_bytes());
+            }
+        }
+        None
+    }
+
+    fn next_deadline_us(&self, now_us: u64, stack: &Stack) -> Option<u64> {
+        self.next_deadline(now_us, stack)
+    }
+
+    fn flushed(&self, stack: &Stack) -> bool {
+        self.all_sent(stack)
+    }
+}
+
+/// `sleeps_until_<cause>=n` lines, one per cause.
+struct SleepCauses<'a>(&'a [(&'static str, u64)]);
+
+impl core::fmt::Display for SleepCauses<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (name, n) in self.0 {
+            writeln!(f, "sleeps_until_{name}={n}")?;
+        }
+        Ok(())
     }
 }
 
@@ -973,6 +994,16 @@ fn fit_datagram(report: &str, max: usize) -> Option<alloc::borrow::Cow<'_, str>>
     }
     out.push_str(TAIL);
     (out.len() <= max).then_some(alloc::borrow::Cow::Owned(out))
+}
+
+/// Sends one reply to a session; the session goes on.
+fn reply(cx: &mut Context<'_>, handle: SocketHandle, text: &str) -> bool {
+    let _ = cx
+        .stack
+        .sockets
+        .get_mut::<tcp::Socket>(handle)
+        .send_slice(text.as_bytes());
+    true
 }
 
 /// Failed answers after which a session is closed.

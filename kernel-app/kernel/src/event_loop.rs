@@ -1,14 +1,20 @@
-//! The event loop: poll the stack and the services, then sleep in `hlt` until the NIC's
-//! interrupt or the one-shot timer armed for the earliest deadline. No periodic tick.
+//! The event loop: poll the stack and the set of services (`service::ServiceSet`), then sleep
+//! in `hlt` until the NIC's interrupt or the one-shot timer armed for the earliest deadline.
+//! No periodic tick. The services are built here in boot order and added to the set in the
+//! order they are polled; a new service is one `set.add(..)` line.
 
 use unipeer_node::launch::{GuestExit, LaunchConfig, READY_MARKER};
 
+use alloc::boxed::Box;
+
 use crate::arch::{self, apic, cpu};
-use crate::diag::{Diag, NodeInfo};
+use crate::client::ClientPort;
+use crate::diag::Diag;
 use crate::jobs::JobHost;
 use crate::net::Stack;
 use crate::net::virtio::Nic;
 use crate::overlay::Overlay;
+use crate::service::{NodeInfo, ServiceSet};
 use crate::{BootFacts, clock, console};
 
 /// Longest sleep without a deadline: the timer is re-armed after it (the counter's range is
@@ -32,7 +38,7 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
     facts.transport = nic.kind;
     let _ = facts.phases.push(("nic", cpu::rdtsc()));
     let mut stack = Stack::new(&config, nic, clock::now_us());
-    let mut diag = Diag::new(&mut stack, &config);
+    let diag = Diag::new(&mut stack, &config);
     let entropy = cpu::hardware_entropy();
     // `overlay=0` in the launch config leaves the overlay off (VM density measurements).
     let mut overlay = if config.extra("overlay") == Some(&[0]) {
@@ -47,17 +53,29 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         }
     };
     let _ = facts.phases.push(("services", cpu::rdtsc()));
-    // The job host (agent, job channel, client port) runs wherever the overlay does.
-    let mut jobs = overlay.as_mut().map(|o| {
-        JobHost::new(
+    // The job host (agent, job channel) and the client port run wherever the overlay does.
+    let jobs = overlay.as_mut().map(|o| {
+        let host = JobHost::new(
             &config,
             &mut stack,
             o,
             facts.heap_bytes,
             &entropy,
             clock::now_us(),
-        )
+        );
+        let client = ClientPort::new(&mut stack, &config, o, &entropy);
+        (host, client)
     });
+    // Polled in this order (each pass's events are handed out after the polls).
+    let mut set = ServiceSet::new();
+    if let Some(o) = overlay {
+        set.add(Box::new(o));
+    }
+    set.add(Box::new(diag));
+    if let Some((host, client)) = jobs {
+        set.add(Box::new(host));
+        set.add(Box::new(client));
+    }
     facts.ready_tsc = cpu::rdtsc();
     let _ = facts.phases.push(("jobs", facts.ready_tsc));
     let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
@@ -89,14 +107,16 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         facts.transport,
         stack.phy.nic.mac,
     );
-    if let Some(j) = jobs.as_ref() {
-        j.log_summary();
-    }
+    set.log_summaries();
     if config.extra("exit_after_ready").is_some() {
         log::info!("exit_after_ready set: leaving");
         arch::exit(GuestExit::Success);
     }
 
+    let info = NodeInfo {
+        facts: &facts,
+        config: &config,
+    };
     let mut shutdown_at: Option<u64> = None;
     // Consecutive passes that did not sleep; a long run means a deadline that keeps being due
     // (e.g. a frame smoltcp cannot send yet), and then the loop naps instead of spinning.
@@ -104,29 +124,13 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
     loop {
         let now = clock::now_us();
         stack.poll(now);
-        if let Some(o) = overlay.as_mut() {
-            o.service(now, &mut stack, jobs.as_mut());
-        }
-        diag.service(
-            now,
-            &mut stack,
-            overlay.as_mut(),
-            jobs.as_mut(),
-            NodeInfo {
-                facts: &facts,
-                config: &config,
-            },
-        );
-        // After the diagnostic commands, so what they start (a job) goes out in this pass.
-        if let (Some(j), Some(o)) = (jobs.as_mut(), overlay.as_mut()) {
-            j.service(now, &mut stack, o);
-        }
+        set.poll(now, &mut stack, info);
         // Replies queued by the services go out in the same wake-up.
         stack.poll(now);
 
-        if diag.shutdown_requested {
+        if set.shutdown_requested() {
             let since = *shutdown_at.get_or_insert(now);
-            if diag.flushed(&stack) || now - since > SHUTDOWN_FLUSH_US {
+            if set.flushed(&stack) || now - since > SHUTDOWN_FLUSH_US {
                 log::info!("shutting down");
                 arch::exit(GuestExit::Success);
             }
@@ -134,44 +138,37 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
 
         // Sleep until the earliest deadline, unless work is already waiting.
         if stack.phy.nic.rx_pending() && busy_streak < BUSY_STREAK_MAX {
-            diag.counters.busy_polls += 1;
+            set.counters.busy_polls += 1;
             busy_streak += 1;
             continue;
         }
         let now = clock::now_us();
         let mut delay = stack.poll_delay_us(now).unwrap_or(MAX_SLEEP_US);
-        // Which service set the deadline (counted per sleep, for the report).
+        // Who set the deadline (counted per sleep, by name, for the report); 0 is the stack.
         let mut cause = 0;
-        let overlay_at = overlay.as_ref().and_then(Overlay::next_deadline_us);
-        let jobs_at = jobs.as_ref().and_then(|j| j.next_deadline_us(now));
-        for (i, at) in [diag.next_deadline_us(&stack), overlay_at, jobs_at]
-            .into_iter()
-            .enumerate()
+        if let Some((at, by)) = set.next_deadline_us(now, &stack)
+            && at.saturating_sub(now) < delay
         {
-            if let Some(at) = at
-                && at.saturating_sub(now) < delay
-            {
-                delay = at.saturating_sub(now);
-                cause = i + 1;
-            }
+            delay = at.saturating_sub(now);
+            cause = by;
         }
         if delay < MAX_SLEEP_US {
-            diag.counters.sleeps_until[cause] += 1;
+            set.counters.sleeps_until[cause].1 += 1;
         }
         if shutdown_at.is_some() {
             delay = delay.min(1_000);
         }
         if delay == 0 && busy_streak < BUSY_STREAK_MAX {
-            diag.counters.busy_polls += 1;
+            set.counters.busy_polls += 1;
             busy_streak += 1;
             continue;
         }
         if busy_streak >= BUSY_STREAK_MAX {
-            diag.counters.busy_naps += 1;
+            set.counters.busy_naps += 1;
         }
         busy_streak = 0;
         apic::arm_oneshot_us(delay.clamp(BUSY_NAP_US, MAX_SLEEP_US));
         cpu::wait_for_interrupt();
-        diag.counters.wakeups += 1;
+        set.counters.wakeups += 1;
     }
 }

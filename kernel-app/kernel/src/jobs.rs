@@ -1,6 +1,8 @@
 //! The job host: drives the node core's [`JobAgent`] beside the overlay peer the way the job
 //! simulator does (`tests/jobsim`), runs the linked applications, and carries job messages on
-//! the **job channel**.
+//! the **job channel**. A [`Service`]: it reaches the overlay through the loop's
+//! [`OverlayAccess`], takes the overlay's events and the client port's requests from the bus,
+//! and puts the agent's events there.
 //!
 //! Job channel: TCP on the overlay port + [`JOB_PORT_OFFSET`]. Every job message is one frame
 //! (`auth::stream::frame`, length-prefixed). A node keeps at most [`OUT_POOL`] outgoing
@@ -34,21 +36,22 @@ use sha2::{Digest, Sha256};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
-use unipeer_node::NodeId;
+use unipeer_node::auth::Csprng;
 use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
-use unipeer_node::auth::{Csprng, SessionLayer};
 use unipeer_node::jobs::JobAgent;
 use unipeer_node::jobs::app::{App, AppSet, Slice, SliceState};
 use unipeer_node::jobs::delegation::{NodeKeyAuthority, TokenAuthority};
 use unipeer_node::jobs::wire::{JOB_PORT_OFFSET, MAX_JOB_MESSAGE};
 use unipeer_node::jobs::{JobConfig, JobEvent, Work};
 use unipeer_node::launch::{LaunchConfig, PeerAddr};
-use unipeer_node::{Event, Instant};
+use unipeer_node::{Instant, NodeId};
 
-use crate::client::ClientPort;
 use crate::net::Stack;
 use crate::net::guard::{self, SourcePolicy};
-use crate::overlay::{Overlay, OverlayNode};
+use crate::service::{
+    Context, Demand, Dht, JobReply, JobRequest, Outbox, OverlayAccess, RoutedCommand, Service,
+    ServiceEvent, StreamKeys, UNAUTHORIZED_REPLY,
+};
 
 /// Outgoing job connections at once (one per destination).
 pub const OUT_POOL: usize = 16;
@@ -354,7 +357,7 @@ impl JobChannel {
         &mut self,
         now_us: u64,
         stack: &mut Stack,
-        mut trust: Option<&mut SessionLayer>,
+        mut trust: Option<&mut (dyn StreamKeys + '_)>,
         rng: &mut Csprng,
     ) {
         let mut i = 0;
@@ -378,7 +381,7 @@ impl JobChannel {
         i: usize,
         now_us: u64,
         stack: &mut Stack,
-        trust: Option<&mut SessionLayer>,
+        trust: Option<&mut (dyn StreamKeys + '_)>,
         rng: &mut Csprng,
     ) -> bool {
         let me = self.me;
@@ -539,7 +542,7 @@ impl JobChannel {
         &mut self,
         now_us: u64,
         stack: &mut Stack,
-        mut trust: Option<&mut SessionLayer>,
+        mut trust: Option<&mut (dyn StreamKeys + '_)>,
         mut deliver: impl FnMut(&[u8]),
     ) {
         self.wake_now = false;
@@ -779,7 +782,7 @@ enum Verdict {
 }
 
 fn verify(
-    trust: Option<&mut SessionLayer>,
+    trust: Option<&mut (dyn StreamKeys + '_)>,
     now_us: u64,
     peer: PeerAddr,
     nonce: &[u8; 16],
@@ -810,12 +813,11 @@ pub struct HostCounters {
     pub work_max_us: u64,
 }
 
-/// The job agent, its applications, the job channel and the client port.
+/// The job agent, its applications and the job channel.
 pub struct JobHost {
-    pub agent: JobAgent,
+    agent: JobAgent,
     apps: AppSet,
-    pub channel: JobChannel,
-    pub client: ClientPort,
+    channel: JobChannel,
     work: VecDeque<Work>,
     /// The task being run in slices, and the app's progress.
     current: Option<(Work, SliceState, u64)>,
@@ -830,6 +832,8 @@ pub struct JobHost {
     last_tick_us: u64,
     /// Last submission, client request or task run (None: never).
     last_busy_us: Option<u64>,
+    /// The other services' demand when last looked at (requests served, some waiting).
+    demand: Demand,
 }
 
 impl JobHost {
@@ -838,7 +842,7 @@ impl JobHost {
     pub fn new(
         config: &LaunchConfig,
         stack: &mut Stack,
-        overlay: &mut Overlay,
+        overlay: &mut dyn OverlayAccess,
         heap_bytes: u64,
         entropy: &[u8],
         now_us: u64,
@@ -865,9 +869,9 @@ impl JobHost {
         // of peers with verified sessions. Without trust material (a development VM in the
         // clear) there is no key to sign with: the node neither delegates nor accepts
         // delegated tasks (the report says `jobs_delegation=off`).
-        let auth: alloc::boxed::Box<dyn TokenAuthority> = match overlay.token_identity.take() {
+        let auth: alloc::boxed::Box<dyn TokenAuthority> = match overlay.take_token_identity() {
             Some(identity) => {
-                alloc::boxed::Box::new(NodeKeyAuthority::new(identity, overlay.peer_keys.clone()))
+                alloc::boxed::Box::new(NodeKeyAuthority::new(identity, overlay.peer_keys()))
             }
             None => {
                 cfg.delegation = false;
@@ -879,7 +883,7 @@ impl JobHost {
             cfg,
             apps.clone(),
             auth,
-            overlay.node.contact(),
+            overlay.dht().contact(),
             rng.bytes32(),
             instant(now_us),
         );
@@ -888,12 +892,10 @@ impl JobHost {
             port: config.net.overlay_port,
         };
         let channel = JobChannel::new(stack, me, heap_bytes, SourcePolicy::new(config));
-        let client = ClientPort::new(stack, config, overlay, &mut rng);
         JobHost {
             agent,
             apps,
             channel,
-            client,
             work: VecDeque::new(),
             current: None,
             rng,
@@ -903,6 +905,7 @@ impl JobHost {
             chunk_bytes_max: cfg.max_chunk_bytes,
             last_tick_us: now_us,
             last_busy_us: None,
+            demand: Demand::default(),
         }
     }
 
@@ -917,37 +920,36 @@ impl JobHost {
         );
     }
 
-    /// An overlay event: the agent's, a client session's, or not ours (false).
-    pub fn on_overlay_event(&mut self, now_us: u64, node: &mut OverlayNode, e: &Event) -> bool {
-        self.agent.handle_overlay_event(instant(now_us), node, e) || self.client.on_overlay_event(e)
-    }
-
-    /// Channel I/O, timers, client sessions, at most one work item; then the overlay's and the
-    /// agent's output.
-    pub fn service(&mut self, now_us: u64, stack: &mut Stack, overlay: &mut Overlay) {
+    /// Channel I/O, timers, at most one slice of work; the agent's output goes out in `flush`.
+    fn service(
+        &mut self,
+        now_us: u64,
+        stack: &mut Stack,
+        overlay: &mut dyn OverlayAccess,
+        demand: Demand,
+    ) {
         let now = instant(now_us);
         {
             let agent = &mut self.agent;
-            let node = &mut overlay.node;
-            self.channel
-                .pump_in(now_us, stack, overlay.trust.as_mut(), |m| {
-                    agent.handle_message(now, node, m)
-                });
+            let (dht, trust) = overlay.dht_and_keys();
+            let mut node = Dht(dht);
+            self.channel.pump_in(now_us, stack, trust, |m| {
+                agent.handle_message(now, &mut node, m)
+            });
         }
         if self.agent.poll_timeout().is_some_and(|t| t <= now) {
-            self.agent.handle_timeout(now, &mut overlay.node);
+            self.agent.handle_timeout(now, &mut Dht(overlay.dht()));
             self.last_tick_us = now_us;
         }
-        let requests = self.client.counters.requests;
-        self.client
-            .service(now_us, stack, overlay, &mut self.agent, &mut self.rng);
         // One task per pass, so the network keeps being serviced between tasks.
         while let Some(w) = self.agent.poll_work() {
             self.work.push_back(w);
         }
-        if self.client.counters.requests != requests {
+        // Requests served by other services (the client port) since the last pass.
+        if demand.requests != self.demand.requests {
             self.last_busy_us = Some(now_us);
         }
+        self.demand = demand;
         // One slice of the current task per pass (about SLICE_US of CPU), so leases are
         // renewed and keepalives answered while a long task runs.
         if self.current.is_none()
@@ -979,21 +981,19 @@ impl JobHost {
                     spent_us
                 );
                 let now_after = crate::clock::now_us();
-                self.agent
-                    .handle_work_done(instant(now_after), &mut overlay.node, w.id, result);
+                self.agent.handle_work_done(
+                    instant(now_after),
+                    &mut Dht(overlay.dht()),
+                    w.id,
+                    result,
+                );
             }
         }
-        // What the agent asked of the overlay (and the overlay's answers) goes out now.
-        overlay.flush(now_us, stack, Some(self));
-        self.drain(now_us);
-        self.channel
-            .pump_out(now_us, stack, overlay.trust.as_mut(), &mut self.rng);
-        overlay.send_trust(stack);
-        self.client.flush(now_us, stack);
     }
 
-    /// Moves the agent's transmits to the channel and its events to the client or the log.
-    fn drain(&mut self, now_us: u64) {
+    /// Moves the agent's transmits to the channel and its events onto the bus (for the client
+    /// port; what nobody claims comes back to `log_event`).
+    fn drain(&mut self, now_us: u64, outbox: &mut Outbox<'_>) {
         while let Some(t) = self.agent.poll_transmit() {
             self.channel.send(now_us, t.dst, t.payload);
         }
@@ -1001,35 +1001,37 @@ impl JobHost {
             self.work.push_back(w);
         }
         while let Some(e) = self.agent.poll_event() {
-            let Some(e) = self.client.on_job_event(e) else {
-                continue;
-            };
-            self.counters.events_unclaimed += 1;
-            match e {
-                JobEvent::TaskRegistered {
-                    job,
-                    task,
-                    verified,
-                    ..
-                } => log::info!("jobs: task {task} of job {job} registered (verified={verified})"),
-                JobEvent::TaskFailed { job, task, failure } => {
-                    log::info!("jobs: task {task} of job {job} failed: {failure:?}")
-                }
-                JobEvent::TaskDisputed { job, task, .. } => {
-                    log::info!("jobs: task {task} of job {job} disputed")
-                }
-                JobEvent::ReduceSpawned { job, task } => {
-                    log::info!("jobs: reduce task {task} of job {job} spawned")
-                }
-                JobEvent::Submitted { job } => log::info!("jobs: job {job} submitted"),
-                JobEvent::Dispatched { task, to } => log::debug!("jobs: {task} leased to {to}"),
-                JobEvent::ChunkFetched { id, .. } => log::debug!("jobs: chunk {id} fetched"),
+            outbox.post(ServiceEvent::Job(e));
+        }
+    }
+
+    /// An agent event no other service claimed.
+    fn log_event(&mut self, e: JobEvent) {
+        self.counters.events_unclaimed += 1;
+        match e {
+            JobEvent::TaskRegistered {
+                job,
+                task,
+                verified,
+                ..
+            } => log::info!("jobs: task {task} of job {job} registered (verified={verified})"),
+            JobEvent::TaskFailed { job, task, failure } => {
+                log::info!("jobs: task {task} of job {job} failed: {failure:?}")
             }
+            JobEvent::TaskDisputed { job, task, .. } => {
+                log::info!("jobs: task {task} of job {job} disputed")
+            }
+            JobEvent::ReduceSpawned { job, task } => {
+                log::info!("jobs: reduce task {task} of job {job} spawned")
+            }
+            JobEvent::Submitted { job } => log::info!("jobs: job {job} submitted"),
+            JobEvent::Dispatched { task, to } => log::debug!("jobs: {task} leased to {to}"),
+            JobEvent::ChunkFetched { id, .. } => log::debug!("jobs: chunk {id} fetched"),
         }
     }
 
     /// The earliest time the host needs a pass.
-    pub fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
+    fn next_deadline(&self, now_us: u64) -> Option<u64> {
         let busy = !self.work.is_empty() || self.current.is_some();
         let mut agent = self.agent.poll_timeout().map(Instant::as_micros);
         if self.quiet(now_us) {
@@ -1039,7 +1041,6 @@ impl JobHost {
             busy.then_some(now_us),
             agent,
             self.channel.next_deadline_us(now_us),
-            self.client.next_deadline_us(now_us),
         ]
         .into_iter()
         .flatten()
@@ -1053,7 +1054,7 @@ impl JobHost {
             && self.work.is_empty()
             && self.current.is_none()
             && self.channel.queued_frames() == 0
-            && !self.client.has_pending()
+            && !self.demand.waiting
             && self
                 .last_busy_us
                 .is_none_or(|t| now_us.saturating_sub(t) > QUIET_AFTER_US)
@@ -1062,10 +1063,10 @@ impl JobHost {
     #[cfg(feature = "diag-test")]
     /// `job-primes START END TASKS` from the diagnostic port: a primes job submitted from
     /// inside the node (user `diag`).
-    pub fn submit_primes(
+    fn submit_primes(
         &mut self,
         now_us: u64,
-        overlay: &mut Overlay,
+        overlay: &mut dyn OverlayAccess,
         start: u64,
         end: u64,
         tasks: u64,
@@ -1099,7 +1100,7 @@ impl JobHost {
     fn diag_submit(
         &mut self,
         now_us: u64,
-        overlay: &mut Overlay,
+        overlay: &mut dyn OverlayAccess,
         name: String,
         app: &str,
         nonce: u64,
@@ -1116,7 +1117,7 @@ impl JobHost {
         };
         let job = self
             .agent
-            .submit(instant(now_us), &mut overlay.node, &s)
+            .submit(instant(now_us), &mut Dht(overlay.dht()), &s)
             .map_err(|e| alloc::format!("{e}"))?;
         self.counters.diag_submits += 1;
         self.last_busy_us = Some(now_us);
@@ -1127,10 +1128,10 @@ impl JobHost {
     /// `job-sha256 TASKS` from the diagnostic port: TASKS tasks of the `sha256` app, each over
     /// one full-size (64 KiB) pseudo-random input chunk made here: a smoke test of big frames
     /// on the job channel (chunk uploads to their roots, executors' input fetches).
-    pub fn submit_sha256(
+    fn submit_sha256(
         &mut self,
         now_us: u64,
-        overlay: &mut Overlay,
+        overlay: &mut dyn OverlayAccess,
         tasks: u64,
     ) -> Result<String, String> {
         if tasks == 0 || tasks > 16 {
@@ -1159,14 +1160,14 @@ impl JobHost {
     }
 
     /// `jobs tasks`: one line per task this node supervises (at most 256), with its state.
-    pub fn tasks_text(&self, overlay: &Overlay) -> String {
-        use unipeer_node::jobs::Overlay as _;
+    fn tasks_text(&self, overlay: &mut dyn OverlayAccess) -> String {
+        let overlay = overlay.dht();
         use unipeer_node::jobs::record::TaskState;
         let mut out = String::new();
         let mut after = None;
         let mut shown = 0;
         'scan: loop {
-            let keys = overlay.node.record_keys_after(after, 64);
+            let keys = overlay.record_keys_after(after, 64);
             let Some(&last) = keys.last() else {
                 break;
             };
@@ -1208,8 +1209,8 @@ impl JobHost {
         out
     }
 
-    /// `key=value` lines for the report and the `jobs` command.
-    pub fn status_text(&self) -> String {
+    /// `key=value` lines for the report and the `jobs` command (the client port's follow).
+    fn status_text(&self) -> String {
         let a = self.agent.counters();
         let c = &self.channel.counters;
         let h = &self.counters;
@@ -1286,8 +1287,159 @@ impl JobHost {
             c.idle_closed,
             c.loopback,
         );
-        out.push_str(&self.client.status_text());
         out
+    }
+
+    /// A diagnostic command for the job host (`jobs tasks`, `job-primes`, `job-sha256`), as
+    /// diag parsed it.
+    fn command(
+        &mut self,
+        now_us: u64,
+        overlay: &mut dyn OverlayAccess,
+        command: &RoutedCommand,
+    ) -> Result<String, String> {
+        #[cfg(not(feature = "diag-test"))]
+        let _ = now_us;
+        match *command {
+            RoutedCommand::JobsTasks => Ok(self.tasks_text(overlay)),
+            #[cfg(feature = "diag-test")]
+            RoutedCommand::JobSha256 { tasks } => {
+                self.submit_sha256(now_us, overlay, u64::from(tasks))
+            }
+            #[cfg(feature = "diag-test")]
+            RoutedCommand::JobPrimes { start, end, tasks } => {
+                self.submit_primes(now_us, overlay, start, end, u64::from(tasks))
+            }
+            #[cfg(not(feature = "diag-test"))]
+            RoutedCommand::JobSha256 { .. } | RoutedCommand::JobPrimes { .. } => {
+                Err(String::from("a test helper"))
+            }
+            RoutedCommand::Overlay(_) => Err(String::from("not a job host command")),
+        }
+    }
+
+    /// What the client port asks of the agent.
+    fn client_request(
+        &mut self,
+        now_us: u64,
+        overlay: &mut dyn OverlayAccess,
+        request: JobRequest,
+    ) -> Option<JobReply> {
+        let now = instant(now_us);
+        self.last_busy_us = Some(now_us);
+        let mut node = Dht(overlay.dht());
+        Some(match request {
+            JobRequest::StoreInput(data) => JobReply::Stored(self.agent.store_input(now, &data)),
+            JobRequest::Submit { user, request } => JobReply::Submitted {
+                result: self.agent.submit_stored(now, &mut node, &user, &request),
+                tasks: request.tasks.len(),
+                app: request.app,
+            },
+            JobRequest::Fetch(id) => {
+                self.agent.fetch_chunk(now, &mut node, id);
+                return None;
+            }
+            JobRequest::Cancel { job, tasks } => JobReply::Cancelled {
+                job,
+                asked: self.agent.cancel(now, &mut node, &tasks),
+            },
+            JobRequest::Capacity => JobReply::Capacity {
+                apps: self.apps.names().map(String::from).collect(),
+                slots: self.agent.slots(),
+                running: self.agent.running(),
+            },
+        })
+    }
+}
+
+impl Service for JobHost {
+    fn name(&self) -> &'static str {
+        "jobs"
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        let demand = cx.peers.demand();
+        if let Some(overlay) = cx.peers.overlay() {
+            self.service(cx.now_us, cx.stack, overlay, demand);
+        }
+    }
+
+    /// The agent's transmits into the channel, its events onto the bus; channel output.
+    fn flush(&mut self, cx: &mut Context<'_>) {
+        self.drain(cx.now_us, &mut cx.outbox);
+        let trust = cx.peers.overlay().and_then(|o| o.dht_and_keys().1);
+        self.channel
+            .pump_out(cx.now_us, cx.stack, trust, &mut self.rng);
+    }
+
+    fn handle(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &'static str,
+        event: ServiceEvent,
+    ) -> Option<ServiceEvent> {
+        let Some(overlay) = cx.peers.overlay() else {
+            return Some(event);
+        };
+        match event {
+            ServiceEvent::Overlay(e) => {
+                let used = self.agent.handle_overlay_event(
+                    instant(cx.now_us),
+                    &mut Dht(overlay.dht()),
+                    &e,
+                );
+                (!used).then_some(ServiceEvent::Overlay(e))
+            }
+            // Its own event, back after every other service passed on it.
+            ServiceEvent::Job(e) => {
+                self.log_event(e);
+                None
+            }
+            // The overlay's commands are not its own.
+            ServiceEvent::Command {
+                session,
+                command,
+                operator,
+            } if !matches!(command, RoutedCommand::Overlay(_)) => {
+                let (text, failed) = if !command.allowed(operator) {
+                    (String::from(UNAUTHORIZED_REPLY), true)
+                } else {
+                    match self.command(cx.now_us, overlay, &command) {
+                        Ok(text) => (text, false),
+                        Err(e) => (alloc::format!("error: {e}\n"), true),
+                    }
+                };
+                cx.outbox.send_to(
+                    from,
+                    ServiceEvent::CommandReply {
+                        session,
+                        text,
+                        failed,
+                    },
+                );
+                None
+            }
+            ServiceEvent::JobRequest { session, request } => {
+                if let Some(reply) = self.client_request(cx.now_us, overlay, request) {
+                    cx.outbox
+                        .send_to(from, ServiceEvent::JobReply { session, reply });
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    fn next_deadline_us(&self, now_us: u64, _stack: &Stack) -> Option<u64> {
+        self.next_deadline(now_us)
+    }
+
+    fn report(&self, out: &mut String) {
+        out.push_str(&self.status_text());
+    }
+
+    fn log_summary(&self) {
+        JobHost::log_summary(self);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The overlay peer in the kernel: drives `unipeer_node::Node` from a UDP socket and the clock,
 //! and answers overlay commands from the diagnostic TCP port (`overlay`, `lookup`, `put`,
-//! `get`).
+//! `get`). A [`Service`]: the node's events go out on the loop's bus, and other services use
+//! the overlay through [`OverlayAccess`] (DHT requests, trust sessions, the delegator).
 
 use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
@@ -12,7 +13,7 @@ use core::fmt::Write;
 
 use alloc::borrow::Cow;
 use smoltcp::iface::SocketHandle;
-use smoltcp::socket::{tcp, udp};
+use smoltcp::socket::udp;
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
 use unipeer_node::auth::delegation::DelegationCounters;
 use unipeer_node::auth::{
@@ -24,10 +25,13 @@ use unipeer_node::jobs::delegation::PeerKeys;
 use unipeer_node::launch::{LaunchConfig, PeerAddr};
 use unipeer_node::node::RequestKind;
 use unipeer_node::wire::{SealError, Sealer};
-use unipeer_node::{Event, Instant, Key, Node, NodeConfig, OpId, ServerTag};
+use unipeer_node::{Event, Instant, Key, Node, NodeConfig, NodeId, OpId, ServerTag, jobs};
 
-use crate::jobs::JobHost;
 use crate::net::Stack;
+use crate::service::{
+    Context, Outbox, OverlayAccess, RoutedCommand, Service, ServiceEvent, SessionId, StreamKeys,
+    UNAUTHORIZED_REPLY, command_allowed,
+};
 
 /// Datagrams taken from the socket per pass (bounded work).
 const RX_BUDGET: usize = 64;
@@ -68,34 +72,31 @@ impl Sealer for Headroom {
 /// The overlay node as the kernel runs it.
 pub type OverlayNode = Node<Headroom>;
 
-/// Rounds of "send what the node wants sent, hand its events out" per flush: events handled
-/// by the job host may make the node send more.
-const FLUSH_ROUNDS: usize = 8;
-
 /// The overlay peer, its trust layer, and the TCP sessions waiting for answers.
 pub struct Overlay {
-    pub node: OverlayNode,
+    node: OverlayNode,
     /// Authenticated, sealed sessions with peers; `None` when the launch config carries no
     /// trust material (a single development VM), and then the overlay runs in the clear.
-    pub trust: Option<SessionLayer>,
+    trust: Option<SessionLayer>,
     /// Serial of this node's own certificate (what `unipeer ca revoke` names).
     cert_serial: u64,
     socket: SocketHandle,
-    waiting: BTreeMap<OpId, SocketHandle>,
-    pub counters: OverlayCounters,
+    /// Diagnostic commands waiting for their request: the session and the service that asked.
+    waiting: BTreeMap<OpId, (SessionId, &'static str)>,
+    counters: OverlayCounters,
     /// The signed user list, the credentials this node holds and the credential delegation
     /// with its neighbours (the client port authenticates users with it); `None` without
     /// trust material or without a user list.
-    pub delegator: Option<CredentialDelegator>,
+    delegator: Option<CredentialDelegator>,
     /// Trust-channel messages that were not for this node's trust services (undecodable,
     /// or from a peer whose session no longer answers for its address).
     trust_unhandled: u64,
     /// The node's identity key for signing delegation tokens (taken by the job host);
     /// `None` without trust material.
-    pub token_identity: Option<IdentityKey>,
+    token_identity: Option<IdentityKey>,
     /// Public keys of the peers with verified sessions, for checking delegation tokens
     /// (shared with the job agent's token authority; refreshed in `service`).
-    pub peer_keys: Rc<RefCell<PeerKeys>>,
+    peer_keys: Rc<RefCell<PeerKeys>>,
     /// (sessions established, sessions held, revocation version) when `peer_keys` was last
     /// refreshed: any change means sessions came or went.
     keys_fingerprint: (u64, usize, u64),
@@ -228,9 +229,9 @@ impl Overlay {
         })
     }
 
-    /// Feeds datagrams and due timers to the node and sends what it wants sent; its events go
-    /// to the job host first (`jobs`), the rest are answered here.
-    pub fn service(&mut self, now_us: u64, stack: &mut Stack, jobs: Option<&mut JobHost>) {
+    /// Feeds datagrams and due timers to the node; what it wants sent and its events go out
+    /// in `flush`.
+    fn service(&mut self, now_us: u64, stack: &mut Stack) {
         let now = instant(now_us);
         let socket = stack.sockets.get_mut::<udp::Socket>(self.socket);
         let mut buf = [0u8; DATAGRAM_MAX];
@@ -285,12 +286,11 @@ impl Overlay {
         if self.node.poll_timeout().is_some_and(|t| t <= now) {
             self.node.handle_timeout(now);
         }
-        self.flush(now_us, stack, jobs);
     }
 
     /// Ends credential requests past their time and hands the delegator's messages to the
     /// trust layer, sealed on the Trust channel (they go out with `send_trust`).
-    pub fn pump_delegation(&mut self, now: Instant) {
+    fn pump_delegation(&mut self, now: Instant) {
         let (Some(del), Some(layer)) = (self.delegator.as_mut(), self.trust.as_mut()) else {
             return;
         };
@@ -307,7 +307,7 @@ impl Overlay {
 
     /// Whom to ask for a credential: leaf-set members and the nearest neighbours, those with
     /// an established session first (at most `MAX_ASKED` are asked).
-    pub fn delegation_neighbours(&self) -> Vec<PeerAddr> {
+    fn delegation_neighbours(&self) -> Vec<PeerAddr> {
         let mut out: Vec<PeerAddr> = Vec::new();
         let leaf = self.node.leaf_set().contacts().map(|c| c.addr);
         let near = self
@@ -346,51 +346,40 @@ impl Overlay {
         }
     }
 
-    /// Sends what the node wants sent and hands its events out: to the job host first (which
-    /// claims its own requests' answers), the rest answered here. Repeats while events come,
-    /// since the job host's handling may make the node send more.
-    pub fn flush(&mut self, now_us: u64, stack: &mut Stack, mut jobs: Option<&mut JobHost>) {
+    /// Sends what the node wants sent and puts its events on the bus (the services that asked
+    /// claim their answers; what nobody claims comes back to `on_event`); then the credential
+    /// delegation's messages and the trust layer's datagrams. The loop calls it again while
+    /// events come, since their handling may make the node send more.
+    fn flush(&mut self, now_us: u64, stack: &mut Stack, outbox: &mut Outbox<'_>) {
         let now = instant(now_us);
-        for _ in 0..FLUSH_ROUNDS {
-            let socket = stack.sockets.get_mut::<udp::Socket>(self.socket);
-            while let Some(t) = self.node.poll_transmit() {
-                match self.trust.as_mut() {
-                    Some(layer) => {
-                        if layer
-                            .send(now, t.dst, Channel::Overlay, &t.payload)
-                            .is_err()
-                        {
-                            self.counters.trust_send_drops += 1;
-                        }
-                    }
-                    None => {
-                        if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
-                            self.counters.socket_drops += 1;
-                        }
+        let socket = stack.sockets.get_mut::<udp::Socket>(self.socket);
+        while let Some(t) = self.node.poll_transmit() {
+            match self.trust.as_mut() {
+                Some(layer) => {
+                    if layer
+                        .send(now, t.dst, Channel::Overlay, &t.payload)
+                        .is_err()
+                    {
+                        self.counters.trust_send_drops += 1;
                     }
                 }
-            }
-            let mut any = false;
-            while let Some(event) = self.node.poll_event() {
-                any = true;
-                self.counters.events += 1;
-                let claimed = match jobs.as_deref_mut() {
-                    Some(j) => j.on_overlay_event(now_us, &mut self.node, &event),
-                    None => false,
-                };
-                if !claimed {
-                    self.on_event(event, stack);
+                None => {
+                    if socket.send_slice(&t.payload, endpoint(t.dst)).is_err() {
+                        self.counters.socket_drops += 1;
+                    }
                 }
-            }
-            if !any {
-                break;
             }
         }
+        while let Some(event) = self.node.poll_event() {
+            self.counters.events += 1;
+            outbox.post(ServiceEvent::Overlay(event));
+        }
+        self.pump_delegation(now);
         self.send_trust(stack);
     }
 
     /// Sends the trust layer's datagrams (handshakes, sealed overlay datagrams).
-    pub fn send_trust(&mut self, stack: &mut Stack) {
+    fn send_trust(&mut self, stack: &mut Stack) {
         if let Some(layer) = self.trust.as_mut() {
             let socket = stack.sockets.get_mut::<udp::Socket>(self.socket);
             while let Some(t) = layer.poll_transmit() {
@@ -401,14 +390,21 @@ impl Overlay {
         }
     }
 
-    fn reply(stack: &mut Stack, session: SocketHandle, line: &str) {
-        let tcp = stack.sockets.get_mut::<tcp::Socket>(session);
-        if tcp.may_send() {
-            let _ = tcp.send_slice(line.as_bytes());
-        }
+    /// Answers a diagnostic command that waited for its request (through the bus, to the
+    /// service that asked).
+    fn reply(outbox: &mut Outbox<'_>, (session, asker): (SessionId, &'static str), line: &str) {
+        outbox.send_to(
+            asker,
+            ServiceEvent::CommandReply {
+                session,
+                text: String::from(line),
+                failed: false,
+            },
+        );
     }
 
-    fn on_event(&mut self, event: Event, stack: &mut Stack) {
+    /// An event of the node no other service claimed.
+    fn on_event(&mut self, event: Event, outbox: &mut Outbox<'_>) {
         match event {
             Event::Joined => {
                 log::info!(
@@ -442,7 +438,7 @@ impl Overlay {
                         let _ = write!(line, "{}{id}", if i > 0 { "," } else { "" });
                     }
                     line.push('\n');
-                    Self::reply(stack, session, &line);
+                    Self::reply(outbox, session, &line);
                 }
             }
             Event::PutDone {
@@ -453,7 +449,7 @@ impl Overlay {
             } => {
                 if let Some(session) = self.waiting.remove(&op) {
                     let line = alloc::format!("put key={key} root={} version={version}\n", root.id);
-                    Self::reply(stack, session, &line);
+                    Self::reply(outbox, session, &line);
                 }
             }
             Event::GetDone {
@@ -471,7 +467,7 @@ impl Overlay {
                         ),
                         None => alloc::format!("get key={key} root={} value=none\n", root.id),
                     };
-                    Self::reply(stack, session, &line);
+                    Self::reply(outbox, session, &line);
                 }
             }
             Event::RequestFailed { op, key, kind } => {
@@ -484,20 +480,21 @@ impl Overlay {
                         RequestKind::Handoff => "handoff",
                     };
                     let line = alloc::format!("{what} key={key} error=failed\n");
-                    Self::reply(stack, session, &line);
+                    Self::reply(outbox, session, &line);
                 }
             }
             Event::Delivered { .. } => {}
         }
     }
 
-    /// Runs an overlay command from a TCP session; `Err` is the error text to send back.
-    /// `Ok(None)`: the answer follows when the request completes.
-    pub fn command(
+    /// Runs an overlay command from a diagnostic session (`asker` is the service that holds
+    /// it); `Err` is the error text to send back. `Ok(None)`: the answer follows when the
+    /// request completes.
+    fn command(
         &mut self,
         now_us: u64,
         words: &[&str],
-        session: SocketHandle,
+        session: (SessionId, &'static str),
     ) -> Result<Option<String>, String> {
         let now = instant(now_us);
         let started = match words {
@@ -561,7 +558,7 @@ impl Overlay {
     }
 
     /// `key=value` lines for the diagnostic report.
-    pub fn status_text(&self) -> String {
+    fn status_text(&self) -> String {
         let s = self.node.status();
         let c = self.node.counters();
         alloc::format!(
@@ -585,7 +582,7 @@ impl Overlay {
     }
 
     /// The earliest deadline of the node and the trust layer, in kernel microseconds.
-    pub fn next_deadline_us(&self) -> Option<u64> {
+    fn next_deadline(&self) -> Option<u64> {
         let trust = self.trust.as_ref().and_then(|l| l.poll_timeout());
         let delegation = self.delegator.as_ref().and_then(|d| d.poll_timeout());
         [self.node.poll_timeout(), trust, delegation]
@@ -596,7 +593,7 @@ impl Overlay {
     }
 
     /// `key=value` lines about the trust layer.
-    pub fn trust_text(&self) -> String {
+    fn trust_text(&self) -> String {
         let Some(layer) = &self.trust else {
             return String::from("trust=off\n");
         };
@@ -642,7 +639,7 @@ impl Overlay {
     }
 
     /// `key=value` lines about credential delegation (`deleg_*`).
-    pub fn delegation_text(&self) -> String {
+    fn delegation_text(&self) -> String {
         let Some(d) = self.delegator.as_ref() else {
             return String::from("deleg=off\n");
         };
@@ -688,4 +685,109 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// First words of the diagnostic commands the overlay answers.
+impl Service for Overlay {
+    fn name(&self) -> &'static str {
+        "overlay"
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        self.service(cx.now_us, cx.stack);
+    }
+
+    fn flush(&mut self, cx: &mut Context<'_>) {
+        self.flush(cx.now_us, cx.stack, &mut cx.outbox);
+    }
+
+    fn handle(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &'static str,
+        event: ServiceEvent,
+    ) -> Option<ServiceEvent> {
+        match event {
+            // Its own event, back after every other service passed on it.
+            ServiceEvent::Overlay(e) => {
+                self.on_event(e, &mut cx.outbox);
+                None
+            }
+            ServiceEvent::Command {
+                session,
+                command: RoutedCommand::Overlay(words),
+                operator,
+            } => {
+                let words: Vec<&str> = words.iter().map(String::as_str).collect();
+                let name = words.first().copied().unwrap_or("overlay");
+                let (text, failed) = if !command_allowed(name, operator) {
+                    (String::from(UNAUTHORIZED_REPLY), true)
+                } else {
+                    match self.command(cx.now_us, &words, (session, from)) {
+                        Ok(Some(text)) => (text, false),
+                        Ok(None) => return None,
+                        Err(e) => (alloc::format!("error: {e}\n"), true),
+                    }
+                };
+                cx.outbox.send_to(
+                    from,
+                    ServiceEvent::CommandReply {
+                        session,
+                        text,
+                        failed,
+                    },
+                );
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    fn next_deadline_us(&self, _now_us: u64, _stack: &Stack) -> Option<u64> {
+        self.next_deadline()
+    }
+
+    fn report(&self, out: &mut String) {
+        out.push_str(&self.status_text());
+        out.push_str(&self.trust_text());
+    }
+
+    fn as_overlay(&mut self) -> Option<&mut dyn OverlayAccess> {
+        Some(self)
+    }
+}
+
+impl OverlayAccess for Overlay {
+    fn dht(&mut self) -> &mut dyn jobs::Overlay {
+        &mut self.node
+    }
+
+    fn dht_and_keys(&mut self) -> (&mut dyn jobs::Overlay, Option<&mut dyn StreamKeys>) {
+        let keys = self.trust.as_mut().map(|t| t as &mut dyn StreamKeys);
+        (&mut self.node, keys)
+    }
+
+    fn trusted(&self) -> bool {
+        self.trust.is_some()
+    }
+
+    fn node_id(&self) -> NodeId {
+        self.node.id()
+    }
+
+    fn delegator(&mut self) -> Option<&mut CredentialDelegator> {
+        self.delegator.as_mut()
+    }
+
+    fn delegation_neighbours(&self) -> Vec<PeerAddr> {
+        Overlay::delegation_neighbours(self)
+    }
+
+    fn take_token_identity(&mut self) -> Option<IdentityKey> {
+        self.token_identity.take()
+    }
+
+    fn peer_keys(&self) -> Rc<RefCell<PeerKeys>> {
+        self.peer_keys.clone()
+    }
 }
