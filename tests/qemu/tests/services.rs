@@ -1,8 +1,9 @@
 //! The kernel's services and the bus between them (kernel-app/kernel/src/service.rs), seen
 //! from the diagnostic port: commands another service answers keep the order they were sent
 //! in, an answer is not lost when the client half-closes, what no service answers gets the
-//! same replies as before the split (with the overlay off too), and the report names the bus
-//! and every service's sleeps.
+//! same replies as before the split (with the overlay off too), operator commands another
+//! service answers are refused to a session that has not authenticated before they reach the
+//! bus, and the report names the bus and every service's sleeps.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -107,6 +108,43 @@ fn routed_commands_keep_their_order_and_the_report_names_the_bus() {
     );
     let want = format!("end\npong\nerror: unknown command (try help)\nend\n{help}");
     assert_eq!(got, want, "answers out of order{}", context(&vm));
+
+    // Operator commands the overlay or the job host answers, from a session that has not
+    // authenticated: refused by diag, in order, and none of them acts (the `put` stores
+    // nothing, the job host submits nothing).
+    let refused = "error: authentication required (auth? then auth MAC)\n";
+    let got = exchange(
+        &vm,
+        None,
+        "put secret-key v\nlookup k\nget k\nrevoke 00\njob-primes 0 10 2\njob-sha256 1\nping\n",
+        false,
+        "pong\n",
+    );
+    assert_eq!(
+        got,
+        format!("{}pong\n", refused.repeat(6)),
+        "unauthenticated routed commands{}",
+        context(&vm)
+    );
+    let r1 = diag::query_tcp(vm.ports.diag_tcp_addr(), scaled(PROBE))
+        .unwrap_or_else(|e| panic!("report: {e}{}", context(&vm)));
+    assert_eq!(
+        field(&r1, "diag_unauthorized"),
+        field(&r0, "diag_unauthorized") + 6,
+        "{:?}",
+        r1.fields
+    );
+    assert_eq!(
+        field(&r1, "jobs_diag_submits"),
+        field(&r0, "jobs_diag_submits")
+    );
+    // Authenticated, the same session may: `get` finds nothing under the refused `put`'s key.
+    let got = exchange(&vm, Some(&key), "get secret-key\n", false, "\n");
+    assert!(
+        got.starts_with("get key=") && got.ends_with("value=none\n"),
+        "the refused put stored something: {got:?}{}",
+        context(&vm)
+    );
 
     // A routed command followed by the end of the client's input still gets its answer.
     let got = exchange(&vm, None, "jobs tasks\n", true, "end\n");
