@@ -304,6 +304,9 @@ impl ClientPort {
         agent: &mut JobAgent,
         rng: &mut Csprng,
     ) {
+        // Sockets closed in an earlier pass listen again; one aborted in this pass keeps its
+        // endpoint until the stack has sent its RST (listen() would forget it).
+        self.relisten(stack);
         self.on_delegation_events(now_us, overlay, rng);
         for i in 0..self.sessions.len() {
             self.service_session(i, now_us, stack, overlay, agent, rng);
@@ -815,7 +818,6 @@ impl ClientPort {
                 socket.close();
             }
         }
-        self.relisten(stack);
     }
 
     pub fn next_deadline_us(&self, now_us: u64) -> Option<u64> {

@@ -249,6 +249,9 @@ impl Diag {
         mut jobs: Option<&mut JobHost>,
         info: NodeInfo<'_>,
     ) {
+        // Sockets closed in an earlier pass listen again; one aborted in this pass keeps its
+        // endpoint until the stack has sent its RST (listen() would forget it).
+        self.relisten(stack);
         // Echo: bounce datagrams back to their senders (same size), within the guard's rules.
         {
             let socket = stack.sockets.get_mut::<udp::Socket>(self.echo);
@@ -314,7 +317,6 @@ impl Diag {
             );
         }
         self.service_probe(now_us, stack);
-        self.relisten(stack);
     }
 
     fn service_session(
@@ -609,6 +611,12 @@ impl Diag {
     /// Earliest time a session or the running probe needs attention.
     pub fn next_deadline_us(&self, stack: &Stack) -> Option<u64> {
         let probe = self.probe.as_ref().map(|p| p.sent_at_us + PROBE_TIMEOUT_US);
+        // A socket aborted in the last pass listens again in the next one, at once.
+        let relisten = self
+            .sessions
+            .iter()
+            .any(|s| stack.sockets.get::<tcp::Socket>(s.handle).state() == tcp::State::Closed)
+            .then_some(0);
         self.sessions
             .iter()
             .filter(|s| {
@@ -624,6 +632,7 @@ impl Diag {
                 }
             })
             .chain(probe)
+            .chain(relisten)
             .min()
     }
 
@@ -929,6 +938,7 @@ const COMPACT_KEYS: &[&str] = &[
     "udp_requests",
     "echo_packets",
     "tcp_sessions",
+    "diag_source_capped",
     "bad_requests",
     "tcp_idle_closed",
     "simd",
