@@ -184,8 +184,12 @@ pub fn query_udp(addr: SocketAddr, timeout: Duration) -> Result<Report, ProbeErr
     let start = Instant::now();
     let retry = Duration::from_millis(200);
     let mut buf = [0u8; 2048];
+    // Padded to a full datagram: a node answers a source other than the host with no more
+    // bytes than it was sent.
+    let mut request = [b' '; 1200];
+    request[..6].copy_from_slice(b"stats\n");
     while start.elapsed() < timeout {
-        socket.send_to(b"stats\n", addr)?;
+        socket.send_to(&request, addr)?;
         socket.set_read_timeout(Some(
             retry.min(
                 timeout

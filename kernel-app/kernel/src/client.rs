@@ -347,6 +347,9 @@ impl ClientPort {
         outbox: &mut Outbox<'_>,
         rng: &mut Csprng,
     ) {
+        // Sockets closed in an earlier pass listen again; one aborted in this pass keeps its
+        // endpoint until the stack has sent its RST (listen() would forget it).
+        self.relisten(stack);
         self.on_delegation_events(now_us, overlay);
         for i in 0..self.sessions.len() {
             self.service_session(i, now_us, stack, overlay, outbox, rng);
@@ -993,7 +996,6 @@ impl ClientPort {
                 socket.close();
             }
         }
-        self.relisten(stack);
     }
 
     fn next_deadline(&self, now_us: u64) -> Option<u64> {

@@ -243,6 +243,9 @@ impl Diag {
     fn service(&mut self, cx: &mut Context<'_>) {
         let now_us = cx.now_us;
         let config = cx.node.config;
+        // Sockets closed in an earlier pass listen again; one aborted in this pass keeps its
+        // endpoint until the stack has sent its RST (listen() would forget it).
+        self.relisten(cx.stack);
         // Echo: bounce datagrams back to their senders (same size), within the guard's rules.
         {
             let socket = cx.stack.sockets.get_mut::<udp::Socket>(self.echo);
@@ -301,7 +304,6 @@ impl Diag {
             self.service_session(i, cx);
         }
         self.service_probe(now_us, cx.stack);
-        self.relisten(cx.stack);
     }
 
     fn service_session(&mut self, i: usize, cx: &mut Context<'_>) {
@@ -567,6 +569,12 @@ impl Diag {
     fn next_deadline(&self, now_us: u64, stack: &Stack) -> Option<u64> {
         let probe = self.probe.as_ref().map(|p| p.sent_at_us + PROBE_TIMEOUT_US);
         let backlog = self.sessions.iter().any(|s| s.resume).then_some(now_us);
+        // A socket aborted in the last pass listens again in the next one, at once.
+        let relisten = self
+            .sessions
+            .iter()
+            .any(|s| stack.sockets.get::<tcp::Socket>(s.handle).state() == tcp::State::Closed)
+            .then_some(0);
         self.sessions
             .iter()
             .filter(|s| {
@@ -583,6 +591,7 @@ impl Diag {
             })
             .chain(probe)
             .chain(backlog)
+            .chain(relisten)
             .min()
     }
 
@@ -950,6 +959,7 @@ const COMPACT_KEYS: &[&str] = &[
     "udp_requests",
     "echo_packets",
     "tcp_sessions",
+    "diag_source_capped",
     "bad_requests",
     "tcp_idle_closed",
     "simd",

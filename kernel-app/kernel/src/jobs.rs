@@ -545,6 +545,9 @@ impl JobChannel {
         mut trust: Option<&mut (dyn StreamKeys + '_)>,
         mut deliver: impl FnMut(&[u8]),
     ) {
+        // Sockets closed in an earlier pass listen again; one aborted in this pass keeps its
+        // endpoint until the stack has sent its RST (listen() would forget it).
+        self.relisten(stack);
         self.wake_now = false;
         while let Some(m) = self.loopback.pop_front() {
             deliver(&m);
@@ -733,7 +736,6 @@ impl JobChannel {
                 socket.abort();
             }
         }
-        self.relisten(stack);
     }
 
     fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
