@@ -316,11 +316,32 @@ pub fn tcp_command(
             }
             Err(e) => return Err(e.into()),
         }
-        if out.ends_with(b"\n") && command != "stats" {
+        if reply_complete(command, &out) {
             break;
         }
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Whether `out` is the whole reply to `command`. A reply arrives in as many reads as TCP and
+/// the buffer cut it into, and a read can end at a line's end in the middle of a listing, so
+/// the shape decides: the report and the listings (`jobs`, `jobs tasks`, `leafset`) end with an
+/// `end` line, `help` has two lines, an error and every other reply one.
+fn reply_complete(command: &str, out: &[u8]) -> bool {
+    if !out.ends_with(b"\n") {
+        return false;
+    }
+    if out.starts_with(b"error:") {
+        return true;
+    }
+    let words: Vec<&str> = command.split_ascii_whitespace().collect();
+    match words.as_slice() {
+        [] | ["stats"] | ["jobs"] | ["jobs", "tasks"] | ["leafset"] => {
+            out == b"end\n" || out.ends_with(b"\nend\n")
+        }
+        ["help"] => out.iter().filter(|&&b| b == b'\n').count() >= 2,
+        _ => true,
+    }
 }
 
 /// Round trips of `count` UDP echo requests of `size` bytes, one at a time; lost probes (no
@@ -406,6 +427,29 @@ mod tests {
         std::fs::write(&path, "not hex\n").unwrap();
         assert!(OperatorKey::read(&path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_reply_cut_at_a_line_end_is_not_whole() {
+        let jobs = "jobs=on\njobs_slots=2\njobch_bad_frames=0\nclient_sessions=1\nend\n";
+        let cut = jobs.find("jobch_bad_frames=0\n").unwrap() + "jobch_bad_frames=0\n".len();
+        assert!(!reply_complete("jobs", &jobs.as_bytes()[..cut]));
+        assert!(reply_complete("jobs", jobs.as_bytes()));
+        assert!(!reply_complete("jobs tasks", b"task job=1 state=running\n"));
+        assert!(reply_complete("jobs tasks", b"end\n"));
+        assert!(reply_complete(
+            "leafset",
+            b"leaf id=1 addr=10.0.0.1:7000\nend\n"
+        ));
+        assert!(!reply_complete("help", b"commands (open): stats, ping\n"));
+        assert!(reply_complete(
+            "help",
+            b"commands (open): stats\ncommands (after auth): shutdown\n"
+        ));
+        assert!(reply_complete("jobs nope", b"error: usage: jobs [tasks]\n"));
+        assert!(reply_complete("ping", b"pong\n"));
+        assert!(!reply_complete("ping", b"po"));
+        assert!(!reply_complete("stats", b"unipeer-node diag v1\nname=n1\n"));
     }
 
     #[test]
