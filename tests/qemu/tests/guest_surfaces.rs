@@ -298,3 +298,43 @@ fn one_source_cannot_hold_the_diagnostic_slots() {
     assert!(report.num("diag_auth_timeouts") >= 1, "{:?}", report.fields);
     shutdown(vm);
 }
+
+#[test]
+fn a_node_with_trust_material_refuses_a_seed_not_from_the_os() {
+    let _guard = exclusive();
+    let opts = options("seed-mark", Machine::Microvm);
+    let store_dir = opts.run_dir.join("authority");
+    unipeer::cluster::ensure_authority(&store_dir).expect("authority store");
+    let mut store = unipeer::ca::AuthorityStore::open(&store_dir).expect("open the store");
+    store
+        .add_peer("seed-mark", "local", 3_600_000)
+        .expect("certify the node");
+    let material = unipeer::ca::launch_material(&store, "seed-mark", &[]).expect("material");
+    let (mut spec, _, mut config) = vm::user_net_spec(image(), &opts).expect("spec");
+    config.node_key = material.node_key;
+    config.certificate = material.certificate;
+    config.extra.extend(material.extra);
+    // With the mark the node boots (checked first, so the refusal below is the mark's doing).
+    spec.config_blob = config.encode().expect("encodes");
+    let mut good = spec.spawn().expect("spawn");
+    good.wait_for_line(READY_MARKER, vm::ready_timeout(opts.accel))
+        .unwrap_or_else(|e| panic!("the marked node did not boot: {e}\n{}", good.serial()));
+    good.kill();
+    // Without it: a clear error and the bad-config exit, before any key is derived.
+    config
+        .extra
+        .retain(|(k, _)| k != unipeer_node::launch::SEED_SOURCE_EXTRA);
+    spec.name = "seed-unmarked".into();
+    spec.config_blob = config.encode().expect("encodes");
+    let mut bad = spec.spawn().expect("spawn");
+    let status = bad
+        .wait_exit(scaled(Duration::from_secs(30)))
+        .unwrap_or_else(|e| panic!("the unmarked node did not exit: {e}\n{}", bad.serial()));
+    assert_eq!(
+        status.code(),
+        Some(GuestExit::BadConfig.qemu_status()),
+        "{}",
+        bad.serial()
+    );
+    assert!(bad.serial().contains("seed_source=os"), "{}", bad.serial());
+}
