@@ -30,7 +30,8 @@ pub struct AuthBenchArgs {
     pub vm_seals: u32,
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
-    /// Image name under images/.
+    /// Image name under images/ (for `--vm`: built with `--diag-test`, which carries the
+    /// node's `bench-seal` helper; e.g. the test image `test`).
     #[arg(long, default_value = "default")]
     pub image: String,
 }

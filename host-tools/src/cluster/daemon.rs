@@ -609,7 +609,7 @@ impl Shared {
             .map_err(|e| format!("{e:#}"))?
             .authority_public();
         let foreign = self.material("flood-foreign", &server, &foreign_store)?;
-        super::flood::flood(
+        let mut report = super::flood::flood(
             PeerAddr {
                 ipv4: ip.octets(),
                 port: OVERLAY_PORT,
@@ -619,7 +619,11 @@ impl Shared {
             (&foreign, foreign_authority),
             legit,
             count,
-        )
+        )?;
+        if let UplinkStatus::Up { ifname, .. } = &self.uplink {
+            report.slots = Some(super::flood::slot_flood(ip, ifname, &self.operator_key)?);
+        }
+        Ok(report)
     }
 
     /// The node's key and certificate chain: issued on first use by its server's front-end

@@ -37,6 +37,9 @@ pub struct FloodReport {
     #[serde(default)]
     pub after_handshakes: u32,
     pub elapsed_ms: u64,
+    /// Connection-slot exhaustion from one source (needs the host uplink).
+    #[serde(default)]
+    pub slots: Option<SlotFloodReport>,
 }
 
 /// A small deterministic generator (the flood is reproducible from its seed).
@@ -321,4 +324,157 @@ pub fn handshakes(
         }
     }
     Ok(times)
+}
+
+/// The extra address on the host's uplink the slot flood comes from: one source that is not
+/// the host (the nodes exempt the host's own address from their per-source caps).
+pub const SLOT_FLOOD_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 255, 250);
+
+/// What a connection-slot flood from one source did, and whether the operator still got in.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SlotFloodReport {
+    /// Diagnostic-port connections (of 12 tried) greeted and open at once, and reset.
+    pub diag_held: usize,
+    pub diag_refused: usize,
+    /// Client-port (of 4) and job-channel (of 8) connections open after a second.
+    pub client_held: usize,
+    pub job_held: usize,
+    /// The operator authenticated and ran `ping` from the host while the flood held its slots.
+    pub operator_ok: bool,
+    /// Until the node had closed every connection of the flood (it sends no hello).
+    pub freed_ms: u64,
+}
+
+/// A TCP connection from `source` to `to`, with a connect/read deadline.
+fn connect_from(
+    source: std::net::Ipv4Addr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<std::net::TcpStream, String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    let tv =
+        nix::sys::time::TimeVal::new(timeout.as_secs() as i64, i64::from(timeout.subsec_micros()));
+    setsockopt(&fd, sockopt::SendTimeout, &tv).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+    setsockopt(&fd, sockopt::ReceiveTimeout, &tv).map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+    let o = source.octets();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(o[0], o[1], o[2], o[3], 0),
+    )
+    .map_err(|e| format!("bind {source}: {e}"))?;
+    let SocketAddr::V4(v4) = to else {
+        return Err("IPv4 only".into());
+    };
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))
+        .map_err(|e| format!("connect {to} from {source}: {e}"))?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
+/// Whether the node still holds `s` open (nothing but maybe data waiting; no EOF, no reset).
+fn still_open(s: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    if s.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4096];
+    let open = loop {
+        match (&*s).read(&mut buf) {
+            Ok(0) => break false,
+            Ok(_) => continue,
+            Err(e) => break e.kind() == std::io::ErrorKind::WouldBlock,
+        }
+    };
+    let _ = s.set_nonblocking(false);
+    open
+}
+
+/// Fills a node's connection slots from one source other than the host ([`SLOT_FLOOD_SOURCE`],
+/// added to the uplink `ifname` for the flood and removed after): 12 silent connections to the
+/// diagnostic port, 4 to the client port, 8 to the job channel. While they are held, the
+/// operator (from the host's own address) authenticates with `key` and runs `ping`. Bounded:
+/// 24 connections, a few seconds each.
+pub fn slot_flood(
+    target: std::net::Ipv4Addr,
+    ifname: &str,
+    key: &crate::diag::OperatorKey,
+) -> Result<SlotFloodReport, String> {
+    let cidr = format!("{SLOT_FLOOD_SOURCE}/16");
+    let added = std::process::Command::new("ip")
+        .args(["addr", "add", &cidr, "dev", ifname])
+        .status()
+        .map_err(|e| format!("ip addr add: {e}"))?;
+    let result = slot_flood_from(target, key);
+    if added.success() {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", &cidr, "dev", ifname])
+            .status();
+    }
+    result
+}
+
+fn slot_flood_from(
+    target: std::net::Ipv4Addr,
+    key: &crate::diag::OperatorKey,
+) -> Result<SlotFloodReport, String> {
+    use std::io::Read;
+    let step = Duration::from_secs(2);
+    let mut r = SlotFloodReport::default();
+    let diag_addr = SocketAddr::from((target, crate::vm::DIAG_TCP_PORT));
+    let client_addr = SocketAddr::from((target, unipeer_node::jobs::client::CLIENT_PORT));
+    let job_addr = SocketAddr::from((
+        target,
+        crate::vm::OVERLAY_PORT + unipeer_node::jobs::wire::JOB_PORT_OFFSET,
+    ));
+    let started = StdInstant::now();
+    let mut flood = Vec::new();
+    for (addr, n) in [(diag_addr, 12), (client_addr, 4), (job_addr, 8)] {
+        for _ in 0..n {
+            // A reset during the handshake is a refusal too.
+            if let Ok(s) = connect_from(SLOT_FLOOD_SOURCE, addr, step) {
+                flood.push((addr, s));
+            }
+        }
+    }
+    // The diagnostic port greets the ones it keeps; give the node a moment for the rest.
+    let mut buf = [0u8; 4096];
+    for (addr, s) in &mut flood {
+        if *addr == diag_addr {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            if !matches!(s.read(&mut buf), Ok(n) if n > 0) {
+                r.diag_refused += 1;
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (addr, s) in &flood {
+        if still_open(s) {
+            match *addr {
+                a if a == diag_addr => r.diag_held += 1,
+                a if a == client_addr => r.client_held += 1,
+                _ => r.job_held += 1,
+            }
+        }
+    }
+    // The operator, from the host's address, while the flood holds what it could.
+    r.operator_ok = crate::diag::tcp_command(diag_addr, Some(key), "ping", Duration::from_secs(5))
+        .is_ok_and(|reply| reply == "pong\n");
+    // Silent connections lose their slots at the hello deadline.
+    let deadline = StdInstant::now() + Duration::from_secs(15);
+    while flood.iter().any(|(_, s)| still_open(s)) && StdInstant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.freed_ms = started.elapsed().as_millis() as u64;
+    if flood.iter().any(|(_, s)| still_open(s)) {
+        r.freed_ms = u64::MAX;
+    }
+    Ok(r)
 }

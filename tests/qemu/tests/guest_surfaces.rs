@@ -112,6 +112,8 @@ fn operator_commands_need_the_key_and_bad_numbers_are_errors() {
         .unwrap_or_else(|e| panic!("no answer after job-primes: {e}{}", context(&vm)));
     assert!(r.num("diag_unauthorized") >= 4, "{:?}", r.fields);
     assert!(r.num("diag_auth_failed") >= 1 && r.num("diag_auth_ok") >= 1);
+    // Without trust material the node does no job delegation, and says so.
+    assert_eq!(r.get("jobs_delegation"), Some("off"), "{:?}", r.fields);
     // The seed came from the OS (and the CPU's instruction, when it has one).
     assert!(
         r.get("entropy").is_some_and(|e| e.starts_with("os-seed")),
@@ -187,11 +189,13 @@ fn udp_ports_do_not_amplify_rate_limit_and_ignore_service_ports() {
     );
     // Reflection: datagrams from another node's echo and diagnostic ports are not answered,
     // so two nodes cannot bounce a spoofed datagram between them.
+    let mut service_ports_tried = 0;
     for port in [7007u16, 7001, 7000] {
         let Ok(from_service) = UdpSocket::bind(("127.0.0.1", port)) else {
             println!("port {port} is taken on this host: skipped");
             continue;
         };
+        service_ports_tried += 1;
         for to in [echo_addr, diag_addr] {
             let got = answers(&from_service, to, &req, scaled(Duration::from_millis(400)));
             assert!(
@@ -200,16 +204,17 @@ fn udp_ports_do_not_amplify_rate_limit_and_ignore_service_ports() {
             );
         }
     }
-    let r = diag::query_udp(diag_addr, scaled(PROBE)).ok();
-    // (The host is rate limited as a stranger here: the report may be refused for a moment.)
-    if let Some(r) = r {
-        println!(
-            "udp_rate_limited={} udp_too_small={} udp_from_service_port={}",
-            r.num("udp_rate_limited"),
-            r.num("udp_too_small"),
-            r.num("udp_from_service_port")
-        );
-    }
+    // The node counted each kind of datagram it left unanswered.
+    let r = diag::query_tcp(vm.ports.diag_tcp_addr(), scaled(PROBE))
+        .unwrap_or_else(|e| panic!("report: {e}{}", context(&vm)));
+    println!(
+        "udp_rate_limited={} udp_too_small={} udp_from_service_port={}",
+        r.num("udp_rate_limited"),
+        r.num("udp_too_small"),
+        r.num("udp_from_service_port")
+    );
+    assert!(r.num("udp_rate_limited") >= 1 && r.num("udp_too_small") >= 1);
+    assert!(r.num("udp_from_service_port") >= 2 * service_ports_tried);
     shutdown(vm);
 }
 
@@ -297,4 +302,44 @@ fn one_source_cannot_hold_the_diagnostic_slots() {
     assert!(report.num("diag_source_capped") >= 1, "{:?}", report.fields);
     assert!(report.num("diag_auth_timeouts") >= 1, "{:?}", report.fields);
     shutdown(vm);
+}
+
+#[test]
+fn a_node_with_trust_material_refuses_a_seed_not_from_the_os() {
+    let _guard = exclusive();
+    let opts = options("seed-mark", Machine::Microvm);
+    let store_dir = opts.run_dir.join("authority");
+    unipeer::cluster::ensure_authority(&store_dir).expect("authority store");
+    let mut store = unipeer::ca::AuthorityStore::open(&store_dir).expect("open the store");
+    store
+        .add_peer("seed-mark", "local", 3_600_000)
+        .expect("certify the node");
+    let material = unipeer::ca::launch_material(&store, "seed-mark", &[]).expect("material");
+    let (mut spec, _, mut config) = vm::user_net_spec(image(), &opts).expect("spec");
+    config.node_key = material.node_key;
+    config.certificate = material.certificate;
+    config.extra.extend(material.extra);
+    // With the mark the node boots (checked first, so the refusal below is the mark's doing).
+    spec.config_blob = config.encode().expect("encodes");
+    let mut good = spec.spawn().expect("spawn");
+    good.wait_for_line(READY_MARKER, vm::ready_timeout(opts.accel))
+        .unwrap_or_else(|e| panic!("the marked node did not boot: {e}\n{}", good.serial()));
+    good.kill();
+    // Without it: a clear error and the bad-config exit, before any key is derived.
+    config
+        .extra
+        .retain(|(k, _)| k != unipeer_node::launch::SEED_SOURCE_EXTRA);
+    spec.name = "seed-unmarked".into();
+    spec.config_blob = config.encode().expect("encodes");
+    let mut bad = spec.spawn().expect("spawn");
+    let status = bad
+        .wait_exit(scaled(Duration::from_secs(30)))
+        .unwrap_or_else(|e| panic!("the unmarked node did not exit: {e}\n{}", bad.serial()));
+    assert_eq!(
+        status.code(),
+        Some(GuestExit::BadConfig.qemu_status()),
+        "{}",
+        bad.serial()
+    );
+    assert!(bad.serial().contains("seed_source=os"), "{}", bad.serial());
 }

@@ -156,6 +156,23 @@ fn a_node_survives_a_flood_of_forged_replayed_and_tampered_datagrams_accepting_n
         "a peer of another authority got a session"
     );
     assert!(f.after_established, "no fresh session after the flood");
+    // Connection-slot exhaustion from one source other than the host: it holds at most its
+    // share of each port, the operator still authenticates meanwhile, and the silent
+    // connections lose their slots at the hello deadline (3 s).
+    let slots = f
+        .slots
+        .as_ref()
+        .expect("the slot flood ran (host uplink up)");
+    assert!(
+        slots.diag_held >= 1 && slots.diag_held <= 3 && slots.diag_refused >= 9,
+        "{slots:?}"
+    );
+    assert!(slots.client_held <= 1 && slots.job_held <= 2, "{slots:?}");
+    assert!(
+        slots.operator_ok,
+        "the operator could not authenticate: {slots:?}"
+    );
+    assert!(slots.freed_ms < 10_000, "{slots:?}");
 
     // Exactly the authentic datagrams were delivered: the legitimate ones and the one the
     // fresh session sent afterwards; none of the hostile ones.
