@@ -330,8 +330,8 @@ fn print_status(st: &ClusterStatus) {
 
 pub fn logs(run_dir: &Path, node: &str, follow: bool) -> anyhow::Result<ExitCode> {
     let path = cluster::serial_log(run_dir, node)?;
-    let mut f =
-        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = unipeer::owner_only::open_read(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = std::io::stdout();
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)?;
@@ -349,7 +349,7 @@ pub fn logs(run_dir: &Path, node: &str, follow: bool) -> anyhow::Result<ExitCode
             offset = 0;
         }
         if len > offset {
-            let mut f = std::fs::File::open(&path)?;
+            let mut f = unipeer::owner_only::open_read(&path)?;
             f.seek(SeekFrom::Start(offset))?;
             buf.clear();
             f.read_to_end(&mut buf)?;

@@ -94,8 +94,9 @@ pub fn run(run_dir: &Path, a: FrontendArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "unipeer frontend: WARNING: the API listens on {addr}, beyond loopback: any host \
              that can reach this address may try it. Requests need the token in {} (copy it \
-             only over a trusted channel; clients take it from {}); CONNECT relays carry only \
-             the nodes' authenticated client port {}.",
+             only over a trusted channel; clients take it from {}), and it crosses the \
+             network in clear text (plain HTTP): reach the API through an SSH tunnel or a TLS \
+             proxy. CONNECT relays carry only the nodes' authenticated client port {}.",
             server.token_path().display(),
             frontend::access::TOKEN_ENV,
             frontend::CONNECT_PORT

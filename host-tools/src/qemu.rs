@@ -361,7 +361,7 @@ impl RunningVm {
 
     /// The serial console so far.
     pub fn serial(&self) -> String {
-        fs::read(&self.serial_path)
+        owner_only::read_file(&self.serial_path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     }
@@ -406,7 +406,7 @@ impl RunningVm {
         let mut offset = 0usize;
         let mut pending = String::new();
         loop {
-            if let Ok(mut f) = fs::File::open(&self.serial_path) {
+            if let Ok(mut f) = owner_only::open_read(&self.serial_path) {
                 use std::io::Seek;
                 let _ = f.seek(std::io::SeekFrom::Start(offset as u64));
                 let mut buf = Vec::new();

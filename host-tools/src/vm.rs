@@ -288,6 +288,8 @@ pub fn launch_ready(image: &Image, opts: &VmOptions) -> Result<ReadyVm, LaunchEr
     let (spec, ports, config) = user_net_spec(image, opts)?;
     let mut vm = spec.spawn()?;
     let (ready_line, seen_at) = vm.wait_for_line(READY_MARKER, ready_timeout(opts.accel))?;
+    // QEMU read the blob (it holds the node's key) before the guest ran: it goes now.
+    let _ = vm.remove_config();
     let launch_to_ready = seen_at.duration_since(vm.launched_at);
     Ok(ReadyVm {
         vm,

@@ -1016,7 +1016,7 @@ fn wait_ready(vms: &mut [(String, RunningVm)], timeout: Duration) -> Result<Vec<
             if times[i].is_some() {
                 continue;
             }
-            let serial = std::fs::read(&vm.serial_path).unwrap_or_default();
+            let serial = owner_only::read_file(&vm.serial_path).unwrap_or_default();
             if contains(&serial, READY_MARKER.as_bytes()) {
                 times[i] = Some(vm.launched_at.elapsed().as_secs_f64() * 1000.0);
                 // QEMU read its blob long before the guest got this far.

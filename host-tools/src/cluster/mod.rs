@@ -561,7 +561,9 @@ fn wait_daemon(run_dir: &Path, mut daemon: Child) -> Result<DaemonInfo, String> 
             return Ok(info);
         }
         if let Ok(Some(status)) = daemon.try_wait() {
-            let log = std::fs::read_to_string(run_dir.join("daemon.log")).unwrap_or_default();
+            let log = crate::owner_only::read_file(&run_dir.join("daemon.log"))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
             return Err(format!(
                 "the cluster daemon exited ({status}):\n{}",
                 log.trim()

@@ -78,17 +78,56 @@ pub fn find_token(dir: &Path, authority: &str) -> Option<String> {
 
 /// Why a request was refused before it reached a route.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: u16,
-    pub message: String,
+pub enum AccessRefused {
+    /// The request has no `Host` header.
+    NoHost,
+    /// `Host` names another server (a DNS-rebound name, another port).
+    ForeignHost { host: String, port: u16 },
+    /// A cross-origin request (a page of another site in a browser).
+    ForeignOrigin(String),
+    /// No `Authorization: Bearer` token.
+    NoToken,
+    /// A token that is not this front-end's.
+    WrongToken,
+    /// A `POST` without `Content-Type: application/json`.
+    NotJson,
 }
 
-fn refuse(status: u16, message: impl Into<String>) -> Refusal {
-    Refusal {
-        status,
-        message: message.into(),
+impl AccessRefused {
+    /// The HTTP status it is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            AccessRefused::NoHost | AccessRefused::ForeignHost { .. } => 400,
+            AccessRefused::NoToken | AccessRefused::WrongToken => 401,
+            AccessRefused::ForeignOrigin(_) => 403,
+            AccessRefused::NotJson => 415,
+        }
     }
 }
+
+impl std::fmt::Display for AccessRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessRefused::NoHost => f.write_str("the request has no Host header"),
+            AccessRefused::ForeignHost { host, port } => write!(
+                f,
+                "Host {host:?} is not this front-end (localhost, an IP address or an \
+                 --allow-host name, port {port})"
+            ),
+            AccessRefused::ForeignOrigin(o) => {
+                write!(f, "cross-origin requests are refused (Origin {o:?})")
+            }
+            AccessRefused::NoToken => f.write_str(
+                "this front-end needs `Authorization: Bearer TOKEN`; the token is in \
+                 run/frontends/IP-PORT.token of the user who started it",
+            ),
+            AccessRefused::WrongToken => f.write_str("wrong front-end token"),
+            AccessRefused::NotJson => f.write_str("a POST must be Content-Type: application/json"),
+        }
+    }
+}
+
+impl std::error::Error for AccessRefused {}
 
 /// A front-end's access rule.
 #[derive(Clone, Debug)]
@@ -122,10 +161,8 @@ impl AccessRule {
     }
 
     /// Checks `Host`, `Origin`, the token and (for `POST`) the content type, in that order.
-    pub fn check(&self, req: &HttpRequest) -> Result<(), Refusal> {
-        let host = req
-            .header("host")
-            .ok_or_else(|| refuse(400, "the request has no Host header"))?;
+    pub fn check(&self, req: &HttpRequest) -> Result<(), AccessRefused> {
+        let host = req.header("host").ok_or(AccessRefused::NoHost)?;
         // A CONNECT's Host is its target (RFC 9110 9.3.6); any other names this front-end.
         let host_ok = if req.method == "CONNECT" {
             host == req.target || self.names_us(host)
@@ -133,14 +170,10 @@ impl AccessRule {
             self.names_us(host)
         };
         if !host_ok {
-            return Err(refuse(
-                400,
-                format!(
-                    "Host {host:?} is not this front-end (localhost, an IP address or an \
-                     --allow-host name, port {})",
-                    self.port
-                ),
-            ));
+            return Err(AccessRefused::ForeignHost {
+                host: host.to_string(),
+                port: self.port,
+            });
         }
         if let Some(origin) = req.header("origin") {
             // Same origin only: the page was loaded from the very authority it now asks.
@@ -148,10 +181,7 @@ impl AccessRule {
                 .strip_prefix("http://")
                 .is_some_and(|a| a.eq_ignore_ascii_case(host) && self.names_us(a));
             if !ours {
-                return Err(refuse(
-                    403,
-                    format!("cross-origin requests are refused (Origin {origin:?})"),
-                ));
+                return Err(AccessRefused::ForeignOrigin(origin.to_string()));
             }
         }
         let presented = req
@@ -160,14 +190,8 @@ impl AccessRule {
             .map(str::trim);
         match presented {
             Some(t) if same_secret(t.as_bytes(), self.token.as_bytes()) => {}
-            Some(_) => return Err(refuse(401, "wrong front-end token")),
-            None => {
-                return Err(refuse(
-                    401,
-                    "this front-end needs `Authorization: Bearer TOKEN`; the token is in \
-                     run/frontends/IP-PORT.token of the user who started it",
-                ));
-            }
+            Some(_) => return Err(AccessRefused::WrongToken),
+            None => return Err(AccessRefused::NoToken),
         }
         if req.method == "POST" {
             let json = req.header("content-type").is_some_and(|ct| {
@@ -176,7 +200,7 @@ impl AccessRule {
                     .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
             });
             if !json {
-                return Err(refuse(415, "a POST must be Content-Type: application/json"));
+                return Err(AccessRefused::NotJson);
             }
         }
         Ok(())
@@ -231,7 +255,7 @@ mod tests {
     fn the_rule_checks_host_origin_token_and_content_type() {
         let rule = AccessRule::new("t0k".into(), 7700, &["fe.example".into()]);
         let auth = ("authorization", "Bearer t0k");
-        let ok = |r: &HttpRequest| rule.check(r).map_err(|e| e.status);
+        let ok = |r: &HttpRequest| rule.check(r).map_err(|e| e.status());
         assert_eq!(
             ok(&req("GET", "/v1/info", &[("host", "127.0.0.1:7700"), auth])),
             Ok(())

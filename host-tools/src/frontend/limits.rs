@@ -40,9 +40,76 @@ impl Default for FrontendLimits {
     }
 }
 
-/// Why a deploy is refused by the limits: the status (400 for a request over the per-deploy
-/// bound, 429 when the front-end is full) and the message.
-pub type Refused = (u16, String);
+/// Why a deploy is refused by the limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeployRefused {
+    /// One deploy asks for more than the per-deploy memory (400).
+    OverDeployMemory {
+        count: usize,
+        memory_mb: u32,
+        limit_mb: u64,
+    },
+    /// The server would hold more VMs than allowed (429).
+    TooManyVms {
+        current: usize,
+        count: usize,
+        limit: usize,
+    },
+    /// The server's VMs would use more memory than allowed (429).
+    OverMemory {
+        used_mb: u64,
+        want_mb: u64,
+        limit_mb: u64,
+    },
+}
+
+impl DeployRefused {
+    /// The HTTP status it is answered with: a request that can never fit is 400, a full
+    /// front-end 429.
+    pub fn status(&self) -> u16 {
+        match self {
+            DeployRefused::OverDeployMemory { .. } => 400,
+            DeployRefused::TooManyVms { .. } | DeployRefused::OverMemory { .. } => 429,
+        }
+    }
+}
+
+impl std::fmt::Display for DeployRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeployRefused::OverDeployMemory {
+                count,
+                memory_mb,
+                limit_mb,
+            } => write!(
+                f,
+                "a deploy of {count} × {memory_mb} MiB = {} MiB is over this front-end's limit \
+                 of {limit_mb} MiB per deploy",
+                *count as u64 * u64::from(*memory_mb)
+            ),
+            DeployRefused::TooManyVms {
+                current,
+                count,
+                limit,
+            } => write!(
+                f,
+                "this front-end's server holds {current} VM(s); {count} more would pass its \
+                 limit of {limit}"
+            ),
+            DeployRefused::OverMemory {
+                used_mb,
+                want_mb,
+                limit_mb,
+            } => write!(
+                f,
+                "this front-end's VMs use {used_mb} MiB; {want_mb} MiB more would pass its \
+                 limit of {limit_mb} MiB"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DeployRefused {}
 
 impl FrontendLimits {
     /// Whether `count` VMs of `memory_mb` each fit, next to this server's VMs that use
@@ -52,50 +119,36 @@ impl FrontendLimits {
         count: usize,
         memory_mb: u32,
         current_mb: &[u32],
-    ) -> Result<(), Refused> {
+    ) -> Result<(), DeployRefused> {
         self.admit_request(count, memory_mb)?;
-        let want = count as u64 * u64::from(memory_mb);
-        let vms = current_mb.len() + count;
-        if vms > self.vms_max {
-            return Err((
-                429,
-                format!(
-                    "this front-end's server holds {} VM(s); {count} more would pass its limit \
-                     of {}",
-                    current_mb.len(),
-                    self.vms_max
-                ),
-            ));
+        let want_mb = count as u64 * u64::from(memory_mb);
+        if current_mb.len() + count > self.vms_max {
+            return Err(DeployRefused::TooManyVms {
+                current: current_mb.len(),
+                count,
+                limit: self.vms_max,
+            });
         }
-        let used: u64 = current_mb.iter().map(|m| u64::from(*m)).sum();
-        if used + want > self.memory_mb_max {
-            return Err((
-                429,
-                format!(
-                    "this front-end's VMs use {used} MiB; {want} MiB more would pass its limit \
-                     of {} MiB",
-                    self.memory_mb_max
-                ),
-            ));
+        let used_mb: u64 = current_mb.iter().map(|m| u64::from(*m)).sum();
+        if used_mb + want_mb > self.memory_mb_max {
+            return Err(DeployRefused::OverMemory {
+                used_mb,
+                want_mb,
+                limit_mb: self.memory_mb_max,
+            });
         }
         Ok(())
     }
-}
 
-impl FrontendLimits {
-    /// Whether one deploy of `count` VMs of `memory_mb` each is within the per-deploy bound
-    /// (400 otherwise), whatever runs already.
-    pub fn admit_request(&self, count: usize, memory_mb: u32) -> Result<(), Refused> {
-        let want = count as u64 * u64::from(memory_mb);
-        if want > self.deploy_memory_mb_max {
-            return Err((
-                400,
-                format!(
-                    "a deploy of {count} × {memory_mb} MiB = {want} MiB is over this front-end's \
-                     limit of {} MiB per deploy",
-                    self.deploy_memory_mb_max
-                ),
-            ));
+    /// Whether one deploy of `count` VMs of `memory_mb` each is within the per-deploy bound,
+    /// whatever runs already.
+    pub fn admit_request(&self, count: usize, memory_mb: u32) -> Result<(), DeployRefused> {
+        if count as u64 * u64::from(memory_mb) > self.deploy_memory_mb_max {
+            return Err(DeployRefused::OverDeployMemory {
+                count,
+                memory_mb,
+                limit_mb: self.deploy_memory_mb_max,
+            });
         }
         Ok(())
     }
@@ -183,16 +236,16 @@ mod tests {
         let l = FrontendLimits::default();
         assert_eq!(l.admit_deploy(6, 64, &[]), Ok(()));
         // 64 VMs × 64 GiB (the old ceiling) is refused outright.
-        assert_eq!(l.admit_deploy(64, 65_536, &[]).unwrap_err().0, 400);
-        assert_eq!(l.admit_deploy(2, 1025, &[]).unwrap_err().0, 400);
+        assert_eq!(l.admit_deploy(64, 65_536, &[]).unwrap_err().status(), 400);
+        assert_eq!(l.admit_deploy(2, 1025, &[]).unwrap_err().status(), 400);
         // The front-end fills up: by count, then by memory.
         let full = [16u32; 31];
         assert_eq!(l.admit_deploy(1, 16, &full), Ok(()));
-        assert_eq!(l.admit_deploy(2, 16, &full).unwrap_err().0, 429);
+        assert_eq!(l.admit_deploy(2, 16, &full).unwrap_err().status(), 429);
         let big = [1024u32; 3];
         assert_eq!(l.admit_deploy(1, 1024, &big), Ok(()));
         let e = l.admit_deploy(2, 512, &[1024u32; 4]).unwrap_err();
-        assert_eq!(e.0, 429, "{}", e.1);
+        assert_eq!(e.status(), 429, "{e}");
     }
 
     #[test]

@@ -687,7 +687,7 @@ impl Shared {
         let check = |req: &HttpRequest| {
             self.access
                 .check(req)
-                .map_err(|refusal| http_err(refusal.status, refusal.message))
+                .map_err(|refusal| http_err(refusal.status(), refusal.to_string()))
         };
         let req = match read_request_checked(&mut stream, HEAD_DEADLINE, REQUEST_DEADLINE, &check) {
             Ok(r) => r,
@@ -816,9 +816,9 @@ impl Shared {
             },
         };
         if let Some(m) = req.memory_mb
-            && let Err((status, message)) = self.cfg.limits.admit_request(req.count, m)
+            && let Err(e) = self.cfg.limits.admit_request(req.count, m)
         {
-            return error(status, message);
+            return error(e.status(), e.to_string());
         }
         if let Err(e) = crate::image::open(&req.image) {
             return error(400, e.to_string());
@@ -841,12 +841,12 @@ impl Shared {
             Err(_) => (Vec::new(), crate::vm::DEFAULT_MEMORY_MIB),
         };
         let memory_mb = req.memory_mb.unwrap_or(default_mb);
-        if let Err((status, message)) =
-            self.cfg
-                .limits
-                .admit_deploy(req.count, memory_mb, &current_mb)
+        if let Err(e) = self
+            .cfg
+            .limits
+            .admit_deploy(req.count, memory_mb, &current_mb)
         {
-            return error(status, message);
+            return error(e.status(), e.to_string());
         }
         let grow = || {
             cluster::grow_nodes(

@@ -117,7 +117,7 @@ fn another_local_user_cannot_use_the_hosts_surfaces() {
         .arg("--run-dir")
         .arg(&dir)
         .args(["frontend", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--max-vms", "3"])
+        .args(["--max-vms", "3", "--relay-idle-s", "1"])
         .arg("--ca")
         .arg(dir.join("authority"))
         .stdin(Stdio::null())
@@ -211,13 +211,26 @@ fn another_local_user_cannot_use_the_hosts_surfaces() {
     );
     assert_eq!(status, 403, "{text}");
     assert!(!text.contains("overlay_id"), "{text}");
-    let (status, text) = owner_http(
-        port,
-        &format!(
+    // The client port passes, and a silent relay is closed after --relay-idle-s 1.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(
+        format!(
             "CONNECT n1:7003 HTTP/1.1\r\nHost: n1:7003\r\nAuthorization: Bearer {token}\r\n\r\n"
-        ),
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let opened = Instant::now();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let lived = opened.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        lived >= Duration::from_millis(900) && lived < Duration::from_secs(5),
+        "an idle relay lived {lived:?} (idle limit 1 s)"
     );
-    assert_eq!(status, 200, "{text}");
 
     // What `up` made: 0700 directories, 0600 files and sockets, no launch configs.
     let vms = dir.join("vms");
