@@ -520,17 +520,21 @@ impl JobChannel {
                 break;
             }
             o.ack_reader.push(&buf[..n]);
-            match o.ack_reader.next_frame() {
-                Ok(None) => {}
-                Ok(Some(body)) if decode_ack(&body).is_some() => {
-                    let acceptor_nonce = decode_ack(&body).unwrap_or_default();
+            let ack = match o.ack_reader.next_frame() {
+                Ok(None) => continue,
+                Ok(Some(body)) => decode_ack(&body),
+                Err(_) => None,
+            };
+            match ack {
+                Some(acceptor_nonce) => {
                     o.sealer = o.session_secret.take().map(|secret| {
                         let k = connection_secret(&secret, &o.nonce, &acceptor_nonce);
                         sealer_for(&k, StreamRole::Initiator)
                     });
                     o.acked = true;
                 }
-                _ => {
+                // Not an ack: not a job channel we can trust.
+                None => {
                     self.counters.connect_failures += 1;
                     self.counters.dropped_failed +=
                         o.queue.len() as u64 + u64::from(!o.current.is_empty());
