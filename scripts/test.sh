@@ -26,3 +26,7 @@ cargo build -q -p unipeer
 echo "== tests"
 # QEMU tests serialise themselves; the image above is reused by every one of them.
 UNIPEER_TEST_IMAGE_PREBUILT=1 cargo test 2>&1 | tee target/test.log
+
+echo "== fuzz (every decoder facing the network or a file, a few seconds each over fuzz/corpus)"
+scripts/fuzz.sh "${UNIPEER_FUZZ_SECONDS:-5}"
+

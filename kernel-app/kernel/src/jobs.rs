@@ -14,14 +14,17 @@
 //! closes its connection (counted).
 //!
 //! Every connection starts with a clear hello frame ([`HELLO_LEN`] bytes: magic, version, the
-//! connecting node's overlay address, a fresh nonce). With trust on, the acceptor takes the
+//! connecting node's overlay address, a fresh nonce), answered by the acceptor's clear ack
+//! frame ([`ACK_LEN`] bytes: magic, version, the acceptor's fresh nonce) once it takes the
+//! connection; the connector sends no job frame before the ack. With trust on, the acceptor takes the
 //! connection only if the trust layer holds a verified session with that overlay address and
 //! the address's IP is the TCP source IP (it waits up to [`VERIFY_WAIT_US`] for the session
 //! to finish, then refuses, counted); the connector opens a connection only once it has a
 //! session with the destination, keeping frames queued meanwhile (bounded, up to
 //! [`SESSION_WAIT_US`], asking the trust layer to open one). Every frame after the hello is
 //! sealed ([`StreamSealer`], context [`JOB_STREAM_CONTEXT`]) under the connection secret
-//! `SessionLayer::stream_secret_for(peer, hello nonce)`; the acceptor tries the candidates
+//! `SessionLayer::stream_secret_for(peer, hello nonce, ack nonce)`, so a recorded connection
+//! replayed to the acceptor does not open (its ack nonce is new); the acceptor tries the candidates
 //! `stream_secret_candidates_for` gives on the first frame (both ends may briefly disagree on
 //! the newest session) and refuses the connection when none opens it. Without trust material
 //! (a development VM) the channel runs in the clear.
@@ -37,7 +40,8 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
 use unipeer_node::auth::Csprng;
-use unipeer_node::auth::stream::{FrameReader, StreamRole, StreamSealer, frame};
+use unipeer_node::auth::session::connection_secret;
+use unipeer_node::auth::stream::{FRAME_HEADER_LEN, FrameReader, StreamRole, StreamSealer, frame};
 use unipeer_node::jobs::JobAgent;
 use unipeer_node::jobs::app::{App, AppSet, Slice, SliceState};
 use unipeer_node::jobs::delegation::{NodeKeyAuthority, TokenAuthority};
@@ -83,9 +87,14 @@ const EPHEMERAL: (u16, u16) = (40_000, 60_000);
 /// HKDF context of a sealed job stream.
 pub const JOB_STREAM_CONTEXT: &[u8] = b"unipeer job stream v1";
 const HELLO_MAGIC: &[u8; 2] = b"UJ";
-const HELLO_VERSION: u8 = 1;
+const HELLO_VERSION: u8 = 2;
 /// Hello body: magic (2), version (1), IPv4 (4), port (2, big-endian), nonce (16).
 pub const HELLO_LEN: usize = 25;
+/// Ack body: magic (2), version (1), the acceptor's nonce (16).
+pub const ACK_LEN: usize = 19;
+/// A connection whose ack has not come this long after it opened has failed (the acceptor
+/// may wait up to [`VERIFY_WAIT_US`] for the trust session first).
+pub const ACK_TIMEOUT_US: u64 = CONNECT_TIMEOUT_US + VERIFY_WAIT_US;
 /// A quiet agent (nothing running, supervised, queued or asked for lately) is ticked at most
 /// this often: its timers are retries and periodic adverts, and any packet that arrives runs a
 /// due tick anyway. Keeps an idle node's wake-ups low.
@@ -137,6 +146,21 @@ fn decode_hello(b: &[u8]) -> Option<(PeerAddr, [u8; 16])> {
     Some((addr, b[9..25].try_into().ok()?))
 }
 
+fn encode_ack(nonce: &[u8; 16]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(ACK_LEN);
+    b.extend_from_slice(HELLO_MAGIC);
+    b.push(HELLO_VERSION);
+    b.extend_from_slice(nonce);
+    b
+}
+
+fn decode_ack(b: &[u8]) -> Option<[u8; 16]> {
+    if b.len() != ACK_LEN || &b[..2] != HELLO_MAGIC || b[2] != HELLO_VERSION {
+        return None;
+    }
+    b[3..].try_into().ok()
+}
+
 fn instant(now_us: u64) -> Instant {
     Instant::from_micros(now_us)
 }
@@ -186,7 +210,14 @@ struct Outgoing {
     current: Vec<u8>,
     offset: usize,
     sealer: Option<StreamSealer>,
+    /// The trust session's stream secret taken when the connection opened (the connection
+    /// secret follows from it once the acceptor's nonce arrives).
+    session_secret: Option<[u8; 32]>,
     hello_sent: bool,
+    /// The acceptor's ack arrived (job frames flow only after it).
+    acked: bool,
+    /// Reads the ack.
+    ack_reader: FrameReader,
     nonce: [u8; 16],
     /// When the connection was opened, or when it began waiting for a session.
     since_us: u64,
@@ -200,6 +231,8 @@ enum InState {
     Verifying {
         peer: PeerAddr,
         nonce: [u8; 16],
+        /// Ours, sent in the ack.
+        acceptor_nonce: [u8; 16],
         until_us: u64,
     },
     Open,
@@ -323,7 +356,10 @@ impl JobChannel {
                     current: Vec::new(),
                     offset: 0,
                     sealer: None,
+                    session_secret: None,
                     hello_sent: false,
+                    acked: false,
+                    ack_reader: FrameReader::new(ACK_LEN),
                     nonce: [0; 16],
                     since_us: now_us,
                     last_activity_us: now_us,
@@ -394,7 +430,7 @@ impl JobChannel {
             rng.fill(&mut nonce);
             let mut secret = None;
             if let Some(layer) = trust {
-                secret = layer.stream_secret_for(o.dst, &nonce);
+                secret = layer.stream_secret(o.dst);
                 if secret.is_none() {
                     if now_us.saturating_sub(o.since_us) > SESSION_WAIT_US {
                         self.counters.dropped_no_session += o.queue.len() as u64;
@@ -427,11 +463,14 @@ impl JobChannel {
                 return false;
             }
             o.nonce = nonce;
-            o.sealer = secret.map(|s| sealer_for(&s, StreamRole::Initiator));
+            o.session_secret = secret;
+            o.sealer = None;
             o.handle = Some(stack.sockets.add(socket));
             o.since_us = now_us;
             o.last_activity_us = now_us;
             o.hello_sent = false;
+            o.acked = false;
+            o.ack_reader = FrameReader::new(ACK_LEN);
             self.counters.connects += 1;
             return true;
         };
@@ -478,12 +517,6 @@ impl JobChannel {
         if state != tcp::State::Established {
             return true;
         }
-        // Anything the peer sends on our connection is discarded.
-        while socket.can_recv() {
-            if socket.recv(|b| (b.len(), ())).is_err() {
-                break;
-            }
-        }
         if !o.hello_sent {
             let hello = frame(&encode_hello(me, &o.nonce));
             if socket.send_capacity() - socket.send_queue() < hello.len() {
@@ -491,6 +524,53 @@ impl JobChannel {
             }
             let _ = socket.send_slice(&hello);
             o.hello_sent = true;
+        }
+        // The acceptor's ack (its nonce) comes first; anything after it is discarded.
+        while !o.acked && socket.can_recv() {
+            let mut buf = [0u8; FRAME_HEADER_LEN + ACK_LEN];
+            let want = o.ack_reader.wants().min(buf.len());
+            let n = socket.recv_slice(&mut buf[..want]).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            o.ack_reader.push(&buf[..n]);
+            let ack = match o.ack_reader.next_frame() {
+                Ok(None) => continue,
+                Ok(Some(body)) => decode_ack(&body),
+                Err(_) => None,
+            };
+            match ack {
+                Some(acceptor_nonce) => {
+                    o.sealer = o.session_secret.take().map(|secret| {
+                        let k = connection_secret(&secret, &o.nonce, &acceptor_nonce);
+                        sealer_for(&k, StreamRole::Initiator)
+                    });
+                    o.acked = true;
+                }
+                // Not an ack: not a job channel we can trust.
+                None => {
+                    self.counters.connect_failures += 1;
+                    self.counters.dropped_failed +=
+                        o.queue.len() as u64 + u64::from(!o.current.is_empty());
+                    socket.abort();
+                    return false;
+                }
+            }
+        }
+        while o.acked && socket.can_recv() {
+            if socket.recv(|b| (b.len(), ())).is_err() {
+                break;
+            }
+        }
+        if !o.acked {
+            if now_us.saturating_sub(o.since_us) > ACK_TIMEOUT_US {
+                self.counters.connect_failures += 1;
+                self.counters.dropped_failed +=
+                    o.queue.len() as u64 + u64::from(!o.current.is_empty());
+                socket.abort();
+                return false;
+            }
+            return true;
         }
         // Stream frames into the send buffer as space frees.
         loop {
@@ -543,6 +623,7 @@ impl JobChannel {
         now_us: u64,
         stack: &mut Stack,
         mut trust: Option<&mut (dyn StreamKeys + '_)>,
+        rng: &mut Csprng,
         mut deliver: impl FnMut(&[u8]),
     ) {
         // Sockets closed in an earlier pass listen again; one aborted in this pass keeps its
@@ -602,11 +683,17 @@ impl JobChannel {
             if let InState::Verifying {
                 peer,
                 nonce,
+                acceptor_nonce,
                 until_us,
             } = c.state
             {
-                match verify(trust.as_deref_mut(), now_us, peer, &nonce) {
+                match verify(trust.as_deref_mut(), now_us, peer, &nonce, &acceptor_nonce) {
                     Verdict::Ok(candidates) => {
+                        if !send_ack(socket, &acceptor_nonce) {
+                            self.counters.refused += 1;
+                            socket.abort();
+                            continue;
+                        }
                         c.candidates = candidates;
                         c.state = InState::Open;
                     }
@@ -655,13 +742,27 @@ impl JobChannel {
                                 .unwrap_or(IpAddress::Ipv4(Ipv4Address::UNSPECIFIED));
                             match decode_hello(&body) {
                                 Some((peer, nonce)) if peer.ipv4 == src.octets() => {
+                                    let mut acceptor_nonce = [0u8; 16];
+                                    rng.fill(&mut acceptor_nonce);
                                     c.state = InState::Verifying {
                                         peer,
                                         nonce,
+                                        acceptor_nonce,
                                         until_us: now_us + VERIFY_WAIT_US,
                                     };
-                                    match verify(trust.as_deref_mut(), now_us, peer, &nonce) {
+                                    match verify(
+                                        trust.as_deref_mut(),
+                                        now_us,
+                                        peer,
+                                        &nonce,
+                                        &acceptor_nonce,
+                                    ) {
                                         Verdict::Ok(candidates) => {
+                                            if !send_ack(socket, &acceptor_nonce) {
+                                                self.counters.refused += 1;
+                                                bad = true;
+                                                break;
+                                            }
                                             c.candidates = candidates;
                                             c.state = InState::Open;
                                         }
@@ -750,6 +851,7 @@ impl JobChannel {
                 None => take(now_us + 20_000),
                 Some(_) if o.closing => take(o.last_activity_us + CONNECT_TIMEOUT_US + 1),
                 Some(_) if !o.hello_sent => take(o.since_us + CONNECT_TIMEOUT_US + 1),
+                Some(_) if !o.acked => take(o.since_us + ACK_TIMEOUT_US + 1),
                 Some(_) if o.queue.is_empty() && o.current.is_empty() => {
                     take(o.last_activity_us + OUT_IDLE_US + 1)
                 }
@@ -776,6 +878,14 @@ impl JobChannel {
     }
 }
 
+/// Sends the ack (the acceptor's nonce) on a connection just taken; false if it does not fit
+/// (it always does in a fresh socket's buffer).
+fn send_ack(socket: &mut tcp::Socket<'_>, acceptor_nonce: &[u8; 16]) -> bool {
+    let ack = frame(&encode_ack(acceptor_nonce));
+    socket.send_capacity() - socket.send_queue() >= ack.len()
+        && socket.send_slice(&ack) == Ok(ack.len())
+}
+
 enum Verdict {
     /// A session with the peer exists: the connection secrets to try on the first frame
     /// (none without trust: the channel runs in the clear).
@@ -788,11 +898,12 @@ fn verify(
     now_us: u64,
     peer: PeerAddr,
     nonce: &[u8; 16],
+    acceptor_nonce: &[u8; 16],
 ) -> Verdict {
     let Some(layer) = trust else {
         return Verdict::Ok(Vec::new());
     };
-    let candidates = layer.stream_secret_candidates_for(peer, nonce);
+    let candidates = layer.stream_secret_candidates_for(peer, nonce, acceptor_nonce);
     if candidates.is_empty() {
         layer.ensure_session(instant(now_us), peer);
         Verdict::Wait
@@ -935,7 +1046,7 @@ impl JobHost {
             let agent = &mut self.agent;
             let (dht, trust) = overlay.dht_and_keys();
             let mut node = Dht(dht);
-            self.channel.pump_in(now_us, stack, trust, |m| {
+            self.channel.pump_in(now_us, stack, trust, &mut self.rng, |m| {
                 agent.handle_message(now, &mut node, m)
             });
         }

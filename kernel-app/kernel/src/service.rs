@@ -659,20 +659,32 @@ pub trait OverlayAccess {
 /// The trust layer as a service keying a sealed stream to a peer sees it (the job channel
 /// today): the connection secret, the acceptor's candidates, and asking for a session.
 pub trait StreamKeys {
-    /// The connection secret for a stream to `peer` opened with `nonce` (`None`: no session).
-    fn stream_secret_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Option<[u8; 32]>;
-    /// The secrets a connecting `peer` may have keyed its stream with, newest session first.
-    fn stream_secret_candidates_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Vec<[u8; 32]>;
+    /// The session's stream secret with `peer` (`None`: no session); a connection's secret
+    /// follows from it and both ends' nonces (`connection_secret`).
+    fn stream_secret(&self, peer: PeerAddr) -> Option<[u8; 32]>;
+    /// The connection secrets a connecting `peer` may have keyed its stream with (its nonce
+    /// and ours), newest session first.
+    fn stream_secret_candidates_for(
+        &self,
+        peer: PeerAddr,
+        connector_nonce: &[u8; 16],
+        acceptor_nonce: &[u8; 16],
+    ) -> Vec<[u8; 32]>;
     /// Starts a handshake with `peer` unless a session exists or one is under way.
     fn ensure_session(&mut self, now: Instant, peer: PeerAddr);
 }
 
 impl StreamKeys for SessionLayer {
-    fn stream_secret_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Option<[u8; 32]> {
-        SessionLayer::stream_secret_for(self, peer, nonce)
+    fn stream_secret(&self, peer: PeerAddr) -> Option<[u8; 32]> {
+        SessionLayer::stream_secret(self, peer)
     }
-    fn stream_secret_candidates_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Vec<[u8; 32]> {
-        SessionLayer::stream_secret_candidates_for(self, peer, nonce)
+    fn stream_secret_candidates_for(
+        &self,
+        peer: PeerAddr,
+        connector_nonce: &[u8; 16],
+        acceptor_nonce: &[u8; 16],
+    ) -> Vec<[u8; 32]> {
+        SessionLayer::stream_secret_candidates_for(self, peer, connector_nonce, acceptor_nonce)
     }
     fn ensure_session(&mut self, now: Instant, peer: PeerAddr) {
         SessionLayer::ensure_session(self, now, peer)

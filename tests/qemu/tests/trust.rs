@@ -328,7 +328,29 @@ fn a_node_without_a_users_credential_obtains_it_from_a_neighbour_the_list_allows
     assert_eq!(num(&report(&c, "n2"), "deleg_credentials"), 0);
     assert_eq!(num(&report(&c, "n3"), "deleg_credentials"), 0);
 
-    // alice at n2, which holds no credential: it obtains hers from a neighbour.
+    // Someone who knows alice's name but not her key, at n2 (no credential): n2 relays the
+    // handshake, n1 proves on its behalf, and nothing is delegated without alice's proof.
+    let impostor = unipeer_node::auth::UserCredential {
+        user: "alice".into(),
+        psk: [0x5a; 32],
+    };
+    let Err(e) = client_auth(&c, "n2", &impostor) else {
+        panic!("n2 accepted a wrong key for alice");
+    };
+    assert!(e.contains("authentication failed"), "unexpected error {e}");
+    let r2 = report(&c, "n2");
+    assert_eq!(
+        num(&r2, "deleg_credentials"),
+        0,
+        "a Hello moved a key: {r2:#?}"
+    );
+    assert_eq!(num(&r2, "deleg_obtained"), 0, "{r2:#?}");
+    let r1 = report(&c, "n1");
+    assert_eq!(num(&r1, "deleg_proved"), 1, "{r1:#?}");
+    assert_eq!(num(&r1, "deleg_granted"), 0, "{r1:#?}");
+
+    // alice at n2, which holds no credential: it obtains hers from a neighbour once her proof
+    // verifies there.
     let mut cl = client_auth(&c, "n2", &alice)
         .unwrap_or_else(|e| panic!("alice at n2: {e}\n{:#?}", report(&c, "n2")));
     assert!(cl.authenticated);
@@ -336,14 +358,14 @@ fn a_node_without_a_users_credential_obtains_it_from_a_neighbour_the_list_allows
     assert!(pong.joined);
     drop(cl);
     let r2 = report(&c, "n2");
-    assert_eq!(num(&r2, "client_credential_waits"), 1, "{r2:#?}");
+    assert_eq!(num(&r2, "client_credential_waits"), 2, "{r2:#?}");
     assert_eq!(num(&r2, "client_credential_obtained"), 1, "{r2:#?}");
     assert_eq!(num(&r2, "deleg_obtained"), 1, "{r2:#?}");
     assert_eq!(num(&r2, "deleg_credentials"), 1, "{r2:#?}");
     assert_eq!(num(&report(&c, "n1"), "deleg_granted"), 1);
     // Once held, the next authentication needs no delegation.
     client_auth(&c, "n2", &alice).expect("alice at n2 again");
-    assert_eq!(num(&report(&c, "n2"), "client_credential_waits"), 1);
+    assert_eq!(num(&report(&c, "n2"), "client_credential_waits"), 2);
 
     // alice on the other server (AnyPeer) as well.
     let mut cl = client_auth(&c, "n3", &alice)

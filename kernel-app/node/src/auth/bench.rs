@@ -110,10 +110,72 @@ impl SealPair {
     }
 }
 
+/// One user handshake with forward secrecy between a throwaway user and peer, both ends in
+/// memory (Hello → Challenge → Proof, each end's key derived): what `bench auth` times for
+/// the user side. `seed` varies nonces and ephemeral keys. Returns whether both ends
+/// derived the same key.
+pub fn user_handshake(seed: u8) -> bool {
+    use super::user_auth::{UserAuthClient, UserAuthResponder};
+    use super::users::{Allowance, UserCredential, UserEntry, UserList};
+    let authority = IdentityKey::from_seed(&[0xa0; 32]);
+    let list = UserList::issue(
+        1,
+        T0,
+        alloc::vec![UserEntry {
+            name: "bench".into(),
+            allowed: alloc::vec![Allowance::AnyPeer],
+        }],
+        &authority,
+    );
+    let cred = UserCredential {
+        user: "bench".into(),
+        psk: [0x42; 32],
+    };
+    let node = crate::id::NodeId::from_public_key(&[seed; 32]);
+    let (client, hello) = UserAuthClient::start(cred.clone(), [seed; 32], [seed ^ 0x11; 32]);
+    let Ok((responder, challenge)) = UserAuthResponder::on_hello(
+        &hello,
+        node,
+        "bench",
+        &list,
+        Some(&cred),
+        [seed ^ 0x22; 32],
+        [seed ^ 0x33; 32],
+    ) else {
+        return false;
+    };
+    let Ok((proof, _, k_user)) = client.on_challenge(&challenge) else {
+        return false;
+    };
+    responder.on_proof(&proof).is_ok_and(|k| k == k_user)
+}
+
+/// The X25519 work one user handshake adds for forward secrecy: an ephemeral key generated
+/// and a shared secret agreed at each end. Returns the user's shared secret.
+pub fn user_handshake_x25519(seed: u8) -> [u8; 32] {
+    use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+    let u = StaticSecret::from([seed ^ 0x11; 32]);
+    let p = StaticSecret::from([seed ^ 0x33; 32]);
+    let (pu, pp) = (XPublic::from(&u), XPublic::from(&p));
+    let a = u.diffie_hellman(&pp);
+    let b = p.diffie_hellman(&pu);
+    if a.as_bytes() == b.as_bytes() {
+        *a.as_bytes()
+    } else {
+        [0; 32]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::auth::SEAL_OVERHEAD;
+
+    #[test]
+    fn the_user_handshake_agrees_on_a_key() {
+        assert!(user_handshake(1) && user_handshake(2));
+        assert_ne!(user_handshake_x25519(1), [0; 32]);
+    }
 
     #[test]
     fn a_pair_seals_and_opens() {

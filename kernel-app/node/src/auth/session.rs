@@ -397,8 +397,8 @@ struct SessionKeys {
 
 /// HKDF info label of the per-session stream secret (distinct from the session keys').
 const STREAM_SECRET_INFO: &[u8] = b"unipeer stream secret v1";
-/// HKDF info label of a per-connection stream secret, followed by the connection's nonce.
-const STREAM_CONNECTION_INFO: &[u8] = b"unipeer stream connection v1";
+/// HKDF info label of a per-connection stream secret, followed by both ends' nonces.
+const STREAM_CONNECTION_INFO: &[u8] = b"unipeer stream connection v2";
 
 fn derive(th: &[u8; 32], shared: &[u8; 32]) -> SessionKeys {
     let hk = Hkdf::<Sha256>::new(Some(th), shared);
@@ -634,20 +634,32 @@ impl SessionLayer {
         self.stream_session(peer).map(|s| s.stream_secret)
     }
 
-    /// The stream secret for one connection: HKDF-Expand of [`Self::stream_secret`] with the
-    /// connection's `nonce` (chosen fresh by the end that connects and sent in the clear), so
-    /// every connection gets its own keys.
-    pub fn stream_secret_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Option<[u8; 32]> {
+    /// The stream secret for one connection: HKDF-Expand of [`Self::stream_secret`] with both
+    /// ends' connection nonces ([`connection_secret`]): the connecting end's, sent in its
+    /// hello, and the accepting end's, sent back before any frame flows. A recorded
+    /// connection replayed to the acceptor meets a fresh acceptor nonce, so its frames do not
+    /// open.
+    pub fn stream_secret_for(
+        &self,
+        peer: PeerAddr,
+        connector_nonce: &[u8; 16],
+        acceptor_nonce: &[u8; 16],
+    ) -> Option<[u8; 32]> {
         self.stream_secret(peer)
-            .map(|secret| connection_secret(&secret, nonce))
+            .map(|secret| connection_secret(&secret, connector_nonce, acceptor_nonce))
     }
 
-    /// Every connection secret `peer` may have used for `nonce`, the one
+    /// Every connection secret `peer` may have used for these nonces, the one
     /// [`Self::stream_secret_for`] answers first, then those of the other sessions with `peer`
     /// (newest first; including a session this node initiated whose ack is still on its way,
     /// which the peer already counts as established). The accepting end tries them in turn
     /// on the first frame: one opening it proves the peer holds that session's keys.
-    pub fn stream_secret_candidates_for(&self, peer: PeerAddr, nonce: &[u8; 16]) -> Vec<[u8; 32]> {
+    pub fn stream_secret_candidates_for(
+        &self,
+        peer: PeerAddr,
+        connector_nonce: &[u8; 16],
+        acceptor_nonce: &[u8; 16],
+    ) -> Vec<[u8; 32]> {
         let first = self.stream_session(peer);
         let mut rest: Vec<&Session> = self
             .sessions
@@ -658,7 +670,7 @@ impl SessionLayer {
         first
             .into_iter()
             .chain(rest)
-            .map(|s| connection_secret(&s.stream_secret, nonce))
+            .map(|s| connection_secret(&s.stream_secret, connector_nonce, acceptor_nonce))
             .collect()
     }
 
@@ -1416,13 +1428,22 @@ impl SessionLayer {
     }
 }
 
-/// HKDF-Expand of a session's stream secret (already uniform: a valid PRK) with a connection
-/// nonce.
-fn connection_secret(secret: &[u8; 32], nonce: &[u8; 16]) -> [u8; 32] {
+/// One connection's secret: HKDF-Expand of a session's stream secret (already uniform: a
+/// valid PRK) with the connecting end's nonce and the accepting end's nonce. The connecting end
+/// takes [`SessionLayer::stream_secret`] when it opens the connection and calls this once the
+/// acceptor's nonce arrives.
+pub fn connection_secret(
+    secret: &[u8; 32],
+    connector_nonce: &[u8; 16],
+    acceptor_nonce: &[u8; 16],
+) -> [u8; 32] {
     let hk = Hkdf::<Sha256>::from_prk(secret).expect("32 bytes is a valid HKDF-SHA256 PRK");
     let mut out = [0u8; 32];
-    hk.expand_multi_info(&[STREAM_CONNECTION_INFO, nonce], &mut out)
-        .expect("32 bytes is a valid HKDF-SHA256 length");
+    hk.expand_multi_info(
+        &[STREAM_CONNECTION_INFO, connector_nonce, acceptor_nonce],
+        &mut out,
+    )
+    .expect("32 bytes is a valid HKDF-SHA256 length");
     out
 }
 

@@ -841,14 +841,42 @@ fn ensure_session_gives_both_ends_one_stream_secret() {
     net.nodes[1].ensure_session(net.now, addr(0));
     assert!(net.nodes[0].transmits.is_empty() && net.nodes[1].transmits.is_empty());
     // Per connection: equal at both ends, distinct per nonce and from the session secret.
-    let c1 = net.nodes[0].stream_secret_for(addr(1), &[1; 16]).unwrap();
-    assert_eq!(net.nodes[1].stream_secret_for(addr(0), &[1; 16]), Some(c1));
-    let c2 = net.nodes[0].stream_secret_for(addr(1), &[2; 16]).unwrap();
+    let c1 = net.nodes[0]
+        .stream_secret_for(addr(1), &[1; 16], &[0xa5; 16])
+        .unwrap();
+    assert_eq!(
+        net.nodes[1].stream_secret_for(addr(0), &[1; 16], &[0xa5; 16]),
+        Some(c1)
+    );
+    let c2 = net.nodes[0]
+        .stream_secret_for(addr(1), &[2; 16], &[0xa5; 16])
+        .unwrap();
     assert_ne!(c1, c2);
+    // The accepting end's nonce counts too: a connection recorded and replayed to the
+    // acceptor meets a fresh acceptor nonce, and its first frame does not open.
+    let recorded = net.nodes[0]
+        .stream_secret_for(addr(1), &[1; 16], &[0xa5; 16])
+        .unwrap();
+    let replayed_to = net.nodes[1]
+        .stream_secret_for(addr(0), &[1; 16], &[0x5a; 16])
+        .unwrap();
+    assert_ne!(recorded, replayed_to);
+    assert!(!stream_works(&recorded, &replayed_to));
+    assert!(
+        net.nodes[1]
+            .stream_secret_candidates_for(addr(0), &[1; 16], &[0x5a; 16])
+            .iter()
+            .all(|k| !stream_works(&recorded, k))
+    );
+    assert_eq!(
+        super::connection_secret(&s01, &[1; 16], &[0xa5; 16]),
+        recorded,
+        "the connector derives it from the session secret once the acceptor's nonce arrives"
+    );
     assert_ne!(c1, s01);
     assert!(stream_works(&c1, &c1));
     assert_eq!(
-        net.nodes[1].stream_secret_candidates_for(addr(0), &[1; 16]),
+        net.nodes[1].stream_secret_candidates_for(addr(0), &[1; 16], &[0xa5; 16]),
         vec![c1]
     );
     // A third party's session with node 1 has another secret.
@@ -858,7 +886,9 @@ fn ensure_session_gives_both_ends_one_stream_secret() {
     assert_eq!(net.nodes[1].stream_secret(addr(2)), Some(s21));
     assert_ne!(s21, s01);
     assert!(!stream_works(
-        &net.nodes[2].stream_secret_for(addr(1), &[1; 16]).unwrap(),
+        &net.nodes[2]
+            .stream_secret_for(addr(1), &[1; 16], &[0xa5; 16])
+            .unwrap(),
         &c1
     ));
     for n in &net.nodes {
@@ -880,12 +910,14 @@ fn simultaneous_opens_agree_on_one_stream_secret() {
     let s = net.nodes[0].stream_secret(addr(1)).unwrap();
     assert_eq!(net.nodes[1].stream_secret(addr(0)), Some(s));
     let nonce = [7; 16];
-    let c = net.nodes[0].stream_secret_for(addr(1), &nonce).unwrap();
-    let cands = net.nodes[1].stream_secret_candidates_for(addr(0), &nonce);
+    let c = net.nodes[0]
+        .stream_secret_for(addr(1), &nonce, &[0xa5; 16])
+        .unwrap();
+    let cands = net.nodes[1].stream_secret_candidates_for(addr(0), &nonce, &[0xa5; 16]);
     assert_eq!(cands.len(), 2);
     assert_eq!(cands[0], c);
     // Either end's other session is the other's second candidate.
-    let other0 = net.nodes[0].stream_secret_candidates_for(addr(1), &nonce)[1];
+    let other0 = net.nodes[0].stream_secret_candidates_for(addr(1), &nonce, &[0xa5; 16])[1];
     assert_eq!(other0, cands[1]);
     assert_ne!(other0, c);
 
@@ -961,7 +993,7 @@ fn revoked_and_expired_peers_get_no_stream_secret() {
     assert_eq!(net.nodes[1].verified_peer_id(addr(0)), None);
     assert!(
         net.nodes[1]
-            .stream_secret_candidates_for(addr(0), &[0; 16])
+            .stream_secret_candidates_for(addr(0), &[0; 16], &[0xa5; 16])
             .is_empty()
     );
     assert_eq!(net.nodes[1].counters().cert_revoked, 2);

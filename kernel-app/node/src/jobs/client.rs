@@ -1,8 +1,10 @@
 //! The Application Agent's protocol with a node: the **client port** (TCP, [`CLIENT_PORT`]).
 //!
 //! Frames ([`crate::auth::stream`]) carry postcard messages. The agent authenticates first:
-//! `Auth(Hello)` → `Auth(Challenge)` → `Auth(Proof)` on the user's pre-shared key
-//! ([`crate::auth::user_auth`]); every frame after the Proof, both ways, is sealed with the
+//! `Auth(Hello)` → `Auth(Challenge)` → `Auth(Proof)` on the user's pre-shared key and an
+//! ephemeral X25519 exchange ([`crate::auth::user_auth`]; a node without the user's credential
+//! relays the exchange to a holder, see [`crate::auth::delegation`]); every frame after the
+//! Proof, both ways, is sealed with the
 //! session key (context [`CLIENT_STREAM_CONTEXT`]), starting with the node's `Ready`. A node
 //! launched without trust material answers the Hello with `Ready { authenticated: false }` and
 //! the stream stays in the clear (single development VMs only; `unipeer up` always certifies).

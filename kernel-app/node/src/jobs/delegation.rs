@@ -15,7 +15,7 @@ use super::record::{JobId, MAX_USER, TaskId};
 use crate::auth::keys::{self, IdentityKey, PublicKey, Sig};
 use crate::id::NodeId;
 use crate::time::Instant;
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -25,8 +25,13 @@ use sha2::{Digest, Sha256};
 
 /// Longest signature carried.
 pub const MAX_SIGNATURE: usize = 128;
-/// Tokens remembered against replay; a token older than its expiry is refused anyway.
-pub const MAX_SEEN_TOKENS: usize = 256;
+/// Tokens remembered against replay. Every accepted token is kept until it expires (after
+/// that it is refused as expired anyway); when this many unexpired ones are held, new tokens
+/// are refused ([`DelegationError::Busy`]) rather than an unexpired one forgotten.
+pub const MAX_SEEN_TOKENS: usize = 2048;
+/// Of these, at most this many from one delegator, so one peer issuing long-lived tokens
+/// cannot crowd out the others.
+pub const MAX_SEEN_PER_DELEGATOR: usize = 256;
 
 /// What a delegating node vouches for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,12 +227,15 @@ pub enum DelegationError {
     Expired,
     Replayed,
     Malformed,
+    /// The replay cache is full of unexpired tokens (overall or from this delegator).
+    Busy,
 }
 
-/// Checks tokens and remembers the ones accepted.
+/// Checks tokens and remembers the ones accepted until they expire.
 #[derive(Clone, Debug, Default)]
 pub struct DelegationGuard {
-    seen: VecDeque<(NodeId, u64, u64)>,
+    /// (delegator, nonce) → expiry (µs, as the token says).
+    seen: BTreeMap<(NodeId, u64), u64>,
 }
 
 impl DelegationGuard {
@@ -259,20 +267,26 @@ impl DelegationGuard {
         if now.as_micros() >= token.expires_us {
             return Err(DelegationError::Expired);
         }
-        self.seen.retain(|s| s.2 > now.as_micros());
-        if self
-            .seen
-            .iter()
-            .any(|s| (s.0, s.1) == (token.delegator, token.nonce))
-        {
+        self.seen
+            .retain(|_, &mut expires| expires > now.as_micros());
+        let key = (token.delegator, token.nonce);
+        if self.seen.contains_key(&key) {
             return Err(DelegationError::Replayed);
         }
-        if self.seen.len() >= MAX_SEEN_TOKENS {
-            self.seen.pop_front();
+        let from_delegator = self
+            .seen
+            .range((token.delegator, 0)..=(token.delegator, u64::MAX))
+            .count();
+        if self.seen.len() >= MAX_SEEN_TOKENS || from_delegator >= MAX_SEEN_PER_DELEGATOR {
+            return Err(DelegationError::Busy);
         }
-        self.seen
-            .push_back((token.delegator, token.nonce, token.expires_us));
+        self.seen.insert(key, token.expires_us);
         Ok(())
+    }
+
+    /// Unexpired tokens remembered (as of the last check).
+    pub fn remembered(&self) -> usize {
+        self.seen.len()
     }
 }
 
@@ -430,5 +444,77 @@ mod tests {
             Err(DelegationError::BadSignature)
         );
         assert_eq!(y_keys.borrow().counters().unknown_signer, 2);
+    }
+
+    #[test]
+    fn unexpired_tokens_are_never_forgotten_and_a_full_cache_refuses_new_ones() {
+        let secret = [9u8; 32];
+        let target = Id(1000);
+        let verifier = SharedKeyAuthority { secret, me: target };
+        let signed = |delegator: u64, nonce: u64, expires_us: u64| {
+            let t = DelegationToken {
+                job: Id(100),
+                task: Id(200),
+                attempt: 0,
+                user: "alice".into(),
+                delegator: Id(delegator.into()),
+                target,
+                expires_us,
+                nonce,
+            };
+            let sig = SharedKeyAuthority {
+                secret,
+                me: Id(delegator.into()),
+            }
+            .sign(&t.signed_bytes());
+            (t, sig)
+        };
+        let mut g = DelegationGuard::default();
+        let now = Instant::from_millis(1000);
+        let far = 60_000_000;
+        let check = |g: &mut DelegationGuard, (t, sig): &(DelegationToken, Vec<u8>), now| {
+            g.check(&verifier, t, sig, target, Id(100), Id(200), now)
+        };
+        let first = signed(1, 1, far);
+        assert_eq!(check(&mut g, &first, now), Ok(()));
+        // Many more tokens than the old 256-entry FIFO held, from other delegators.
+        for d in 2..2 + 300 {
+            assert_eq!(check(&mut g, &signed(d, 1, far), now), Ok(()));
+        }
+        assert_eq!(
+            check(&mut g, &first, now),
+            Err(DelegationError::Replayed),
+            "an unexpired token stays remembered"
+        );
+        // One delegator gets its share, no more: the next is refused, others still pass.
+        for n in 2..MAX_SEEN_PER_DELEGATOR as u64 + 1 {
+            assert_eq!(check(&mut g, &signed(1, n, far), now), Ok(()));
+        }
+        assert_eq!(
+            check(&mut g, &signed(1, 99_999, far), now),
+            Err(DelegationError::Busy)
+        );
+        assert_eq!(check(&mut g, &signed(500, 1, far), now), Ok(()));
+        // Fill the whole cache: new tokens are refused, the remembered ones still are too.
+        let mut d = 1_000;
+        while g.remembered() < MAX_SEEN_TOKENS {
+            for n in 0..MAX_SEEN_PER_DELEGATOR as u64 {
+                if g.remembered() == MAX_SEEN_TOKENS {
+                    break;
+                }
+                assert_eq!(check(&mut g, &signed(d, n, far), now), Ok(()));
+            }
+            d += 1;
+        }
+        assert_eq!(
+            check(&mut g, &signed(7_777, 1, far), now),
+            Err(DelegationError::Busy)
+        );
+        assert_eq!(check(&mut g, &first, now), Err(DelegationError::Replayed));
+        // Once they expire they are let go, and new tokens are taken again.
+        let later = Instant::from_micros(far);
+        let fresh = signed(7_777, 1, far + 1_000_000);
+        assert_eq!(check(&mut g, &fresh, later), Ok(()));
+        assert_eq!(g.remembered(), 1);
     }
 }
