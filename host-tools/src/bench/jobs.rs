@@ -60,6 +60,13 @@ struct RunResult {
     not_moved: usize,
 }
 
+/// Whether a kill with `finals` of `total` tasks final is at the named progress: at least a
+/// quarter final, at most half (progress is polled, so it may overshoot a little), and the job
+/// unfinished.
+fn kill_lands_mid_job(finals: usize, total: usize) -> bool {
+    total > 0 && finals * 4 >= total && finals * 2 <= total && finals < total
+}
+
 /// Re-dispatch is watched for at most this long after the kill.
 const REDISPATCH_WATCH: Duration = Duration::from_secs(300);
 
@@ -168,7 +175,7 @@ fn run_job(
             std::thread::sleep(Duration::from_millis(200));
         };
         let p = aa::Progress::of(&before);
-        if p.finals() >= p.total || p.finals() * 2 > p.total || worker.is_finished() {
+        if !kill_lands_mid_job(p.finals(), p.total) || worker.is_finished() {
             return Err(fail(format!(
                 "{}/{} tasks were final at the kill (named: 25 %, accepted up to 50 %)",
                 p.finals(),
@@ -503,4 +510,20 @@ pub fn run(args: &JobsBenchArgs) -> Result<()> {
         hurt.held_at_kill,
     );
     unmeasured.check()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kill_lands_between_a_quarter_and_a_half_with_the_job_unfinished() {
+        assert!(kill_lands_mid_job(9, 36));
+        assert!(kill_lands_mid_job(18, 36));
+        assert!(!kill_lands_mid_job(8, 36), "before 25 %");
+        assert!(!kill_lands_mid_job(19, 36), "past 50 %");
+        assert!(kill_lands_mid_job(1, 2), "half of two");
+        assert!(!kill_lands_mid_job(2, 2), "finished");
+        assert!(!kill_lands_mid_job(0, 0), "no tasks");
+    }
 }

@@ -268,20 +268,25 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
             "the kill window closed at {finals}/{total} primes tasks without the wordcount mid-way \
              (last wordcount line: {wc_last:?}); deferred {deferred} times"
         );
-        let wc_progress = wc_last
-            .as_ref()
-            .and_then(|w| w.get("progress"))
-            .map(|p| (p["done"].as_u64().unwrap(), p["total"].as_u64().unwrap()));
-        if let Some((d, t)) = wc_progress {
+        // (done, running, total) of the wordcount's last progress line.
+        let wc_progress = wc_last.as_ref().and_then(|w| w.get("progress")).map(|p| {
+            (
+                p["done"].as_u64().unwrap(),
+                p["running"].as_u64().unwrap(),
+                p["total"].as_u64().unwrap(),
+            )
+        });
+        if let Some((d, _, t)) = wc_progress {
             assert!(
                 d < t,
                 "the wordcount finished ({d}/{t}) before the kill window opened at {finals}/{total} primes tasks"
             );
         }
-        if wc_progress.is_none_or(|(_, t)| t == 0) {
+        // Mid-way: some of its tasks running or done (its records stored, executors at work).
+        if wc_progress.is_none_or(|(d, r, t)| t == 0 || d + r == 0) {
             if deferred == 0 {
                 eprintln!(
-                    "kill deferred at {finals}/{total} primes tasks: the wordcount has not reported progress yet"
+                    "kill deferred at {finals}/{total} primes tasks: the wordcount is not under way yet ({wc_progress:?})"
                 );
             }
             deferred += 1;
@@ -305,7 +310,7 @@ fn jobs_survive_killed_vms_and_a_killed_agent() {
     let (mut wc_aa, wc_rx) = wc.expect("the wordcount AA started");
     let (finals, total) = at_kill.unwrap();
     eprintln!(
-        "killed {killed:?} at {finals}/{total} primes tasks final; wordcount (done, total) then: {wc_at_kill:?}; kill deferred {deferred} progress lines"
+        "killed {killed:?} at {finals}/{total} primes tasks final; wordcount (done, running, total) then: {wc_at_kill:?}; kill deferred {deferred} progress lines"
     );
 
     for (name, child, rx, log) in [
