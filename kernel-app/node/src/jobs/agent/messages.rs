@@ -269,6 +269,8 @@ impl JobAgent {
                             next_contribute: now,
                             dirty: true,
                             put_op: None,
+                            version: 0,
+                            announce: None,
                         },
                     );
                     self.emit(JobEvent::ReduceSpawned { job, task });

@@ -29,7 +29,7 @@ use super::record::{
 use super::wire::{self, DispatchReply, JOB_WIRE_VERSION, JobMessage, JobPacket};
 use crate::id::{Key, NodeId};
 use crate::launch::PeerAddr;
-use crate::node::{Event, OpId};
+use crate::node::{Event, OpId, PutError};
 use crate::rng::Rng;
 use crate::time::Instant;
 use crate::wire::Contact;
@@ -213,6 +213,9 @@ pub struct JobCounters {
     pub stale_reports: u64,
     /// Completions arriving after registration whose hash differs from the registered one.
     pub late_disagreements: u64,
+    /// Supervisor writes refused because the record had moved on (another supervisor's, after
+    /// a partition or a change of root).
+    pub supervision_conflicts: u64,
     pub records_unencodable: u64,
     pub transmit_drops: u64,
     pub event_drops: u64,
@@ -239,6 +242,11 @@ struct Supervision {
     next_contribute: Instant,
     dirty: bool,
     put_op: Option<OpId>,
+    /// The record's version this supervision last wrote or read (its writes are
+    /// compare-and-sets on it).
+    version: u64,
+    /// The registry event to announce once the final record is written.
+    announce: Option<JobEvent>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -303,6 +311,8 @@ pub struct JobAgent {
     record_puts: BTreeMap<Key, RecordPut>,
     record_ops: BTreeMap<OpId, Key>,
     sup_ops: BTreeMap<OpId, TaskId>,
+    /// Writes of final records and the registry event each announces when acknowledged.
+    announce_ops: BTreeMap<OpId, JobEvent>,
     jobs_in_submission: BTreeMap<JobId, usize>,
     transmits: VecDeque<JobTransmit>,
     events: VecDeque<JobEvent>,
@@ -348,6 +358,7 @@ impl JobAgent {
             record_puts: BTreeMap::new(),
             record_ops: BTreeMap::new(),
             sup_ops: BTreeMap::new(),
+            announce_ops: BTreeMap::new(),
             jobs_in_submission: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -449,18 +460,40 @@ impl JobAgent {
                 }
                 None => false,
             },
-            Event::PutDone { op, .. } => {
+            Event::PutDone { op, version, .. } => {
                 if let Some(key) = self.record_ops.remove(op) {
                     self.record_stored(key);
                     true
                 } else if let Some(task) = self.sup_ops.remove(op) {
                     if let Some(s) = self.supervised.get_mut(&task) {
                         s.put_op = None;
+                        s.version = *version;
+                    }
+                    if let Some(e) = self.announce_ops.remove(op) {
+                        if let Some(s) = self.supervised.get_mut(&task) {
+                            s.announce = None;
+                        }
+                        self.emit(e);
                     }
                     true
                 } else {
                     false
                 }
+            }
+            Event::PutFailed {
+                op,
+                error: PutError::VersionMismatch { current },
+                ..
+            } if self.record_ops.contains_key(op) || self.sup_ops.contains_key(op) => {
+                if let Some(key) = self.record_ops.remove(op) {
+                    // Task records are created only where absent: one exists, so ours is stored
+                    // (a retry of ours that landed) or the job was submitted before.
+                    self.record_stored(key);
+                } else if let Some(task) = self.sup_ops.remove(op) {
+                    self.announce_ops.remove(op);
+                    self.supervision_write_lost(ov, task, *current);
+                }
+                true
             }
             Event::GetDone { op, value, .. } => match self.record_ops.remove(op) {
                 Some(key) => {
@@ -475,7 +508,8 @@ impl JobAgent {
                 }
                 None => false,
             },
-            Event::RequestFailed { op, .. } => {
+            Event::RequestFailed { op, .. } | Event::PutFailed { op, .. } => {
+                self.announce_ops.remove(op);
                 if self.routed.remove(op).is_some() {
                     true
                 } else if let Some(key) = self.record_ops.remove(op) {

@@ -71,7 +71,9 @@ impl JobAgent {
             let res = if r.checking {
                 ov.get(now, key)
             } else {
-                ov.put(now, key, &r.value.clone())
+                // Created only where absent: a late retry cannot overwrite what a supervisor
+                // wrote since.
+                ov.put_if(now, key, &r.value.clone(), 0)
             };
             match res {
                 Ok(op) => {
