@@ -63,6 +63,8 @@ pub enum RoutedBody {
     Put {
         value: Vec<u8>,
         expected: Option<u64>,
+        /// Copies the record keeps (0: the root's `k`).
+        copies: u8,
     },
     Get,
     /// A record stranded on a node outside its replica set (after a partition, say), handed
@@ -70,6 +72,7 @@ pub enum RoutedBody {
     Handoff {
         version: u64,
         value: Vec<u8>,
+        copies: u8,
     },
 }
 
@@ -191,6 +194,8 @@ pub enum Message {
         key: Id,
         version: u64,
         value: Vec<u8>,
+        /// Copies the record keeps (0: the receiver's `k`).
+        copies: u8,
     },
     StoreAck {
         key: Id,
@@ -440,6 +445,7 @@ mod tests {
                 body: RoutedBody::Put {
                     value: vec![0xff; MAX_VALUE_LEN],
                     expected: Some(u64::MAX),
+                    copies: u8::MAX,
                 },
             }),
         };

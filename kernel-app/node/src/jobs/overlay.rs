@@ -5,7 +5,7 @@
 //! newer record.
 
 use crate::id::Key;
-use crate::node::{Node, OpId, RequestError};
+use crate::node::{Node, OpId, RequestError, WriteOptions};
 use crate::routing_table::proximity_rank;
 use crate::time::Instant;
 use crate::wire::{Contact, Sealer};
@@ -31,12 +31,14 @@ pub trait Overlay {
     fn put(&mut self, now: Instant, key: Key, value: &[u8]) -> Result<OpId, RequestError>;
     /// Compare-and-set: `value` becomes the next version only while the record is at
     /// `expected` (0: absent); a majority of the replica set decides.
+    /// (`copies`: the record's copies, a job's replication; 0: the cluster's `k`.)
     fn put_if(
         &mut self,
         now: Instant,
         key: Key,
         value: &[u8],
         expected: u64,
+        copies: u8,
     ) -> Result<OpId, RequestError>;
     /// The version of this node's copy of `key`'s record.
     fn record_version(&self, key: Key) -> Option<u64>;
@@ -113,8 +115,13 @@ impl<S: Sealer> Overlay for Node<S> {
         key: Key,
         value: &[u8],
         expected: u64,
+        copies: u8,
     ) -> Result<OpId, RequestError> {
-        Node::put_if(self, now, key, value, expected)
+        let opts = WriteOptions {
+            expected: Some(expected),
+            copies,
+        };
+        Node::put_with(self, now, key, value, opts)
     }
 
     fn record_version(&self, key: Key) -> Option<u64> {

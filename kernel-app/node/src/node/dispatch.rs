@@ -109,7 +109,8 @@ impl<S: Sealer> Node<S> {
                 key,
                 version,
                 value,
-            } => match self.store.accept(key, version, &value) {
+                copies,
+            } => match self.store.accept(key, version, &value, copies) {
                 Ok(_) => {
                     self.store.confirm(key, version, sender.id);
                     self.store.confirm(key, version, self.me.id);

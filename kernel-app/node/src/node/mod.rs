@@ -96,6 +96,15 @@ impl fmt::Display for RequestError {
 
 impl core::error::Error for RequestError {}
 
+/// How a put is made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Compare-and-set: only while the record is at this version (0: absent).
+    pub expected: Option<u64>,
+    /// Copies the record keeps; 0: the cluster's `k` (the node's config).
+    pub copies: u8,
+}
+
 /// Handle of an own request, named in its completion event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OpId(pub u64);
@@ -222,7 +231,7 @@ enum PendingKind {
     Lookup,
     Put {
         value: Vec<u8>,
-        expected: Option<u64>,
+        opts: WriteOptions,
         /// What the root said last (a retry may still succeed).
         last_error: Option<PutError>,
     },
@@ -257,7 +266,7 @@ struct RootWrite {
     nonce: u64,
     origin: Contact,
     value: Vec<u8>,
-    expected: Option<u64>,
+    opts: WriteOptions,
     /// Names this write in `VersionQuery`/`VersionHeld`.
     round: u64,
     /// The key's replica set counted for the majority (recently failed nodes included).
@@ -522,7 +531,7 @@ impl<S: Sealer> Node<S> {
     /// acknowledge a put: it ends with `PutFailed` (`NoQuorum`, or `Timeout` when no root
     /// answered).
     pub fn put(&mut self, now: Instant, key: Key, value: &[u8]) -> Result<OpId, RequestError> {
-        self.start_put(now, key, value, None)
+        self.put_with(now, key, value, WriteOptions::default())
     }
 
     /// Compare-and-set: stores `value` as `key`'s next version only if the record is at
@@ -537,22 +546,28 @@ impl<S: Sealer> Node<S> {
         value: &[u8],
         expected_version: u64,
     ) -> Result<OpId, RequestError> {
-        self.start_put(now, key, value, Some(expected_version))
+        let opts = WriteOptions {
+            expected: Some(expected_version),
+            copies: 0,
+        };
+        self.put_with(now, key, value, opts)
     }
 
-    fn start_put(
+    /// A put with its options: compare-and-set or not, and the copies the record keeps
+    /// (a job's replication; clamped to the leaf set's `L/2 + 1`).
+    pub fn put_with(
         &mut self,
         now: Instant,
         key: Key,
         value: &[u8],
-        expected: Option<u64>,
+        opts: WriteOptions,
     ) -> Result<OpId, RequestError> {
         if value.len() > MAX_VALUE_LEN {
             return Err(RequestError::ValueTooLarge);
         }
         let kind = PendingKind::Put {
             value: value.to_vec(),
-            expected,
+            opts,
             last_error: None,
         };
         self.start_request(now, key, kind)

@@ -36,15 +36,24 @@ impl<S: Sealer> Node<S> {
         (self.timing.request_timeout_ms * 3 / 4).max(1)
     }
 
-    /// Copies that make a majority of the replica set (2 of 3 for k = 3).
-    pub(super) fn majority(&self) -> usize {
-        self.replicas / 2 + 1
+    /// The copies a record keeps: its writer's choice clamped to what the leaf set can
+    /// place (`L/2 + 1`), or this node's `k`.
+    pub(super) fn copies_of(&self, copies: u8) -> usize {
+        match copies {
+            0 => self.replicas,
+            c => (c as usize).min(self.leaf.capacity() / 2 + 1),
+        }
+    }
+
+    /// Copies that make a majority of a replica set of `k` (2 of 3).
+    pub(super) fn majority(k: usize) -> usize {
+        k / 2 + 1
     }
 
     /// The `k` nodes closest to `key` among this node, its leaf set and the nodes it saw fail
     /// recently. Counting the failed (or unreachable) ones keeps a partition side that holds
     /// fewer than a majority of the key's real replicas from making a majority of its own.
-    pub(super) fn quorum_set(&self, key: Key) -> Vec<Contact> {
+    pub(super) fn quorum_set(&self, key: Key, k: usize) -> Vec<Contact> {
         let mut all: Vec<Contact> = Vec::with_capacity(self.leaf.len() + self.graveyard.len() + 1);
         all.push(self.me);
         for c in self
@@ -57,7 +66,7 @@ impl<S: Sealer> Node<S> {
             }
         }
         all.sort_by_key(|c| (key.distance(c.id), c.id));
-        all.truncate(self.replicas);
+        all.truncate(k);
         all
     }
 
@@ -70,7 +79,7 @@ impl<S: Sealer> Node<S> {
         nonce: u64,
         origin: Contact,
         value: Vec<u8>,
-        expected: Option<u64>,
+        opts: WriteOptions,
     ) {
         if self.writes.iter().any(|w| w.key == key && w.nonce == nonce) {
             return; // a duplicate of a write in progress
@@ -87,7 +96,7 @@ impl<S: Sealer> Node<S> {
             nonce,
             origin,
             value,
-            expected,
+            opts,
             round: self.rng.next_u64(),
             quorum_set: Vec::new(),
             phase: WritePhase::Queued,
@@ -102,7 +111,7 @@ impl<S: Sealer> Node<S> {
     /// Phase one: ask the key's replica set which versions they hold.
     fn query_versions(&mut self, now: Instant, i: usize) {
         let key = self.writes[i].key;
-        let set = self.quorum_set(key);
+        let set = self.quorum_set(key, self.copies_of(self.writes[i].opts.copies));
         let mut held = Vec::new();
         if set.iter().any(|c| c.id == self.me.id) {
             held.push((self.me.id, self.store.get(key).map_or(0, |r| r.version)));
@@ -150,7 +159,6 @@ impl<S: Sealer> Node<S> {
     /// With a majority's versions: refuse a compare-and-set that expects another one, or store
     /// the next version here and send it to the replica set (phase two).
     fn decide_version(&mut self, now: Instant, key: Key, round: u64) {
-        let majority = self.majority();
         let Some(i) = self
             .writes
             .iter()
@@ -158,6 +166,7 @@ impl<S: Sealer> Node<S> {
         else {
             return;
         };
+        let majority = Self::majority(self.copies_of(self.writes[i].opts.copies));
         let WritePhase::Querying { held } = &self.writes[i].phase else {
             return;
         };
@@ -165,7 +174,7 @@ impl<S: Sealer> Node<S> {
             return;
         }
         let current = held.iter().map(|(_, v)| *v).max().unwrap_or(0);
-        if let Some(expected) = self.writes[i].expected
+        if let Some(expected) = self.writes[i].opts.expected
             && expected != current
         {
             self.counters.writes_mismatched += 1;
@@ -183,7 +192,8 @@ impl<S: Sealer> Node<S> {
         let mine = self.store.get(key).map_or(0, |r| r.version);
         let version = current.max(mine) + 1;
         let value = core::mem::take(&mut self.writes[i].value);
-        if self.store.accept(key, version, &value).is_err() {
+        let copies = self.writes[i].opts.copies;
+        if self.store.accept(key, version, &value, copies).is_err() {
             self.counters.records_refused += 1;
             self.finish_write(
                 now,
@@ -205,7 +215,6 @@ impl<S: Sealer> Node<S> {
     /// Acknowledges the write of `key` once a majority of its replica set holds its version
     /// (or a newer one).
     pub(super) fn check_write_acks(&mut self, now: Instant, key: Key) {
-        let majority = self.majority();
         let Some(rec) = self.store.get(key) else {
             return;
         };
@@ -216,6 +225,7 @@ impl<S: Sealer> Node<S> {
             return;
         };
         let w = &self.writes[i];
+        let majority = Self::majority(self.copies_of(w.opts.copies));
         let held = rec
             .confirmed
             .iter()
@@ -271,6 +281,7 @@ impl<S: Sealer> Node<S> {
             let body = RoutedBody::Handoff {
                 version: rec.version,
                 value: rec.value.clone(),
+                copies: rec.copies,
             };
             let r = Routed {
                 nonce: self.rng.next_u64(),
@@ -282,7 +293,10 @@ impl<S: Sealer> Node<S> {
             self.route(now, r);
             return;
         }
-        let set = self.leaf.replica_set(key, self.replicas);
+        let Some(copies) = self.store.get(key).map(|r| r.copies) else {
+            return;
+        };
+        let set = self.leaf.replica_set(key, self.copies_of(copies));
         let me = self.me.id;
         let Some(rec) = self.store.get_mut(key) else {
             return;
@@ -308,6 +322,7 @@ impl<S: Sealer> Node<S> {
                         key,
                         version,
                         value: value.clone(),
+                        copies,
                     },
                 );
             }

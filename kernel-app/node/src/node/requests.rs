@@ -36,11 +36,10 @@ impl<S: Sealer> Node<S> {
         let p = &self.pending[i];
         let body = match &p.kind {
             PendingKind::Lookup => RoutedBody::Lookup,
-            PendingKind::Put {
-                value, expected, ..
-            } => RoutedBody::Put {
+            PendingKind::Put { value, opts, .. } => RoutedBody::Put {
                 value: value.clone(),
-                expected: *expected,
+                expected: opts.expected,
+                copies: opts.copies,
             },
             PendingKind::Get => RoutedBody::Get,
         };

@@ -214,13 +214,22 @@ impl<S: Sealer> Node<S> {
                 key: r.key,
                 path: r.path,
             },
-            RoutedBody::Put { value, expected } => {
+            RoutedBody::Put {
+                value,
+                expected,
+                copies,
+            } => {
                 // Two phases with the key's replica set (see `records.rs`); answered from there.
-                self.begin_write(now, r.key, r.nonce, origin, value, expected);
+                let opts = WriteOptions { expected, copies };
+                self.begin_write(now, r.key, r.nonce, origin, value, opts);
                 return;
             }
-            RoutedBody::Handoff { version, value } => {
-                if self.store.accept(r.key, version, &value) == Err(StoreError::Full) {
+            RoutedBody::Handoff {
+                version,
+                value,
+                copies,
+            } => {
+                if self.store.accept(r.key, version, &value, copies) == Err(StoreError::Full) {
                     self.counters.records_refused += 1;
                     return;
                 }

@@ -197,6 +197,9 @@ pub struct Submission {
     pub reducers: u8,
     /// Executors per task (2: outputs compared).
     pub exec_copies: u8,
+    /// Copies of the job's task records and chunks (the manifest's `replication`); 0: the
+    /// cluster's. Clamped by the overlay to what its leaf set can place.
+    pub replication: u8,
 }
 
 /// Drops and oddities, counted.
@@ -284,6 +287,7 @@ struct Fetch {
 struct RecordPut {
     job: JobId,
     value: Vec<u8>,
+    copies: u8,
     op: Option<OpId>,
     /// A failed put is checked with a get before it is repeated (it may have landed).
     checking: bool,
@@ -568,7 +572,7 @@ impl JobAgent {
                     let cid = Key::for_content(part);
                     outputs.push(cid);
                     match self.chunks.insert(cid, part) {
-                        Ok(()) => {}
+                        Ok(()) => self.chunks.set_copies(cid, e.rec.replicas),
                         Err(_) => self.counters.chunks_refused += 1,
                     }
                     self.uploads.insert(cid, Upload { next_try: now });
@@ -637,6 +641,25 @@ impl JobAgent {
             let me = self.me;
             self.dispatch(now, ov, me, msg);
         }
+    }
+
+    /// Copies chunk `id` keeps: its job's replication, else the cluster's.
+    fn chunk_copies(&self, id: ChunkId) -> usize {
+        self.copies_or_cluster(self.chunks.copies(id))
+    }
+
+    fn copies_or_cluster(&self, copies: u8) -> usize {
+        match copies {
+            0 => self.cfg.replicas,
+            c => usize::from(c),
+        }
+    }
+
+    /// Whether this node is in chunk `id`'s replica set.
+    fn in_chunk_set(&self, ov: &impl Overlay, id: ChunkId) -> bool {
+        ov.replica_set(id, self.chunk_copies(id))
+            .iter()
+            .any(|c| c.id == self.me.id)
     }
 
     fn emit(&mut self, e: JobEvent) {

@@ -196,6 +196,7 @@ impl JobAgent {
                     maps,
                     map: s.rec.index as u8,
                     chunk,
+                    replicas: s.rec.replicas,
                 };
                 self.send_to_root(now, ov, task_id(s.rec.job, REDUCE_BASE + p as u16), msg);
             }
@@ -362,7 +363,7 @@ impl JobAgent {
             s.dirty = false;
             return;
         };
-        match ov.put_if(now, s.rec.id(), &value, s.version) {
+        match ov.put_if(now, s.rec.id(), &value, s.version, s.rec.replicas) {
             Ok(op) => {
                 s.dirty = false;
                 s.put_op = Some(op);
