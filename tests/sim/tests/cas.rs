@@ -234,3 +234,48 @@ fn messages_per_put() {
     assert!(phase_one > 0.0, "no first phase measured");
     assert!(phase_one <= 2.0 * (sim.cfg.replicas as f64 - 1.0) + 0.01);
 }
+
+/// Two of a key's three replicas crash for good: writes wait (no majority) while the failed
+/// nodes still count, then the replicas that are left decide (`quorum_memory_ms`).
+#[test]
+fn writes_resume_once_crashed_replicas_stop_counting() {
+    let mut sim = formed(41, 12);
+    let key = Id::for_name(b"jobs/task-7");
+    let writer = replica_slots(&sim, key)
+        .last()
+        .copied()
+        .expect("three replicas");
+    let op = sim.put_if(writer, key, b"v1", 0).unwrap();
+    let t = sim.now.plus_ms(5_000);
+    sim.run_until(t);
+    assert!(done(&sim, writer, op));
+    let crashed: Vec<usize> = replica_slots(&sim, key)
+        .into_iter()
+        .filter(|s| *s != writer)
+        .collect();
+    for s in &crashed {
+        sim.crash(*s);
+    }
+    let t = sim.now.plus_ms(15_000);
+    sim.run_until(t);
+    let early = sim.put_if(writer, key, b"v2-early", 1).unwrap();
+    let t = sim.now.plus_ms(20_000);
+    sim.run_until(t);
+    assert_eq!(
+        sim.put_errors.get(&(writer, early)),
+        Some(&PutError::NoQuorum),
+        "a write while 2 of 3 replicas count as failed"
+    );
+    let memory_ms = sim.cfg.timing.quorum_memory_ms;
+    let t = sim.now.plus_ms(memory_ms);
+    sim.run_until(t);
+    let late = sim.put_if(writer, key, b"v2", 1).unwrap();
+    let t = sim.now.plus_ms(10_000);
+    sim.run_until(t);
+    assert!(
+        done(&sim, writer, late),
+        "{:?}",
+        sim.put_errors.get(&(writer, late))
+    );
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+}

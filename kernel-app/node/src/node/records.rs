@@ -51,16 +51,18 @@ impl<S: Sealer> Node<S> {
     }
 
     /// The `k` nodes closest to `key` among this node, its leaf set and the nodes it saw fail
-    /// recently. Counting the failed (or unreachable) ones keeps a partition side that holds
+    /// within `quorum_memory_ms`. Counting the failed (or unreachable) ones keeps a partition side that holds
     /// fewer than a majority of the key's real replicas from making a majority of its own.
-    pub(super) fn quorum_set(&self, key: Key, k: usize) -> Vec<Contact> {
+    pub(super) fn quorum_set(&self, now: Instant, key: Key, k: usize) -> Vec<Contact> {
         let mut all: Vec<Contact> = Vec::with_capacity(self.leaf.len() + self.graveyard.len() + 1);
         all.push(self.me);
-        for c in self
-            .leaf
-            .contacts()
-            .chain(self.graveyard.iter().map(|(c, _)| c))
-        {
+        let memory_ms = self.timing.quorum_memory_ms;
+        let remembered = self
+            .graveyard
+            .iter()
+            .filter(|(_, failed)| now.millis_since(*failed) < memory_ms)
+            .map(|(c, _)| c);
+        for c in self.leaf.contacts().chain(remembered) {
             if !all.iter().any(|x| x.id == c.id) {
                 all.push(*c);
             }
@@ -111,7 +113,7 @@ impl<S: Sealer> Node<S> {
     /// Phase one: ask the key's replica set which versions they hold.
     fn query_versions(&mut self, now: Instant, i: usize) {
         let key = self.writes[i].key;
-        let set = self.quorum_set(key, self.copies_of(self.writes[i].opts.copies));
+        let set = self.quorum_set(now, key, self.copies_of(self.writes[i].opts.copies));
         let mut held = Vec::new();
         if set.iter().any(|c| c.id == self.me.id) {
             held.push((self.me.id, self.store.get(key).map_or(0, |r| r.version)));
