@@ -21,7 +21,7 @@ use harness::{Clock, Incarnation, Simulation};
 use network::{Faults, Topology};
 use std::collections::{BTreeMap, HashMap};
 use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
-use unipeer_node::node::{Event, Node, NodeConfig, OpId, RequestKind, Timing};
+use unipeer_node::node::{Event, Node, NodeConfig, OpId, PutError, RequestKind, Timing};
 use unipeer_node::rng::Rng;
 use unipeer_node::wire::MAX_PATH;
 use unipeer_node::{Instant, PeerAddr};
@@ -157,6 +157,17 @@ pub struct Sim {
     pub hops: Vec<u32>,
     /// When set, bytes sent per message kind (a diagnostic; costs a decode per datagram).
     pub bytes_by_kind: Option<BTreeMap<String, u64>>,
+    /// Counted with `bytes_by_kind`: datagrams sent per message kind.
+    pub datagrams_by_kind: BTreeMap<String, u64>,
+    /// Values of the puts issued, until they end.
+    written: HashMap<(usize, OpId), Vec<u8>>,
+    /// Every acknowledged write: (key, version) -> value. Two different values acknowledged at
+    /// one version of a key is a safety violation.
+    pub installed: BTreeMap<(Key, u64), Vec<u8>>,
+    /// What each get answered.
+    pub values_got: HashMap<(usize, OpId), Option<Vec<u8>>>,
+    /// Why each failed put failed.
+    pub put_errors: HashMap<(usize, OpId), PutError>,
 }
 
 impl Sim {
@@ -181,6 +192,11 @@ impl Sim {
             stats: SimStats::default(),
             hops: Vec::new(),
             bytes_by_kind: None,
+            datagrams_by_kind: BTreeMap::new(),
+            written: HashMap::new(),
+            installed: BTreeMap::new(),
+            put_errors: HashMap::new(),
+            values_got: HashMap::new(),
         }
     }
 
@@ -397,8 +413,18 @@ impl Sim {
 
     pub fn put(&mut self, slot: usize, key: Key, value: &[u8]) -> Option<OpId> {
         let now = self.now;
-        let op = self.slots[slot].node.as_mut()?.put(now, key, value).ok();
-        self.track(slot, key, RequestKind::Put, op)
+        let op = self.slots[slot].node.as_mut()?.put(now, key, value).ok()?;
+        self.written.insert((slot, op), value.to_vec());
+        self.track(slot, key, RequestKind::Put, Some(op))
+    }
+
+    /// A compare-and-set through `slot`: `value` if `key` is at version `expected`.
+    pub fn put_if(&mut self, slot: usize, key: Key, value: &[u8], expected: u64) -> Option<OpId> {
+        let now = self.now;
+        let node = self.slots[slot].node.as_mut()?;
+        let op = node.put_if(now, key, value, expected).ok()?;
+        self.written.insert((slot, op), value.to_vec());
+        self.track(slot, key, RequestKind::Put, Some(op))
     }
 
     pub fn get(&mut self, slot: usize, key: Key) -> Option<OpId> {
@@ -454,7 +480,8 @@ impl Sim {
                     .unwrap_or("?")
                     .to_string(),
             };
-            *tally.entry(name).or_default() += bytes.len() as u64;
+            *tally.entry(name.clone()).or_default() += bytes.len() as u64;
+            *self.datagrams_by_kind.entry(name).or_default() += 1;
         }
         let Some(&to) = self.by_addr.get(&(dst.ipv4, dst.port)) else {
             self.stats.datagrams_lost += 1;
@@ -547,7 +574,24 @@ impl Sim {
                     };
                 }
             }
-            Event::PutDone { op, key, root, .. } => {
+            Event::PutDone {
+                op,
+                key,
+                root,
+                version,
+            } => {
+                // Safety: one value per acknowledged version of a key.
+                if let Some(value) = self.written.remove(&(slot, op)) {
+                    match self.installed.get(&(key, version)) {
+                        Some(v) if *v != value => self.violation(format!(
+                            "two different values acknowledged at version {version} of {key:?}"
+                        )),
+                        Some(_) => {}
+                        None => {
+                            self.installed.insert((key, version), value);
+                        }
+                    }
+                }
                 let truth = self.truth_root(key);
                 if let Some(t) = self.ops.get_mut(&(slot, op)) {
                     t.outcome = Outcome::Done {
@@ -572,6 +616,7 @@ impl Sim {
                     self.violation(format!("get {key:?} returned a value never put"));
                 }
                 let truth = self.truth_root(key);
+                self.values_got.insert((slot, op), value.clone());
                 if let Some(t) = self.ops.get_mut(&(slot, op)) {
                     t.outcome = Outcome::Done {
                         root: root.id,
@@ -580,7 +625,11 @@ impl Sim {
                     };
                 }
             }
-            Event::RequestFailed { op, .. } => {
+            Event::RequestFailed { op, .. } | Event::PutFailed { op, .. } => {
+                if let Event::PutFailed { error, .. } = e {
+                    self.written.remove(&(slot, op));
+                    self.put_errors.insert((slot, op), error);
+                }
                 self.stats.requests_failed += 1;
                 if let Some(t) = self.ops.get_mut(&(slot, op)) {
                     t.outcome = Outcome::Failed;

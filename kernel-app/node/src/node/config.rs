@@ -38,6 +38,12 @@ pub struct Timing {
     pub graveyard_ms: u64,
     /// Period of probing one remembered failed node.
     pub graveyard_probe_ms: u64,
+    /// How long a failed node still counts in the replica sets whose majority a write needs.
+    /// Within it a partition side holding fewer than a majority of a key's replicas cannot
+    /// write the key; past it the replicas that are left decide, so keys whose replicas
+    /// crashed for good become writable again. (A partition lasting longer loses the
+    /// guarantee: membership is not agreed by consensus.)
+    pub quorum_memory_ms: u64,
     /// Least time between two proximity (RTT) probes of routing-table candidates.
     pub proximity_probe_ms: u64,
 }
@@ -59,6 +65,7 @@ impl Default for Timing {
             record_refresh_ms: 10_000,
             graveyard_ms: 300_000,
             graveyard_probe_ms: 2_000,
+            quorum_memory_ms: 60_000,
             proximity_probe_ms: 1_000,
         }
     }

@@ -109,7 +109,8 @@ impl<S: Sealer> Node<S> {
                 key,
                 version,
                 value,
-            } => match self.store.accept(key, version, &value) {
+                copies,
+            } => match self.store.accept(key, version, &value, copies) {
                 Ok(_) => {
                     self.store.confirm(key, version, sender.id);
                     self.store.confirm(key, version, self.me.id);
@@ -127,8 +128,27 @@ impl<S: Sealer> Node<S> {
             },
             Message::StoreAck { key, version } => {
                 self.store.confirm(key, version, sender.id);
-                self.check_put_acks(key);
+                self.check_write_acks(now, key);
             }
+            Message::PutRefused { nonce, key, error } => {
+                self.complete(nonce, key, sender, Reply::PutRefused(error));
+            }
+            Message::VersionQuery { key, round } => {
+                let version = self.store.get(key).map_or(0, |r| r.version);
+                self.send(
+                    sender.addr,
+                    Message::VersionHeld {
+                        key,
+                        round,
+                        version,
+                    },
+                );
+            }
+            Message::VersionHeld {
+                key,
+                round,
+                version,
+            } => self.version_held(now, sender.id, key, round, version),
             Message::HandoffAck { key, version } => {
                 if !self.leaf.covers(key)
                     && self.store.get(key).is_some_and(|r| r.version <= version)

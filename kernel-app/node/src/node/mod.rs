@@ -17,7 +17,13 @@
 //!   gained are sent our leaf set (this is also how partitions zip back together, helped by
 //!   probing recently failed nodes).
 //! - records: put/get at the key's root; `k` copies on the root and its leaf-set neighbours;
-//!   re-replicated whenever the leaf set changes.
+//!   re-replicated whenever the leaf set changes. Every record has a version. A write (put or
+//!   compare-and-set) runs in two phases at the root: ask the key's replica set for the
+//!   versions they hold, and with a majority of answers pick the next version (or refuse a
+//!   compare-and-set whose expected version is not the current one); then store and
+//!   acknowledge once a majority holds it. The replica set counted is the `k` nodes closest
+//!   to the key among the leaf set *and recently failed nodes*, so the side of a partition
+//!   that holds fewer than a majority of a key's replicas cannot write it.
 
 mod config;
 mod dispatch;
@@ -28,6 +34,7 @@ mod routing;
 #[cfg(test)]
 mod tests;
 
+pub use crate::wire::PutError;
 pub use config::{ConfigError, NodeConfig, Timing};
 use requests::Reply;
 
@@ -89,6 +96,15 @@ impl fmt::Display for RequestError {
 
 impl core::error::Error for RequestError {}
 
+/// How a put is made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Compare-and-set: only while the record is at this version (0: absent).
+    pub expected: Option<u64>,
+    /// Copies the record keeps; 0: the cluster's `k` (the node's config).
+    pub copies: u8,
+}
+
 /// Handle of an own request, named in its completion event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OpId(pub u64);
@@ -135,7 +151,9 @@ pub enum Event {
         root: Contact,
         value: Option<Vec<u8>>,
     },
-    /// A request got no answer after all attempts (or the root refused a put).
+    /// A put or compare-and-set did not happen (see [`PutError`]).
+    PutFailed { op: OpId, key: Key, error: PutError },
+    /// A lookup or get got no answer after all attempts.
     RequestFailed {
         op: OpId,
         key: Key,
@@ -183,6 +201,10 @@ pub struct Counters {
     pub leaf_failures: u64,
     pub join_attempts: u64,
     pub records_refused: u64,
+    /// Writes served as root that found no majority of the key's replica set in time.
+    pub writes_without_quorum: u64,
+    /// Compare-and-sets refused because the record was at another version.
+    pub writes_mismatched: u64,
 }
 
 /// A summary for `unipeer status`.
@@ -207,7 +229,12 @@ enum Phase {
 #[derive(Clone, Debug)]
 enum PendingKind {
     Lookup,
-    Put(Vec<u8>),
+    Put {
+        value: Vec<u8>,
+        opts: WriteOptions,
+        /// What the root said last (a retry may still succeed).
+        last_error: Option<PutError>,
+    },
     Get,
 }
 
@@ -221,13 +248,30 @@ struct Pending {
     attempts_left: u8,
 }
 
-/// A put served as root, acknowledged once `k` nodes hold it.
+/// Where a write served as root stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum WritePhase {
+    /// Behind another write of the same key (writes of one key run one at a time).
+    Queued,
+    /// Asking the replica set for their versions; the answers so far.
+    Querying { held: Vec<(NodeId, u64)> },
+    /// Stored here at `version`; acknowledged once a majority of the set confirms it.
+    Storing { version: u64 },
+}
+
+/// A put or compare-and-set served as the key's root.
 #[derive(Clone, Debug)]
-struct PutAwaitingCopies {
+struct RootWrite {
     key: Key,
-    version: u64,
     nonce: u64,
     origin: Contact,
+    value: Vec<u8>,
+    opts: WriteOptions,
+    /// Names this write in `VersionQuery`/`VersionHeld`.
+    round: u64,
+    /// The key's replica set counted for the majority (recently failed nodes included).
+    quorum_set: Vec<NodeId>,
+    phase: WritePhase,
     expires: Instant,
 }
 
@@ -268,7 +312,7 @@ pub struct Node<S: Sealer = Plaintext> {
     join_nonce: u64,
     pending: Vec<Pending>,
     in_flight: Vec<InFlight>,
-    put_acks: Vec<PutAwaitingCopies>,
+    writes: Vec<RootWrite>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     next_op: u64,
@@ -324,7 +368,7 @@ impl<S: Sealer> Node<S> {
             join_nonce: 0,
             pending: Vec::new(),
             in_flight: Vec::new(),
-            put_acks: Vec::new(),
+            writes: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_op: 1,
@@ -394,7 +438,12 @@ impl<S: Sealer> Node<S> {
             + self.store.heap_bytes()
             + self.bootstrap.capacity() * size_of::<PeerAddr>()
             + self.pending.capacity() * size_of::<Pending>()
-            + self.put_acks.capacity() * size_of::<PutAwaitingCopies>()
+            + self.writes.capacity() * size_of::<RootWrite>()
+            + self
+                .writes
+                .iter()
+                .map(|w| w.value.capacity())
+                .sum::<usize>()
             + self.in_flight.capacity() * (size_of::<InFlight>() + MAX_PATH * 16)
             + self.transmits.capacity() * size_of::<Transmit>()
             + self
@@ -443,6 +492,9 @@ impl<S: Sealer> Node<S> {
         for f in &self.in_flight {
             at = at.min(f.deadline);
         }
+        for w in &self.writes {
+            at = at.min(w.expires);
+        }
         Some(at)
     }
 
@@ -473,14 +525,52 @@ impl<S: Sealer> Node<S> {
         self.start_request(now, key, PendingKind::Lookup)
     }
 
-    /// Stores `value` under `key` at its root and `k - 1` neighbours. `PutDone` comes only once
-    /// `k` nodes hold it, so an overlay smaller than `k` (or a partition side that small)
-    /// cannot acknowledge a put: it fails with `RequestFailed` instead.
+    /// Stores `value` under `key` at its root and `k - 1` neighbours, as the record's next
+    /// version. `PutDone` comes once a majority of the key's replica set (2 of 3 for k = 3)
+    /// holds it, so the side of a partition holding fewer of the key's replicas cannot
+    /// acknowledge a put: it ends with `PutFailed` (`NoQuorum`, or `Timeout` when no root
+    /// answered).
     pub fn put(&mut self, now: Instant, key: Key, value: &[u8]) -> Result<OpId, RequestError> {
+        self.put_with(now, key, value, WriteOptions::default())
+    }
+
+    /// Compare-and-set: stores `value` as `key`'s next version only if the record is at
+    /// `expected_version` now (0: no record yet), decided with a majority of the key's replica
+    /// set. Ends with `PutDone` (the new version) or `PutFailed` (`VersionMismatch { current }`,
+    /// `NoQuorum`, `Timeout`). A retried attempt whose first try landed unacknowledged reports
+    /// `VersionMismatch` with its own version as `current`: read the record to tell.
+    pub fn put_if(
+        &mut self,
+        now: Instant,
+        key: Key,
+        value: &[u8],
+        expected_version: u64,
+    ) -> Result<OpId, RequestError> {
+        let opts = WriteOptions {
+            expected: Some(expected_version),
+            copies: 0,
+        };
+        self.put_with(now, key, value, opts)
+    }
+
+    /// A put with its options: compare-and-set or not, and the copies the record keeps
+    /// (a job's replication; clamped to the leaf set's `L/2 + 1`).
+    pub fn put_with(
+        &mut self,
+        now: Instant,
+        key: Key,
+        value: &[u8],
+        opts: WriteOptions,
+    ) -> Result<OpId, RequestError> {
         if value.len() > MAX_VALUE_LEN {
             return Err(RequestError::ValueTooLarge);
         }
-        self.start_request(now, key, PendingKind::Put(value.to_vec()))
+        let kind = PendingKind::Put {
+            value: value.to_vec(),
+            opts,
+            last_error: None,
+        };
+        self.start_request(now, key, kind)
     }
 
     /// Fetches `key`'s value from its root.
@@ -605,6 +695,7 @@ impl<S: Sealer> Node<S> {
         }
         self.expire_in_flight(now);
         self.expire_pending(now);
+        self.expire_writes(now);
         if self.phase != Phase::Joined {
             return;
         }

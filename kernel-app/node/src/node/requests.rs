@@ -36,7 +36,11 @@ impl<S: Sealer> Node<S> {
         let p = &self.pending[i];
         let body = match &p.kind {
             PendingKind::Lookup => RoutedBody::Lookup,
-            PendingKind::Put(v) => RoutedBody::Put { value: v.clone() },
+            PendingKind::Put { value, opts, .. } => RoutedBody::Put {
+                value: value.clone(),
+                expected: opts.expected,
+                copies: opts.copies,
+            },
             PendingKind::Get => RoutedBody::Get,
         };
         let r = Routed {
@@ -58,16 +62,25 @@ impl<S: Sealer> Node<S> {
             }
             if self.pending[i].attempts_left == 0 || self.phase != Phase::Joined {
                 let p = self.pending.swap_remove(i);
-                let kind = match p.kind {
-                    PendingKind::Lookup => RequestKind::Lookup,
-                    PendingKind::Put(_) => RequestKind::Put,
-                    PendingKind::Get => RequestKind::Get,
+                let (op, key) = (p.op, p.key);
+                let event = match p.kind {
+                    PendingKind::Lookup => Event::RequestFailed {
+                        op,
+                        key,
+                        kind: RequestKind::Lookup,
+                    },
+                    PendingKind::Put { last_error, .. } => Event::PutFailed {
+                        op,
+                        key,
+                        error: last_error.unwrap_or(PutError::Timeout),
+                    },
+                    PendingKind::Get => Event::RequestFailed {
+                        op,
+                        key,
+                        kind: RequestKind::Get,
+                    },
                 };
-                self.emit(Event::RequestFailed {
-                    op: p.op,
-                    key: p.key,
-                    kind,
-                });
+                self.emit(event);
                 continue;
             }
             let nonce = self.rng.next_u64();
@@ -88,6 +101,13 @@ impl<S: Sealer> Node<S> {
         else {
             return; // a late or duplicate answer
         };
+        if let (PendingKind::Put { last_error, .. }, Reply::PutRefused(e @ PutError::NoQuorum)) =
+            (&mut self.pending[i].kind, &reply)
+        {
+            // No majority this time: the retry at the deadline may find one.
+            *last_error = Some(*e);
+            return;
+        }
         let p = self.pending.swap_remove(i);
         let event = match (p.kind, reply) {
             (PendingKind::Lookup, Reply::Lookup(path)) => Event::LookupDone {
@@ -96,12 +116,12 @@ impl<S: Sealer> Node<S> {
                 root,
                 path,
             },
-            (PendingKind::Put(_), Reply::Put(0)) => Event::RequestFailed {
+            (PendingKind::Put { .. }, Reply::PutRefused(error)) => Event::PutFailed {
                 op: p.op,
                 key,
-                kind: RequestKind::Put,
+                error,
             },
-            (PendingKind::Put(_), Reply::Put(version)) => Event::PutDone {
+            (PendingKind::Put { .. }, Reply::Put(version)) => Event::PutDone {
                 op: p.op,
                 key,
                 root,
@@ -127,5 +147,6 @@ impl<S: Sealer> Node<S> {
 pub(super) enum Reply {
     Lookup(Vec<NodeId>),
     Put(u64),
+    PutRefused(PutError),
     Get(Option<Vec<u8>>),
 }

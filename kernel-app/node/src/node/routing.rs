@@ -214,38 +214,22 @@ impl<S: Sealer> Node<S> {
                 key: r.key,
                 path: r.path,
             },
-            RoutedBody::Put { value } => {
-                let version = self.store.get(r.key).map_or(1, |rec| rec.version + 1);
-                match self.store.accept(r.key, version, &value) {
-                    Ok(_) => {
-                        self.store.confirm(r.key, version, self.me.id);
-                        // Acknowledged only once k nodes hold it (see `check_put_acks`).
-                        self.put_acks.retain(|p| p.expires > now);
-                        if self.put_acks.len() < MAX_PENDING {
-                            self.put_acks.push(PutAwaitingCopies {
-                                key: r.key,
-                                version,
-                                nonce: r.nonce,
-                                origin,
-                                expires: now.plus_ms(self.timing.request_timeout_ms),
-                            });
-                        }
-                        self.replicate_key(now, r.key);
-                        self.check_put_acks(r.key);
-                        return;
-                    }
-                    Err(_) => {
-                        self.counters.records_refused += 1;
-                        Message::PutAck {
-                            nonce: r.nonce,
-                            key: r.key,
-                            version: 0,
-                        }
-                    }
-                }
+            RoutedBody::Put {
+                value,
+                expected,
+                copies,
+            } => {
+                // Two phases with the key's replica set (see `records.rs`); answered from there.
+                let opts = WriteOptions { expected, copies };
+                self.begin_write(now, r.key, r.nonce, origin, value, opts);
+                return;
             }
-            RoutedBody::Handoff { version, value } => {
-                if self.store.accept(r.key, version, &value) == Err(StoreError::Full) {
+            RoutedBody::Handoff {
+                version,
+                value,
+                copies,
+            } => {
+                if self.store.accept(r.key, version, &value, copies) == Err(StoreError::Full) {
                     self.counters.records_refused += 1;
                     return;
                 }
@@ -289,6 +273,9 @@ impl<S: Sealer> Node<S> {
                     key,
                     version,
                 } => self.complete(nonce, key, me, Reply::Put(version)),
+                Message::PutRefused { nonce, key, error } => {
+                    self.complete(nonce, key, me, Reply::PutRefused(error))
+                }
                 Message::GetReply {
                     nonce, key, value, ..
                 } => self.complete(nonce, key, me, Reply::Get(value)),

@@ -83,7 +83,8 @@ fn alone_a_node_is_every_key_root_but_cannot_ack_k_copies() {
         root: n.contact(),
         path: vec![n.id()],
     }));
-    // k = 3 copies cannot exist with one node: the put fails after its attempts.
+    // A majority of k = 3 (two copies) cannot exist with one node: the put fails after its
+    // attempts, saying why.
     let op = n.put(Instant::ZERO, Id(9), b"v").unwrap();
     let mut now = Instant::ZERO;
     let mut failed = false;
@@ -91,7 +92,7 @@ fn alone_a_node_is_every_key_root_but_cannot_ack_k_copies() {
         now = n.poll_timeout().unwrap().max(now);
         n.handle_timeout(now);
         failed |= events(&mut n).iter().any(
-            |e| matches!(e, Event::RequestFailed { op: o, kind: RequestKind::Put, .. } if *o == op),
+            |e| matches!(e, Event::PutFailed { op: o, error: PutError::NoQuorum, .. } if *o == op),
         );
     }
     assert!(failed);

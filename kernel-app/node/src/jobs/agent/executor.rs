@@ -99,7 +99,26 @@ impl JobAgent {
             }
             if abandon {
                 log::debug!("abandoning task {task:?}: no supervisor answers");
-                self.executions.remove(&task);
+                self.end_execution(&*ov, task);
+            }
+        }
+    }
+
+    /// An execution is over (reported, revoked or abandoned): its fetched inputs go too when
+    /// their job named its copies and this node is not one of them.
+    pub(super) fn end_execution(&mut self, ov: &impl Overlay, task: TaskId) {
+        let Some(e) = self.executions.remove(&task) else {
+            return;
+        };
+        for id in e.rec.inputs.iter().flatten() {
+            let still_needed = self.fetches.contains_key(id)
+                || self.uploads.contains_key(id)
+                || self
+                    .executions
+                    .values()
+                    .any(|x| x.rec.inputs.contains(&Some(*id)));
+            if self.chunks.copies(*id) != 0 && !still_needed && !self.in_chunk_set(ov, *id) {
+                self.chunks.remove(*id);
             }
         }
     }

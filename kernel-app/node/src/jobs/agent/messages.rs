@@ -178,7 +178,7 @@ impl JobAgent {
                     .get(&task)
                     .is_some_and(|e| e.attempt == attempt)
                 {
-                    self.executions.remove(&task);
+                    self.end_execution(&*ov, task);
                 }
             }
             JobMessage::Adopt { task, attempt } => {
@@ -232,7 +232,7 @@ impl JobAgent {
                     .get(&task)
                     .is_some_and(|e| e.attempt <= attempt)
                 {
-                    self.executions.remove(&task);
+                    self.end_execution(&*ov, task);
                 }
             }
             JobMessage::Contribute {
@@ -243,6 +243,7 @@ impl JobAgent {
                 maps,
                 map,
                 chunk,
+                replicas,
             } => {
                 if maps == 0
                     || map >= maps
@@ -258,7 +259,7 @@ impl JobAgent {
                 }
                 if !self.supervised.contains_key(&task) && !self.take_over(now, ov, task) {
                     // First map output for this partition: spawn the reduce task here.
-                    let rec = reduce_record(job, &user, &app, partition, maps);
+                    let rec = reduce_record(job, &user, &app, partition, maps, replicas);
                     self.supervised.insert(
                         task,
                         Supervision {
@@ -269,6 +270,8 @@ impl JobAgent {
                             next_contribute: now,
                             dirty: true,
                             put_op: None,
+                            version: 0,
+                            announce: None,
                         },
                     );
                     self.emit(JobEvent::ReduceSpawned { job, task });
@@ -308,8 +311,10 @@ impl JobAgent {
                 id,
                 data,
                 replicate,
+                copies,
             } => match self.chunks.insert(id, &data) {
                 Ok(()) => {
+                    self.chunks.set_copies(id, copies);
                     if let Some(h) = self.chunks.held_mut(id)
                         && !h.confirmed.contains(&from.id)
                     {
@@ -317,7 +322,8 @@ impl JobAgent {
                     }
                     self.send(from, JobMessage::ChunkStored { id });
                     if replicate && ov.is_root(id) {
-                        for c in ov.replica_set(id, self.cfg.replicas) {
+                        let copies = self.chunks.copies(id);
+                        for c in ov.replica_set(id, self.chunk_copies(id)) {
                             if c.id != self.me.id && c.id != from.id {
                                 self.send(
                                     c,
@@ -325,6 +331,7 @@ impl JobAgent {
                                         id,
                                         data: data.clone(),
                                         replicate: false,
+                                        copies,
                                     },
                                 );
                             }
@@ -336,7 +343,16 @@ impl JobAgent {
                 Err(_) => self.counters.chunks_corrupt += 1,
             },
             JobMessage::ChunkStored { id } => {
-                self.uploads.remove(&id);
+                if self.uploads.remove(&id).is_some()
+                    && self.chunks.copies(id) != 0
+                    && !self.in_chunk_set(ov, id)
+                    && !self.fetches.contains_key(&id)
+                {
+                    // A job that names its replication gets exactly that many copies: the
+                    // uploader's own goes once the root holds the chunk.
+                    self.chunks.remove(id);
+                    return;
+                }
                 if let Some(h) = self.chunks.held_mut(id)
                     && !h.confirmed.contains(&from.id)
                     && h.confirmed.len() < 16
@@ -349,17 +365,21 @@ impl JobAgent {
                     Some(d) => JobMessage::ChunkData {
                         id,
                         data: d.to_vec(),
+                        copies: self.chunks.copies(id),
                     },
                     None => JobMessage::ChunkMissing { id },
                 };
                 self.send(from, reply);
             }
-            JobMessage::ChunkData { id, data } => {
+            JobMessage::ChunkData { id, data, copies } => {
                 if !self.fetches.contains_key(&id) && self.chunks.contains(id) {
                     return;
                 }
                 match self.chunks.insert(id, &data) {
-                    Ok(()) => self.chunk_arrived(now, ov, id),
+                    Ok(()) => {
+                        self.chunks.set_copies(id, copies);
+                        self.chunk_arrived(now, ov, id)
+                    }
                     Err(ChunkError::Full) => {
                         self.counters.chunks_refused += 1;
                         // Still hand a client's fetch its verified bytes.
@@ -374,11 +394,12 @@ impl JobAgent {
                 }
             }
             JobMessage::ChunkMissing { .. } => {}
-            JobMessage::ChunkOffer { id } => {
+            JobMessage::ChunkOffer { id, copies } => {
                 if self.chunks.contains(id) {
+                    self.chunks.set_copies(id, copies);
                     self.send(from, JobMessage::ChunkStored { id });
                 } else if ov
-                    .replica_set(id, self.cfg.replicas)
+                    .replica_set(id, self.copies_or_cluster(copies))
                     .iter()
                     .any(|c| c.id == self.me.id)
                 {

@@ -29,7 +29,7 @@ use super::record::{
 use super::wire::{self, DispatchReply, JOB_WIRE_VERSION, JobMessage, JobPacket};
 use crate::id::{Key, NodeId};
 use crate::launch::PeerAddr;
-use crate::node::{Event, OpId};
+use crate::node::{Event, OpId, PutError};
 use crate::rng::Rng;
 use crate::time::Instant;
 use crate::wire::Contact;
@@ -201,6 +201,9 @@ pub struct Submission {
     pub reducers: u8,
     /// Executors per task (2: outputs compared).
     pub exec_copies: u8,
+    /// Copies of the job's task records and chunks (the manifest's `replication`); 0: the
+    /// cluster's. Clamped by the overlay to what its leaf set can place.
+    pub replication: u8,
 }
 
 /// Drops and oddities, counted.
@@ -217,6 +220,9 @@ pub struct JobCounters {
     pub stale_reports: u64,
     /// Completions arriving after registration whose hash differs from the registered one.
     pub late_disagreements: u64,
+    /// Supervisor writes refused because the record had moved on (another supervisor's, after
+    /// a partition or a change of root).
+    pub supervision_conflicts: u64,
     pub records_unencodable: u64,
     pub transmit_drops: u64,
     pub event_drops: u64,
@@ -243,6 +249,11 @@ struct Supervision {
     next_contribute: Instant,
     dirty: bool,
     put_op: Option<OpId>,
+    /// The record's version this supervision last wrote or read (its writes are
+    /// compare-and-sets on it).
+    version: u64,
+    /// The registry event to announce once the final record is written.
+    announce: Option<JobEvent>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -280,6 +291,7 @@ struct Fetch {
 struct RecordPut {
     job: JobId,
     value: Vec<u8>,
+    copies: u8,
     op: Option<OpId>,
     /// A failed put is checked with a get before it is repeated (it may have landed).
     checking: bool,
@@ -307,6 +319,8 @@ pub struct JobAgent {
     record_puts: BTreeMap<Key, RecordPut>,
     record_ops: BTreeMap<OpId, Key>,
     sup_ops: BTreeMap<OpId, TaskId>,
+    /// Writes of final records and the registry event each announces when acknowledged.
+    announce_ops: BTreeMap<OpId, JobEvent>,
     jobs_in_submission: BTreeMap<JobId, usize>,
     transmits: VecDeque<JobTransmit>,
     events: VecDeque<JobEvent>,
@@ -352,6 +366,7 @@ impl JobAgent {
             record_puts: BTreeMap::new(),
             record_ops: BTreeMap::new(),
             sup_ops: BTreeMap::new(),
+            announce_ops: BTreeMap::new(),
             jobs_in_submission: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -459,18 +474,40 @@ impl JobAgent {
                 }
                 None => false,
             },
-            Event::PutDone { op, .. } => {
+            Event::PutDone { op, version, .. } => {
                 if let Some(key) = self.record_ops.remove(op) {
                     self.record_stored(key);
                     true
                 } else if let Some(task) = self.sup_ops.remove(op) {
                     if let Some(s) = self.supervised.get_mut(&task) {
                         s.put_op = None;
+                        s.version = *version;
+                    }
+                    if let Some(e) = self.announce_ops.remove(op) {
+                        if let Some(s) = self.supervised.get_mut(&task) {
+                            s.announce = None;
+                        }
+                        self.emit(e);
                     }
                     true
                 } else {
                     false
                 }
+            }
+            Event::PutFailed {
+                op,
+                error: PutError::VersionMismatch { current },
+                ..
+            } if self.record_ops.contains_key(op) || self.sup_ops.contains_key(op) => {
+                if let Some(key) = self.record_ops.remove(op) {
+                    // Task records are created only where absent: one exists, so ours is stored
+                    // (a retry of ours that landed) or the job was submitted before.
+                    self.record_stored(key);
+                } else if let Some(task) = self.sup_ops.remove(op) {
+                    self.announce_ops.remove(op);
+                    self.supervision_write_lost(ov, task, *current);
+                }
+                true
             }
             Event::GetDone { op, value, .. } => match self.record_ops.remove(op) {
                 Some(key) => {
@@ -485,7 +522,8 @@ impl JobAgent {
                 }
                 None => false,
             },
-            Event::RequestFailed { op, .. } => {
+            Event::RequestFailed { op, .. } | Event::PutFailed { op, .. } => {
+                self.announce_ops.remove(op);
                 if self.routed.remove(op).is_some() {
                     true
                 } else if let Some(key) = self.record_ops.remove(op) {
@@ -544,7 +582,7 @@ impl JobAgent {
                     let cid = Key::for_content(part);
                     outputs.push(cid);
                     match self.chunks.insert(cid, part) {
-                        Ok(()) => {}
+                        Ok(()) => self.chunks.set_copies(cid, e.rec.replicas),
                         Err(_) => self.counters.chunks_refused += 1,
                     }
                     self.uploads.insert(cid, Upload { next_try: now });
@@ -613,6 +651,25 @@ impl JobAgent {
             let me = self.me;
             self.dispatch(now, ov, me, msg);
         }
+    }
+
+    /// Copies chunk `id` keeps: its job's replication, else the cluster's.
+    fn chunk_copies(&self, id: ChunkId) -> usize {
+        self.copies_or_cluster(self.chunks.copies(id))
+    }
+
+    fn copies_or_cluster(&self, copies: u8) -> usize {
+        match copies {
+            0 => self.cfg.replicas,
+            c => usize::from(c),
+        }
+    }
+
+    /// Whether this node is in chunk `id`'s replica set.
+    fn in_chunk_set(&self, ov: &impl Overlay, id: ChunkId) -> bool {
+        ov.replica_set(id, self.chunk_copies(id))
+            .iter()
+            .any(|c| c.id == self.me.id)
     }
 
     fn emit(&mut self, e: JobEvent) {

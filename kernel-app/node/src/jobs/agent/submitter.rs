@@ -35,6 +35,7 @@ impl JobAgent {
             tasks,
             reducers: s.reducers,
             exec_copies: s.exec_copies,
+            replication: s.replication,
             only: None,
         };
         self.submit_stored(now, ov, &s.user, &req)
@@ -84,6 +85,16 @@ impl JobAgent {
             return Err(SubmitError::Busy);
         }
         let job = job_id(user, &s.name, s.nonce);
+        if s.replication != 0 {
+            // Inputs were stored (and maybe uploaded) before the job named its copies: tell
+            // their roots again, with the job's count.
+            for (_, ids) in &s.tasks {
+                for id in ids {
+                    self.chunks.set_copies(*id, s.replication);
+                    self.uploads.insert(*id, Upload { next_try: now });
+                }
+            }
+        }
         let kind = if s.reducers > 0 {
             TaskKind::Map {
                 reducers: s.reducers,
@@ -100,6 +111,7 @@ impl JobAgent {
             };
             let mut rec = TaskRecord::new(job, i as u16, user, spec, ids.clone());
             rec.exec_copies = s.exec_copies;
+            rec.replicas = s.replication;
             if s.reducers > 0 {
                 rec.maps = n as u8;
             }
@@ -124,6 +136,7 @@ impl JobAgent {
                 RecordPut {
                     job,
                     value,
+                    copies: s.replication,
                     op: None,
                     checking: false,
                     next_try: now,

@@ -70,9 +70,13 @@ impl JobAgent {
                     && !s.rec.state.is_final()
                 {
                     s.rec = stored;
+                    s.version = ov.record_version(t).unwrap_or(s.version);
+                    s.announce = None;
                 }
-                // A late retry of an older put (the overlay retries puts whose acknowledgement
-                // was lost) may have overwritten the record: write it again.
+                // Our copy differs from what we hold (a write of ours still unacknowledged, or
+                // a newer record from elsewhere): write ours again; the compare-and-set on
+                // `version` refuses it if the record moved on, and the conflict is resolved
+                // in `supervision_write_lost`.
                 if s.put_op.is_none() && ov.record(t) != s.rec.encode().as_deref() {
                     s.dirty = true;
                 }
@@ -101,6 +105,8 @@ impl JobAgent {
             next_contribute: now,
             dirty: false,
             put_op: None,
+            version: ov.record_version(key).unwrap_or(0),
+            announce: None,
         };
         if let TaskState::Running { leases, .. } = &s.rec.state {
             for l in leases.clone() {
@@ -190,6 +196,7 @@ impl JobAgent {
                     maps,
                     map: s.rec.index as u8,
                     chunk,
+                    replicas: s.rec.replicas,
                 };
                 self.send_to_root(now, ov, task_id(s.rec.job, REDUCE_BASE + p as u16), msg);
             }
@@ -317,31 +324,34 @@ impl JobAgent {
         self.known_apps.iter().position(|a| a == app)
     }
 
+    /// Ends a task in `state`. The completion registry's event is announced once the final
+    /// record is written (a majority of its replica set holds it), so a supervisor that crashes
+    /// before that does not register a task its successor registers again.
     pub(super) fn finish(&mut self, s: &mut Supervision, state: TaskState) {
         let (job, task) = (s.rec.job, s.rec.id());
-        match &state {
+        s.announce = match &state {
             TaskState::Done {
                 output_hash,
                 verified,
                 ..
-            } => self.emit(JobEvent::TaskRegistered {
+            } => Some(JobEvent::TaskRegistered {
                 job,
                 task,
                 output_hash: *output_hash,
                 verified: *verified,
             }),
-            TaskState::Disputed { hashes } => self.emit(JobEvent::TaskDisputed {
+            TaskState::Disputed { hashes } => Some(JobEvent::TaskDisputed {
                 job,
                 task,
                 hashes: hashes.clone(),
             }),
-            TaskState::Failed(f) => self.emit(JobEvent::TaskFailed {
+            TaskState::Failed(f) => Some(JobEvent::TaskFailed {
                 job,
                 task,
                 failure: *f,
             }),
-            _ => {}
-        }
+            _ => None,
+        };
         s.rec.state = state;
         s.deadlines.clear();
         s.dirty = true;
@@ -353,14 +363,51 @@ impl JobAgent {
             s.dirty = false;
             return;
         };
-        match ov.put(now, s.rec.id(), &value) {
+        match ov.put_if(now, s.rec.id(), &value, s.version, s.rec.replicas) {
             Ok(op) => {
                 s.dirty = false;
                 s.put_op = Some(op);
                 self.sup_ops.insert(op, s.rec.id());
+                if let Some(e) = &s.announce {
+                    self.announce_ops.insert(op, e.clone());
+                }
             }
             Err(_) => self.counters.busy_drops += 1,
         }
+    }
+
+    /// A supervisor write was refused: `task`'s record is at version `current`, not ours.
+    /// Our own earlier try may have landed (an unacknowledged attempt): then it is done. A
+    /// newer final record (another supervisor's, registered there) is adopted. Otherwise ours
+    /// is written again on top of `current`; and if our copy has not caught up with `current`
+    /// the task is given up, to be taken over again from the copy re-replication brings.
+    pub(super) fn supervision_write_lost(&mut self, ov: &impl Overlay, task: TaskId, current: u64) {
+        let Some(mut s) = self.supervised.remove(&task) else {
+            return;
+        };
+        s.put_op = None;
+        self.counters.supervision_conflicts += 1;
+        if ov.record_version(task) != Some(current) {
+            log::debug!("task {task:?}: record at version {current}, our copy behind; dropped");
+            return;
+        }
+        let ours = s.rec.encode();
+        let stored = ov.record(task);
+        s.version = current;
+        if stored == ours.as_deref() {
+            if let Some(e) = s.announce.take() {
+                self.emit(e);
+            }
+        } else if let Some(rec) = stored.and_then(TaskRecord::decode)
+            && rec.state.is_final()
+        {
+            s.rec = rec;
+            s.announce = None;
+            s.deadlines.clear();
+        } else {
+            s.dirty = true;
+        }
+        self.supervised.insert(task, s);
     }
 
     /// Runs `f` on the supervision of `task`, taking it over first if this node is its root

@@ -23,6 +23,7 @@ impl JobAgent {
             if let Some(u) = self.uploads.get_mut(&id) {
                 u.next_try = now.plus_ms(retry);
             }
+            let copies = self.chunks.copies(id);
             self.send_to_root(
                 now,
                 ov,
@@ -31,6 +32,7 @@ impl JobAgent {
                     id,
                     data,
                     replicate: true,
+                    copies,
                 },
             );
         }
@@ -47,7 +49,7 @@ impl JobAgent {
             }
             // The nearest holder: when the chunk's key is near this node (it is in the replica
             // set), the nearest other member of the set; else the root, found by lookup.
-            let rs = ov.replica_set(id, self.cfg.replicas);
+            let rs = ov.replica_set(id, self.chunk_copies(id));
             let near = rs
                 .iter()
                 .filter(|c| c.id != self.me.id)
@@ -71,7 +73,9 @@ impl JobAgent {
             let res = if r.checking {
                 ov.get(now, key)
             } else {
-                ov.put(now, key, &r.value.clone())
+                // Created only where absent: a late retry cannot overwrite what a supervisor
+                // wrote since.
+                ov.put_if(now, key, &r.value.clone(), 0, r.copies)
             };
             match res {
                 Ok(op) => {
@@ -109,7 +113,8 @@ impl JobAgent {
         let ids = self.chunks.ids_after(self.repair_cursor, REPAIR_BATCH);
         self.repair_cursor = ids.last().copied();
         for id in ids {
-            let rs = ov.replica_set(id, self.cfg.replicas);
+            let rs = ov.replica_set(id, self.chunk_copies(id));
+            let copies = self.chunks.copies(id);
             let Some(h) = self.chunks.held_mut(id) else {
                 continue;
             };
@@ -129,7 +134,7 @@ impl JobAgent {
                     .collect()
             };
             for c in targets {
-                self.send(c, JobMessage::ChunkOffer { id });
+                self.send(c, JobMessage::ChunkOffer { id, copies });
             }
         }
     }
