@@ -473,7 +473,7 @@ impl Overlay {
             Event::PutFailed { op, key, error } => {
                 if let Some(session) = self.waiting.remove(&op) {
                     let line = alloc::format!("put key={key} error={error}\n");
-                    Self::reply(stack, session, &line);
+                    Self::reply(outbox, session, &line);
                 }
             }
             Event::RequestFailed { op, key, kind } => {

@@ -725,6 +725,19 @@ impl jobs::Overlay for Dht<'_> {
     fn put(&mut self, now: Instant, key: Key, value: &[u8]) -> Result<OpId, RequestError> {
         self.0.put(now, key, value)
     }
+    fn put_if(
+        &mut self,
+        now: Instant,
+        key: Key,
+        value: &[u8],
+        expected: u64,
+        copies: u8,
+    ) -> Result<OpId, RequestError> {
+        self.0.put_if(now, key, value, expected, copies)
+    }
+    fn record_version(&self, key: Key) -> Option<u64> {
+        self.0.record_version(key)
+    }
     fn get(&mut self, now: Instant, key: Key) -> Result<OpId, RequestError> {
         self.0.get(now, key)
     }
