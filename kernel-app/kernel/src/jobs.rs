@@ -1046,9 +1046,10 @@ impl JobHost {
             let agent = &mut self.agent;
             let (dht, trust) = overlay.dht_and_keys();
             let mut node = Dht(dht);
-            self.channel.pump_in(now_us, stack, trust, &mut self.rng, |m| {
-                agent.handle_message(now, &mut node, m)
-            });
+            self.channel
+                .pump_in(now_us, stack, trust, &mut self.rng, |m| {
+                    agent.handle_message(now, &mut node, m)
+                });
         }
         if self.agent.poll_timeout().is_some_and(|t| t <= now) {
             self.agent.handle_timeout(now, &mut Dht(overlay.dht()));
