@@ -17,6 +17,7 @@ echo "== style"
 cargo fmt --all --check
 cargo clippy -q --all-targets -- -D warnings
 cargo clippy -q -p unipeer-kernel --target x86_64-unknown-none --release -- -D warnings
+cargo clippy -q -p unipeer-kernel --target x86_64-unknown-none --release --features diag-test -- -D warnings
 
 echo "== build the test images once"
 cargo build -q -p unipeer
