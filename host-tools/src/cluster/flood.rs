@@ -333,8 +333,9 @@ pub const SLOT_FLOOD_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77
 /// What a connection-slot flood from one source did, and whether the operator still got in.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SlotFloodReport {
-    /// Diagnostic-port connections (of 12 tried) greeted and open at once, and reset.
+    /// Diagnostic-port connections (of 12 tried) greeted and open at once.
     pub diag_held: usize,
+    /// Diagnostic-port connections reset during the TCP handshake or never greeted.
     pub diag_refused: usize,
     /// Client-port (of 4) and job-channel (of 8) connections open after a second.
     pub client_held: usize,
@@ -439,8 +440,10 @@ fn slot_flood_from(
     for (addr, n) in [(diag_addr, 12), (client_addr, 4), (job_addr, 8)] {
         for _ in 0..n {
             // A reset during the handshake is a refusal too.
-            if let Ok(s) = connect_from(SLOT_FLOOD_SOURCE, addr, step) {
-                flood.push((addr, s));
+            match connect_from(SLOT_FLOOD_SOURCE, addr, step) {
+                Ok(s) => flood.push((addr, s)),
+                Err(_) if addr == diag_addr => r.diag_refused += 1,
+                Err(_) => {}
             }
         }
     }
