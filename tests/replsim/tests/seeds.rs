@@ -1,0 +1,58 @@
+//! The replication simulator over many seeds (`SIM_SEED=N` replays one).
+
+use unipeer_replsim::{SimConfig, run};
+
+fn seeds() -> Vec<u64> {
+    if let Some(s) = std::env::var("SIM_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        return vec![s];
+    }
+    let n = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    (0..n).collect()
+}
+
+#[test]
+fn replication_survives_faults() {
+    let mut failures = Vec::new();
+    let mut totals = unipeer_replsim::Report::default();
+    let seeds = seeds();
+    for &seed in &seeds {
+        match run(SimConfig::for_seed(seed)) {
+            Ok(r) => {
+                totals.acked_writes += r.acked_writes;
+                totals.lost_by_checker += r.lost_by_checker;
+                totals.lost_by_system += r.lost_by_system;
+                totals.promotions += r.promotions;
+                totals.faults += r.faults;
+                totals.converged_after_ms = totals.converged_after_ms.max(r.converged_after_ms);
+                totals.steps += r.steps;
+            }
+            Err(e) => failures.push(format!(
+                "seed {seed} failed: {e}\n  replay: SIM_SEED={seed} cargo test -p unipeer-replsim --test seeds"
+            )),
+        }
+    }
+    eprintln!(
+        "{} seeds: {} acknowledged writes, {} promotions, {} faults, lost (checker/system, async) {}/{}, slowest convergence {} ms, {} steps",
+        seeds.len(),
+        totals.acked_writes,
+        totals.promotions,
+        totals.faults,
+        totals.lost_by_checker,
+        totals.lost_by_system,
+        totals.converged_after_ms,
+        totals.steps
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} seeds failed:\n{}",
+        failures.len(),
+        seeds.len(),
+        failures.join("\n")
+    );
+}
