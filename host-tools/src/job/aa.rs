@@ -396,6 +396,29 @@ impl<'a, A: Access> Gateway<'a, A> {
 
 /// Ensures the cluster has `vms` ready nodes offering `apps`, deploying the missing ones from
 /// `images` (round robin). Answers the names deployed.
+/// Most copies a record or chunk can have: the root and the nearer half of its leaf set
+/// (L = 16 in every image: `NodeConfig::new`).
+pub const MAX_PLACEABLE_COPIES: u8 = 16 / 2 + 1;
+
+/// The job's copies of task records and chunks: the manifest's `replication`, clamped to the
+/// nodes the cluster has and to what a leaf set can place; says so when it clamps.
+pub fn clamp_replication(asked: u8, nodes: usize, say: &mut dyn FnMut(&str)) -> u8 {
+    let nodes = u8::try_from(nodes).unwrap_or(u8::MAX).max(1);
+    let bound = nodes.min(MAX_PLACEABLE_COPIES);
+    if asked <= bound {
+        return asked;
+    }
+    let why = if bound == nodes {
+        format!("the cluster has {nodes} ready node(s)")
+    } else {
+        format!("a leaf set places at most {MAX_PLACEABLE_COPIES}")
+    };
+    say(&format!(
+        "replication {asked} clamped to {bound}: {why}; the job's task records and chunks keep {bound} copies"
+    ));
+    bound
+}
+
 pub fn ensure_vms<A: Access>(
     access: &A,
     m: &JobManifest,
@@ -472,6 +495,7 @@ pub fn plan_submission(
             tasks,
             reducers: m.reducers,
             exec_copies,
+            replication: m.replication,
             only: None,
         },
         chunks.into_values().collect(),
@@ -558,16 +582,12 @@ pub fn run<A: Access>(
         st.task_count_text()
     ));
 
-    if m.replication != 3 {
-        say(&format!(
-            "note: the manifest asks for replication {}; copies are a cluster setting (`unipeer up --replicas K`, `unipeer frontend --replicas K`), and the cluster's is used",
-            m.replication
-        ));
-    }
     let deployed = ensure_vms(access, m, say)?;
     if !deployed.is_empty() {
         say(&format!("deployed {}", deployed.join(", ")));
     }
+    let ready = access.nodes()?.iter().filter(|n| n.ready).count();
+    let replication = clamp_replication(m.replication, ready, say);
     let mut gw = Gateway::new(access, o.user.clone());
     let info = gw.ping()?;
     say(&format!(
@@ -578,6 +598,7 @@ pub fn run<A: Access>(
     ));
 
     let (mut req, chunks) = plan_submission(m, &planned, st.nonce, o.exec_copies);
+    req.replication = replication;
     let ids = st.task_ids()?;
     let n_tasks = st.tasks as usize;
     if !st.submitted {
@@ -946,5 +967,26 @@ impl Access for ClusterAccess {
 
     fn describe(&self) -> String {
         format!("cluster {}", self.run_dir.display())
+    }
+}
+
+#[cfg(test)]
+mod replication_tests {
+    use super::clamp_replication;
+
+    #[test]
+    fn replication_is_clamped_to_the_cluster_and_the_leaf_set_and_said() {
+        let mut said: Vec<String> = Vec::new();
+        let mut clamp = |asked, nodes| {
+            let mut say = |m: &str| said.push(m.to_string());
+            clamp_replication(asked, nodes, &mut say)
+        };
+        assert_eq!(clamp(3, 6), 3);
+        assert_eq!(clamp(1, 6), 1);
+        assert_eq!(clamp(5, 2), 2);
+        assert_eq!(clamp(12, 40), 9);
+        assert_eq!(said.len(), 2, "said only when clamped: {said:?}");
+        assert!(said[0].contains("clamped to 2") && said[0].contains("2 ready"));
+        assert!(said[1].contains("leaf set"), "{said:?}");
     }
 }

@@ -155,6 +155,7 @@ pub struct JobManifest {
     /// Reduce partitions when map tasks feed in-overlay reduce tasks; 0: no reduce.
     pub reducers: u8,
     pub requirements: Requirements,
+    /// Copies of this job's task records and chunks (the AA clamps it to the cluster).
     pub replication: u8,
     pub deadline: Option<Duration>,
 }

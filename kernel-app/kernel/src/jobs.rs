@@ -1061,6 +1061,7 @@ impl JobHost {
             tasks,
             reducers: 0,
             exec_copies: 1,
+            replication: 0,
         };
         let job = self
             .agent

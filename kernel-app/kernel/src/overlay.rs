@@ -468,6 +468,12 @@ impl Overlay {
                     Self::reply(stack, session, &line);
                 }
             }
+            Event::PutFailed { op, key, error } => {
+                if let Some(session) = self.waiting.remove(&op) {
+                    let line = alloc::format!("put key={key} error={error}\n");
+                    Self::reply(stack, session, &line);
+                }
+            }
             Event::RequestFailed { op, key, kind } => {
                 if let Some(session) = self.waiting.remove(&op) {
                     let what = match kind {

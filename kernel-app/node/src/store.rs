@@ -15,6 +15,8 @@ pub struct Record {
     pub version: u64,
     /// Nodes known to hold this version (acknowledged a `Store`, or sent it to us).
     pub confirmed: Vec<Id>,
+    /// Copies the record keeps (its writer's choice; 0: the node's `k`).
+    pub copies: u8,
 }
 
 /// Why a record was not stored.
@@ -56,15 +58,22 @@ impl RecordStore {
         self.records.get_mut(&key)
     }
 
-    /// Stores `value` at `version` unless an equal or newer version is held.
-    /// Returns whether anything changed.
-    pub fn accept(&mut self, key: Id, version: u64, value: &[u8]) -> Result<bool, StoreError> {
+    /// Stores `value` at `version` (keeping `copies` copies) unless an equal or newer version
+    /// is held. Returns whether anything changed.
+    pub fn accept(
+        &mut self,
+        key: Id,
+        version: u64,
+        value: &[u8],
+        copies: u8,
+    ) -> Result<bool, StoreError> {
         let full = self.records.len() >= self.max_records;
         match self.records.get_mut(&key) {
             Some(r) if r.version > version => Err(StoreError::Stale),
             Some(r) if r.version == version => Ok(false),
             Some(r) => {
                 r.version = version;
+                r.copies = copies;
                 r.value.clear();
                 r.value.extend_from_slice(value);
                 r.confirmed.clear();
@@ -78,6 +87,7 @@ impl RecordStore {
                         value: value.to_vec(),
                         version,
                         confirmed: Vec::new(),
+                        copies,
                     },
                 );
                 Ok(true)
@@ -139,15 +149,15 @@ mod tests {
     #[test]
     fn versions_and_bounds() {
         let mut s = RecordStore::new(2);
-        assert_eq!(s.accept(Id(1), 1, b"a"), Ok(true));
-        assert_eq!(s.accept(Id(1), 1, b"a"), Ok(false));
+        assert_eq!(s.accept(Id(1), 1, b"a", 0), Ok(true));
+        assert_eq!(s.accept(Id(1), 1, b"a", 0), Ok(false));
         s.confirm(Id(1), 1, Id(9));
         assert_eq!(s.get(Id(1)).unwrap().confirmed, alloc::vec![Id(9)]);
-        assert_eq!(s.accept(Id(1), 2, b"b"), Ok(true));
+        assert_eq!(s.accept(Id(1), 2, b"b", 0), Ok(true));
         assert!(s.get(Id(1)).unwrap().confirmed.is_empty());
-        assert_eq!(s.accept(Id(1), 1, b"old"), Err(StoreError::Stale));
-        assert_eq!(s.accept(Id(2), 1, b"x"), Ok(true));
-        assert_eq!(s.accept(Id(3), 1, b"x"), Err(StoreError::Full));
+        assert_eq!(s.accept(Id(1), 1, b"old", 0), Err(StoreError::Stale));
+        assert_eq!(s.accept(Id(2), 1, b"x", 0), Ok(true));
+        assert_eq!(s.accept(Id(3), 1, b"x", 0), Err(StoreError::Full));
         assert_eq!(s.keys_after(Some(Id(1)), 5), alloc::vec![Id(2)]);
         assert_eq!(s.keys_after(None, 1), alloc::vec![Id(1)]);
     }

@@ -12,7 +12,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The wire version this build speaks; packets with another version are dropped and counted.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Upper bound on a UDP payload (fits a 1280-byte IPv6 minimum MTU with headers to spare).
 pub const MAX_DATAGRAM: usize = 1200;
 /// Most contacts in one message (a leaf set of 32, or one routing-table row of 15).
@@ -58,8 +58,13 @@ pub enum RoutedBody {
     Lookup,
     /// The origin is joining with id `key`.
     Join,
+    /// A write; with `expected`, a compare-and-set that succeeds only while the record is at
+    /// that version (0: absent).
     Put {
         value: Vec<u8>,
+        expected: Option<u64>,
+        /// Copies the record keeps (0: the root's `k`).
+        copies: u8,
     },
     Get,
     /// A record stranded on a node outside its replica set (after a partition, say), handed
@@ -67,6 +72,7 @@ pub enum RoutedBody {
     Handoff {
         version: u64,
         value: Vec<u8>,
+        copies: u8,
     },
 }
 
@@ -81,6 +87,35 @@ pub struct Routed {
     pub path: Vec<Id>,
     pub body: RoutedBody,
 }
+
+/// Why the root did not complete a put (or compare-and-set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PutError {
+    /// The compare-and-set lost: the record is at version `current` (0: absent).
+    VersionMismatch { current: u64 },
+    /// Fewer than a majority of the key's replica set answered in time (e.g. this side of a
+    /// partition holds fewer of them).
+    NoQuorum,
+    /// No answer from the key's root after every attempt.
+    Timeout,
+    /// The root's record store is full.
+    StoreFull,
+}
+
+impl fmt::Display for PutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PutError::VersionMismatch { current } => {
+                write!(f, "version mismatch: the record is at version {current}")
+            }
+            PutError::NoQuorum => write!(f, "no majority of the key's replicas answered"),
+            PutError::Timeout => write!(f, "the key's root did not answer"),
+            PutError::StoreFull => write!(f, "the root's record store is full"),
+        }
+    }
+}
+
+impl core::error::Error for PutError {}
 
 /// Every overlay message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,9 +160,27 @@ pub enum Message {
         key: Id,
         path: Vec<Id>,
     },
+    /// A majority of the key's replica set holds `version`: the put is done.
     PutAck {
         nonce: u64,
         key: Id,
+        version: u64,
+    },
+    /// The root refused the put, or could not gather a majority for it.
+    PutRefused {
+        nonce: u64,
+        key: Id,
+        error: PutError,
+    },
+    /// A write's first phase: the root of `key` asks a replica-set member for its version.
+    VersionQuery {
+        key: Id,
+        round: u64,
+    },
+    /// The version of `key` this node holds (0: none), for the write named by `round`.
+    VersionHeld {
+        key: Id,
+        round: u64,
         version: u64,
     },
     GetReply {
@@ -141,6 +194,8 @@ pub enum Message {
         key: Id,
         version: u64,
         value: Vec<u8>,
+        /// Copies the record keeps (0: the receiver's `k`).
+        copies: u8,
     },
     StoreAck {
         key: Id,
@@ -221,7 +276,7 @@ impl Message {
             Message::Routed(r) => {
                 r.path.len() <= MAX_PATH
                     && match &r.body {
-                        RoutedBody::Put { value } | RoutedBody::Handoff { value, .. } => {
+                        RoutedBody::Put { value, .. } | RoutedBody::Handoff { value, .. } => {
                             value.len() <= MAX_VALUE_LEN
                         }
                         _ => true,
@@ -237,6 +292,9 @@ impl Message {
             | Message::RowRequest { .. }
             | Message::RouteAck { .. }
             | Message::PutAck { .. }
+            | Message::PutRefused { .. }
+            | Message::VersionQuery { .. }
+            | Message::VersionHeld { .. }
             | Message::StoreAck { .. }
             | Message::HandoffAck { .. } => true,
         }
@@ -250,6 +308,9 @@ impl Message {
             Message::RouteAck { .. }
             | Message::LookupReply { .. }
             | Message::PutAck { .. }
+            | Message::PutRefused { .. }
+            | Message::VersionQuery { .. }
+            | Message::VersionHeld { .. }
             | Message::GetReply { .. } => false,
             _ => true,
         }
@@ -383,6 +444,8 @@ mod tests {
                 path: vec![Id(u128::MAX); MAX_PATH],
                 body: RoutedBody::Put {
                     value: vec![0xff; MAX_VALUE_LEN],
+                    expected: Some(u64::MAX),
+                    copies: u8::MAX,
                 },
             }),
         };

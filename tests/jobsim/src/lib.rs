@@ -6,8 +6,7 @@
 //! job port); both see the same latency, loss and partitions. Task work takes virtual time:
 //! the app runs when the agent hands it out, its result arrives after a cost-based delay.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
 use unipeer_node::jobs::app::{AppSet, TaskError, TaskOutput};
 use unipeer_node::jobs::delegation::SharedKeyAuthority;
@@ -15,14 +14,10 @@ use unipeer_node::jobs::{JobAgent, JobConfig, JobEvent, Submission};
 use unipeer_node::node::{Event, Node, NodeConfig, OpId};
 use unipeer_node::rng::Rng;
 use unipeer_node::{Instant, PeerAddr};
+use unipeer_sim::harness::{self, Clock, Incarnation, Simulation};
 use unipeer_sim::network::{Faults, Topology};
 
-/// `SIM_SEED` from the environment, if set.
-pub fn replay_seed() -> Option<u64> {
-    std::env::var("SIM_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-}
+pub use unipeer_sim::harness::{replay_seed, seeds};
 
 pub struct JobNode {
     pub node: Option<Node>,
@@ -32,13 +27,13 @@ pub struct JobNode {
     pub addr: PeerAddr,
     pub server: usize,
     public_key: [u8; 32],
-    timer_at: Option<Instant>,
-    incarnation: u32,
+    timer: Incarnation,
     /// Works handed out and not yet finished (must never exceed the slots).
     works: usize,
 }
 
-enum Ev {
+/// What the job simulator's agenda carries.
+pub enum Ev {
     Overlay {
         to: usize,
         from: PeerAddr,
@@ -58,28 +53,6 @@ enum Ev {
         id: u64,
         result: Result<TaskOutput, TaskError>,
     },
-}
-
-struct Scheduled {
-    at: Instant,
-    seq: u64,
-    ev: Ev,
-}
-impl PartialEq for Scheduled {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
 }
 
 /// Everything the checks look at afterwards.
@@ -109,8 +82,7 @@ pub struct JobSim {
     pub nodes: Vec<JobNode>,
     pub job_cfg: JobConfig,
     by_addr: HashMap<([u8; 4], u16), usize>,
-    queue: BinaryHeap<Reverse<Scheduled>>,
-    seq: u64,
+    clock: Clock<Ev>,
     aa_gets: HashMap<(usize, OpId), Key>,
     pub log: JobLog,
     pub events: u64,
@@ -129,8 +101,7 @@ impl JobSim {
             nodes: Vec::new(),
             job_cfg,
             by_addr: HashMap::new(),
-            queue: BinaryHeap::new(),
-            seq: 0,
+            clock: Clock::new(seed),
             aa_gets: HashMap::new(),
             log: JobLog::default(),
             events: 0,
@@ -154,8 +125,7 @@ impl JobSim {
             addr,
             server,
             public_key,
-            timer_at: None,
-            incarnation: 0,
+            timer: Incarnation::default(),
             works: 0,
         });
         self.by_addr.insert((addr.ipv4, addr.port), i);
@@ -191,8 +161,7 @@ impl JobSim {
         let n = &mut self.nodes[i];
         n.node = Some(node);
         n.agent = Some(agent);
-        n.incarnation += 1;
-        n.timer_at = None;
+        n.timer.restart();
         n.works = 0;
         self.after_io(i);
     }
@@ -201,10 +170,9 @@ impl JobSim {
         let n = &mut self.nodes[i];
         n.node = None;
         n.agent = None;
-        n.timer_at = None;
         n.works = 0;
         // Work and timers of the crashed incarnation are void.
-        n.incarnation += 1;
+        n.timer.crash();
     }
 
     pub fn is_up(&self, i: usize) -> bool {
@@ -278,68 +246,11 @@ impl JobSim {
     }
 
     fn schedule(&mut self, at: Instant, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Reverse(Scheduled {
-            at,
-            seq: self.seq,
-            ev,
-        }));
+        self.clock.schedule(at, ev);
     }
 
     pub fn run_until(&mut self, until: Instant) {
-        while let Some(Reverse(head)) = self.queue.peek() {
-            if head.at > until {
-                break;
-            }
-            let Reverse(s) = self.queue.pop().expect("peeked");
-            self.now = s.at;
-            self.events += 1;
-            let now = self.now;
-            match s.ev {
-                Ev::Overlay { to, from, bytes } => {
-                    if let Some(n) = self.nodes[to].node.as_mut() {
-                        n.handle_datagram(now, from, &bytes);
-                        self.after_io(to);
-                    }
-                }
-                Ev::Job { to, bytes } => {
-                    let n = &mut self.nodes[to];
-                    if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
-                        agent.handle_message(now, node, &bytes);
-                        self.after_io(to);
-                    }
-                }
-                Ev::Timer { slot, incarnation } => {
-                    let n = &mut self.nodes[slot];
-                    if n.incarnation != incarnation || n.timer_at != Some(s.at) {
-                        continue;
-                    }
-                    n.timer_at = None;
-                    if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
-                        node.handle_timeout(now);
-                        agent.handle_timeout(now, node);
-                        self.after_io(slot);
-                    }
-                }
-                Ev::WorkDone {
-                    slot,
-                    incarnation,
-                    id,
-                    result,
-                } => {
-                    let n = &mut self.nodes[slot];
-                    if n.incarnation != incarnation {
-                        continue;
-                    }
-                    n.works -= 1;
-                    if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
-                        agent.handle_work_done(now, node, id, result);
-                        self.after_io(slot);
-                    }
-                }
-            }
-        }
-        self.now = self.now.max(until);
+        harness::run_until(self, until);
     }
 
     fn after_io(&mut self, i: usize) {
@@ -372,8 +283,6 @@ impl JobSim {
             while let Some(w) = agent.poll_work() {
                 works.push(w);
             }
-            let running = agent.running();
-            let slots = agent.slots();
             progress |= !overlay_out.is_empty() || !job_out.is_empty() || !job_events.is_empty();
             progress |= !works.is_empty();
             let me = n.id;
@@ -402,7 +311,7 @@ impl JobSim {
                 let cost_ms = 1_500 + bytes as u64 / 100 + self.rng.below(1_000);
                 let n = &mut self.nodes[i];
                 n.works += 1;
-                let inc = n.incarnation;
+                let inc = n.timer.number();
                 let at = self.now.plus_ms(cost_ms);
                 self.schedule(
                     at,
@@ -413,13 +322,6 @@ impl JobSim {
                         result,
                     },
                 );
-            }
-            let n = &self.nodes[i];
-            if running > slots as usize || n.works > slots as usize {
-                self.violation(format!(
-                    "node {:?} over its slots: {running} accepted, {} running, {slots} slots",
-                    n.id, n.works
-                ));
             }
             if !progress {
                 break;
@@ -433,19 +335,14 @@ impl JobSim {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some(at) = at {
-            let at = at.max(self.now);
-            if n.timer_at.is_none_or(|cur| at < cur) {
-                n.timer_at = Some(at);
-                let incarnation = n.incarnation;
-                self.schedule(
-                    at,
-                    Ev::Timer {
-                        slot: i,
-                        incarnation,
-                    },
-                );
-            }
+        if let Some((at, incarnation)) = n.timer.arm(self.now, at) {
+            self.schedule(
+                at,
+                Ev::Timer {
+                    slot: i,
+                    incarnation,
+                },
+            );
         }
     }
 
@@ -453,28 +350,31 @@ impl JobSim {
         let Some(&to) = self.by_addr.get(&(dst.ipv4, dst.port)) else {
             return;
         };
-        if !self.faults.connected(from, to) || self.rng.chance(self.faults.loss) {
-            return;
-        }
-        let base = self
-            .topology
-            .base_us(self.nodes[from].server, self.nodes[to].server);
         // Bulk on the job channel: 10 MB/s between nodes.
         let transfer_us = if job { bytes.len() as u64 / 10 } else { 0 };
-        let at = self
-            .now
-            .plus_us(base + self.rng.below(base / 10 + 1) + transfer_us);
+        let fate = harness::fate(
+            &mut self.rng,
+            &self.topology,
+            &self.faults,
+            self.now,
+            (from, self.nodes[from].server),
+            (to, self.nodes[to].server),
+            transfer_us,
+        );
         let src = self.nodes[from].addr;
-        let ev = if job {
-            Ev::Job { to, bytes }
-        } else {
-            Ev::Overlay {
-                to,
-                from: src,
-                bytes,
-            }
-        };
-        self.schedule(at, ev);
+        for at in fate.arrivals() {
+            let bytes = bytes.clone();
+            let ev = if job {
+                Ev::Job { to, bytes }
+            } else {
+                Ev::Overlay {
+                    to,
+                    from: src,
+                    bytes,
+                }
+            };
+            self.schedule(at, ev);
+        }
     }
 
     fn observe(&mut self, me: NodeId, e: JobEvent) {
@@ -531,5 +431,82 @@ impl JobSim {
             .filter_map(|n| n.agent.as_ref())
             .map(|a| a.counters().delegations_accepted)
             .sum()
+    }
+}
+
+impl Simulation for JobSim {
+    type Event = Ev;
+
+    fn clock(&mut self) -> &mut Clock<Ev> {
+        &mut self.clock
+    }
+
+    fn set_now(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    fn step(&mut self, ev: Ev) {
+        self.events += 1;
+        let now = self.now;
+        match ev {
+            Ev::Overlay { to, from, bytes } => {
+                if let Some(n) = self.nodes[to].node.as_mut() {
+                    n.handle_datagram(now, from, &bytes);
+                    self.after_io(to);
+                }
+            }
+            Ev::Job { to, bytes } => {
+                let n = &mut self.nodes[to];
+                if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
+                    agent.handle_message(now, node, &bytes);
+                    self.after_io(to);
+                }
+            }
+            Ev::Timer { slot, incarnation } => {
+                let n = &mut self.nodes[slot];
+                if !n.timer.fire(incarnation, now) {
+                    return;
+                }
+                if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
+                    node.handle_timeout(now);
+                    agent.handle_timeout(now, node);
+                    self.after_io(slot);
+                }
+            }
+            Ev::WorkDone {
+                slot,
+                incarnation,
+                id,
+                result,
+            } => {
+                let n = &mut self.nodes[slot];
+                if !n.timer.is_current(incarnation) {
+                    return;
+                }
+                n.works -= 1;
+                if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
+                    agent.handle_work_done(now, node, id, result);
+                    self.after_io(slot);
+                }
+            }
+        }
+    }
+
+    /// No node ever holds more tasks than its slots (accepted or running).
+    fn after_step(&mut self) {
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            let Some(agent) = n.agent.as_ref() else {
+                continue;
+            };
+            let (running, slots) = (agent.running(), agent.slots() as usize);
+            if running > slots || n.works > slots {
+                let msg = format!(
+                    "node {:?} over its slots: {running} accepted, {} running, {slots} slots",
+                    n.id, n.works
+                );
+                self.violation(msg);
+            }
+        }
     }
 }

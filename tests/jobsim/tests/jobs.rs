@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use unipeer_apps::{Fail, Primes, Sha256Chunks, WordCount, primes, wordcount};
-use unipeer_jobsim::{JobSim, replay_seed};
+use unipeer_jobsim::{JobSim, replay_seed, seeds};
 use unipeer_node::Instant;
 use unipeer_node::id::Key;
 use unipeer_node::jobs::app::{AppSet, TaskError};
@@ -85,6 +85,7 @@ fn submission(kind: Kind, rng: &mut Rng, seed: u64) -> Submission {
         tasks,
         reducers,
         exec_copies,
+        replication: 0,
     }
 }
 
@@ -350,13 +351,6 @@ fn check_primes(seed: u64, o: &Outcome, strict_once: bool) -> Result<(), String>
     check_registered_once(seed, o, strict_once)
 }
 
-fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
-    match replay_seed() {
-        Some(s) => vec![s],
-        None => default.collect(),
-    }
-}
-
 fn report(name: &str, seed: u64, o: &Outcome) {
     let works: usize = o.sim.log.works.values().sum();
     eprintln!(
@@ -438,6 +432,7 @@ fn submitting_a_finished_job_again_neither_resets_nor_reruns_its_tasks() {
                 .collect(),
             reducers: sub.reducers,
             exec_copies: sub.exec_copies,
+            replication: sub.replication,
             only,
         };
         let works_before = o.sim.log.works.clone();
@@ -530,5 +525,114 @@ fn failing_task_is_reported_not_retried_forever() {
             );
             assert!(!o.sim.log.registered.contains_key(t));
         }
+    }
+}
+
+/// Live nodes holding `key`'s record, and live nodes holding chunk `id`.
+fn record_copies(sim: &JobSim, key: Key) -> usize {
+    sim.nodes
+        .iter()
+        .filter(|n| {
+            n.node
+                .as_ref()
+                .is_some_and(|x| x.records().get(key).is_some())
+        })
+        .count()
+}
+
+fn chunk_copies(sim: &JobSim, id: Key) -> usize {
+    sim.nodes
+        .iter()
+        .filter(|n| n.agent.as_ref().is_some_and(|a| a.chunks().contains(id)))
+        .count()
+}
+
+#[test]
+fn each_job_keeps_the_copies_its_replication_asks_for() {
+    for seed in seeds(70..73) {
+        let mut sim = JobSim::new(seed, 4, JobConfig::default());
+        let apps = AppSet::new(&[&WordCount, &Primes, &Sha256Chunks, &Fail]);
+        for _ in 0..NODES {
+            sim.add_node(apps.clone());
+        }
+        sim.start(0, &[]);
+        for i in 1..NODES {
+            sim.run_until(sim.now.plus_ms(50));
+            sim.start(i, &[0]);
+        }
+        sim.run_until(Instant::from_millis(20_000));
+        assert_eq!(sim.joined(), NODES, "seed {seed}");
+        let mut rng = Rng::from_u64(seed ^ 0x4e91);
+        // Two jobs in one cluster: 1 copy and 3 copies of their records and chunks.
+        let mut jobs = Vec::new();
+        for replication in [1u8, 3] {
+            let inputs = text_chunks(&mut rng, 4);
+            let sub = Submission {
+                name: format!("sha-r{replication}"),
+                user: "alice".into(),
+                app: "sha256".into(),
+                nonce: seed,
+                tasks: inputs
+                    .iter()
+                    .map(|c| (Vec::new(), vec![c.clone()]))
+                    .collect(),
+                reducers: 0,
+                exec_copies: 1,
+                replication,
+            };
+            let job = sim.submit(0, &sub);
+            let tasks: Vec<Key> = (0..4).map(|i| task_id(job, i)).collect();
+            let input_ids: Vec<Key> = inputs.iter().map(|c| Key::for_content(c)).collect();
+            jobs.push((replication, job, tasks, input_ids));
+        }
+        let all: Vec<Key> = jobs.iter().flat_map(|j| j.2.clone()).collect();
+        let mut records: BTreeMap<Key, TaskRecord> = BTreeMap::new();
+        let deadline = sim.now.plus_ms(120_000);
+        while sim.now < deadline
+            && !all
+                .iter()
+                .all(|t| records.get(t).is_some_and(|r| r.state.is_final()))
+        {
+            for t in &all {
+                sim.get_record(0, *t);
+            }
+            sim.run_until(sim.now.plus_ms(2_000));
+            for (k, v) in std::mem::take(&mut sim.log.got) {
+                if let Some(r) = v.as_deref().and_then(TaskRecord::decode) {
+                    records.insert(k, r);
+                }
+            }
+        }
+        // Settle: re-replication and chunk repair passes.
+        sim.run_until(sim.now.plus_ms(30_000));
+        for (replication, job, tasks, input_ids) in &jobs {
+            let want = *replication as usize;
+            let mut outputs = Vec::new();
+            for t in tasks {
+                let r = &records[t];
+                let TaskState::Done { outputs: o, .. } = &r.state else {
+                    panic!("seed {seed}: task {t:?} ended {:?}", r.state);
+                };
+                assert_eq!(
+                    r.replicas, *replication,
+                    "the record carries its job's copies"
+                );
+                outputs.extend(o.iter().copied());
+            }
+            let rec: Vec<usize> = tasks
+                .iter()
+                .chain([job])
+                .map(|k| record_copies(&sim, *k))
+                .collect();
+            let ins: Vec<usize> = input_ids.iter().map(|id| chunk_copies(&sim, *id)).collect();
+            let outs: Vec<usize> = outputs.iter().map(|id| chunk_copies(&sim, *id)).collect();
+            eprintln!(
+                "replication {replication} seed {seed}: record copies {rec:?}, input chunk copies {ins:?}, output chunk copies {outs:?}"
+            );
+            for c in rec.iter().chain(&ins).chain(&outs) {
+                assert_eq!(*c, want, "seed {seed}: replication {replication}");
+            }
+        }
+        assert!(sim.log.violations.is_empty(), "{:?}", sim.log.violations);
     }
 }

@@ -7,14 +7,15 @@
 //! [`scenario`] module adds the liveness phase; [`bench`] measures hops, consistency and upkeep.
 
 pub mod bench;
+pub mod harness;
 pub mod network;
 pub mod scenario;
 
+use harness::{Clock, Incarnation, Simulation};
 use network::{Faults, Topology};
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
-use unipeer_node::node::{Event, Node, NodeConfig, OpId, RequestKind, Timing};
+use unipeer_node::node::{Event, Node, NodeConfig, OpId, PutError, RequestKind, Timing};
 use unipeer_node::rng::Rng;
 use unipeer_node::wire::MAX_PATH;
 use unipeer_node::{Instant, PeerAddr};
@@ -58,11 +59,11 @@ pub struct Slot {
     pub addr: PeerAddr,
     pub server: usize,
     public_key: [u8; 32],
-    timer_at: Option<Instant>,
-    incarnation: u32,
+    timer: Incarnation,
 }
 
-enum Ev {
+/// What the overlay simulator's agenda carries.
+pub enum Ev {
     Deliver {
         to: usize,
         from: PeerAddr,
@@ -72,29 +73,6 @@ enum Ev {
         slot: usize,
         incarnation: u32,
     },
-}
-
-struct Scheduled {
-    at: Instant,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
 }
 
 /// What happened to one tracked request.
@@ -159,9 +137,7 @@ pub struct Sim {
     pub faults: Faults,
     pub slots: Vec<Slot>,
     by_addr: HashMap<([u8; 4], u16), usize>,
-    queue: BinaryHeap<Reverse<Scheduled>>,
-    seq: u64,
-    same_instant: u64,
+    clock: Clock<Ev>,
     /// Ground truth: joined nodes that are up, by id.
     live: BTreeMap<NodeId, usize>,
     /// Since when the network has had no partition and no node has crashed or left.
@@ -175,6 +151,17 @@ pub struct Sim {
     pub hops: Vec<u32>,
     /// When set, bytes sent per message kind (a diagnostic; costs a decode per datagram).
     pub bytes_by_kind: Option<BTreeMap<String, u64>>,
+    /// Counted with `bytes_by_kind`: datagrams sent per message kind.
+    pub datagrams_by_kind: BTreeMap<String, u64>,
+    /// Values of the puts issued, until they end.
+    written: HashMap<(usize, OpId), Vec<u8>>,
+    /// Every acknowledged write: (key, version) -> value. Two different values acknowledged at
+    /// one version of a key is a safety violation.
+    pub installed: BTreeMap<(Key, u64), Vec<u8>>,
+    /// What each get answered.
+    pub values_got: HashMap<(usize, OpId), Option<Vec<u8>>>,
+    /// Why each failed put failed.
+    pub put_errors: HashMap<(usize, OpId), PutError>,
 }
 
 impl Sim {
@@ -182,6 +169,7 @@ impl Sim {
         let mut rng = Rng::from_u64(cfg.seed);
         let topology = Topology::random(&mut rng, cfg.servers, cfg.near_us, cfg.far_us);
         Sim {
+            clock: Clock::new(cfg.seed),
             cfg,
             now: Instant::ZERO,
             rng,
@@ -189,9 +177,6 @@ impl Sim {
             faults: Faults::default(),
             slots: Vec::new(),
             by_addr: HashMap::new(),
-            queue: BinaryHeap::new(),
-            seq: 0,
-            same_instant: 0,
             live: BTreeMap::new(),
             stable_since: Instant::ZERO,
             last_record_check: Instant::ZERO,
@@ -201,6 +186,11 @@ impl Sim {
             stats: SimStats::default(),
             hops: Vec::new(),
             bytes_by_kind: None,
+            datagrams_by_kind: BTreeMap::new(),
+            written: HashMap::new(),
+            installed: BTreeMap::new(),
+            put_errors: HashMap::new(),
+            values_got: HashMap::new(),
         }
     }
 
@@ -219,8 +209,7 @@ impl Sim {
             addr,
             server,
             public_key,
-            timer_at: None,
-            incarnation: 0,
+            timer: Incarnation::default(),
         });
         self.by_addr.insert((addr.ipv4, addr.port), i);
         i
@@ -244,8 +233,7 @@ impl Sim {
         node.join(self.now, &addrs);
         let s = &mut self.slots[slot];
         s.node = Some(node);
-        s.incarnation += 1;
-        s.timer_at = None;
+        s.timer.restart();
         self.after_io(slot);
     }
 
@@ -257,7 +245,7 @@ impl Sim {
             self.stable_since = self.now;
             self.stats.retired_maintenance_bytes += node.counters().maintenance_bytes_out;
             self.live.remove(&s.id);
-            s.timer_at = None;
+            s.timer.crash();
         }
     }
 
@@ -419,8 +407,18 @@ impl Sim {
 
     pub fn put(&mut self, slot: usize, key: Key, value: &[u8]) -> Option<OpId> {
         let now = self.now;
-        let op = self.slots[slot].node.as_mut()?.put(now, key, value).ok();
-        self.track(slot, key, RequestKind::Put, op)
+        let op = self.slots[slot].node.as_mut()?.put(now, key, value).ok()?;
+        self.written.insert((slot, op), value.to_vec());
+        self.track(slot, key, RequestKind::Put, Some(op))
+    }
+
+    /// A compare-and-set through `slot`: `value` if `key` is at version `expected`.
+    pub fn put_if(&mut self, slot: usize, key: Key, value: &[u8], expected: u64) -> Option<OpId> {
+        let now = self.now;
+        let node = self.slots[slot].node.as_mut()?;
+        let op = node.put_if(now, key, value, expected).ok()?;
+        self.written.insert((slot, op), value.to_vec());
+        self.track(slot, key, RequestKind::Put, Some(op))
     }
 
     pub fn get(&mut self, slot: usize, key: Key) -> Option<OpId> {
@@ -432,64 +430,12 @@ impl Sim {
     // ---- running ----
 
     fn schedule(&mut self, at: Instant, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Reverse(Scheduled {
-            at,
-            seq: self.seq,
-            ev,
-        }));
+        self.clock.schedule(at, ev);
     }
 
     /// Runs every event up to `until`, then sets the clock to it.
     pub fn run_until(&mut self, until: Instant) {
-        while let Some(Reverse(head)) = self.queue.peek() {
-            if head.at > until {
-                break;
-            }
-            let Reverse(s) = self.queue.pop().expect("peeked");
-            if s.at == self.now {
-                self.same_instant += 1;
-                assert!(
-                    self.same_instant < 1_000_000,
-                    "seed {}: livelock, a million events at {:?}",
-                    self.cfg.seed,
-                    self.now
-                );
-            } else {
-                self.same_instant = 0;
-            }
-            self.now = s.at;
-            self.stats.events += 1;
-            match s.ev {
-                Ev::Deliver { to, from, bytes } => {
-                    let now = self.now;
-                    if let Some(n) = self.slots[to].node.as_mut() {
-                        n.handle_datagram(now, from, &bytes);
-                        self.after_io(to);
-                    }
-                }
-                Ev::Timer { slot, incarnation } => {
-                    let sl = &mut self.slots[slot];
-                    if sl.incarnation != incarnation || sl.timer_at != Some(s.at) {
-                        continue; // superseded
-                    }
-                    sl.timer_at = None;
-                    let now = self.now;
-                    if let Some(n) = sl.node.as_mut() {
-                        n.handle_timeout(now);
-                        self.after_io(slot);
-                    }
-                }
-            }
-            if self.now.millis_since(self.last_record_check) >= 1000 {
-                self.last_record_check = self.now;
-                if let Ok(k) = std::env::var("SIM_TRACE_KEY") {
-                    self.trace_key(&k);
-                }
-                self.check_records();
-            }
-        }
-        self.now = self.now.max(until);
+        harness::run_until(self, until);
     }
 
     /// Drains a node's transmits and events, and re-arms its timer.
@@ -506,13 +452,8 @@ impl Sim {
         }
         let s = &mut self.slots[slot];
         let Some(node) = s.node.as_ref() else { return };
-        if let Some(at) = node.poll_timeout() {
-            let at = at.max(self.now);
-            if s.timer_at.is_none_or(|cur| at < cur) {
-                s.timer_at = Some(at);
-                let incarnation = s.incarnation;
-                self.schedule(at, Ev::Timer { slot, incarnation });
-            }
+        if let Some((at, incarnation)) = s.timer.arm(self.now, node.poll_timeout()) {
+            self.schedule(at, Ev::Timer { slot, incarnation });
         }
     }
 
@@ -533,38 +474,36 @@ impl Sim {
                     .unwrap_or("?")
                     .to_string(),
             };
-            *tally.entry(name).or_default() += bytes.len() as u64;
+            *tally.entry(name.clone()).or_default() += bytes.len() as u64;
+            *self.datagrams_by_kind.entry(name).or_default() += 1;
         }
         let Some(&to) = self.by_addr.get(&(dst.ipv4, dst.port)) else {
             self.stats.datagrams_lost += 1;
             return;
         };
-        if !self.faults.connected(from, to) || self.rng.chance(self.faults.loss) {
+        let fate = harness::fate(
+            &mut self.rng,
+            &self.topology,
+            &self.faults,
+            self.now,
+            (from, self.slots[from].server),
+            (to, self.slots[to].server),
+            0,
+        );
+        if fate.is_lost() {
             self.stats.datagrams_lost += 1;
             return;
         }
-        let copies = if self.rng.chance(self.faults.duplicate) {
-            2
-        } else {
-            1
-        };
-        let base = self
-            .topology
-            .base_us(self.slots[from].server, self.slots[to].server);
         let src = self.slots[from].addr;
-        for c in 0..copies {
-            let mut delay = base + self.rng.below(base / 10 + 1);
-            if self.rng.chance(self.faults.reorder) {
-                delay += self.rng.below(base + 1);
-            }
-            let at = self.now.plus_us(delay);
-            let payload = if c + 1 == copies {
+        let arrivals: Vec<Instant> = fate.arrivals().collect();
+        for (c, at) in arrivals.iter().enumerate() {
+            let payload = if c + 1 == arrivals.len() {
                 std::mem::take(&mut bytes)
             } else {
                 bytes.clone()
             };
             self.schedule(
-                at,
+                *at,
                 Ev::Deliver {
                     to,
                     from: src,
@@ -629,7 +568,24 @@ impl Sim {
                     };
                 }
             }
-            Event::PutDone { op, key, root, .. } => {
+            Event::PutDone {
+                op,
+                key,
+                root,
+                version,
+            } => {
+                // Safety: one value per acknowledged version of a key.
+                if let Some(value) = self.written.remove(&(slot, op)) {
+                    match self.installed.get(&(key, version)) {
+                        Some(v) if *v != value => self.violation(format!(
+                            "two different values acknowledged at version {version} of {key:?}"
+                        )),
+                        Some(_) => {}
+                        None => {
+                            self.installed.insert((key, version), value);
+                        }
+                    }
+                }
                 let truth = self.truth_root(key);
                 if let Some(t) = self.ops.get_mut(&(slot, op)) {
                     t.outcome = Outcome::Done {
@@ -654,6 +610,7 @@ impl Sim {
                     self.violation(format!("get {key:?} returned a value never put"));
                 }
                 let truth = self.truth_root(key);
+                self.values_got.insert((slot, op), value.clone());
                 if let Some(t) = self.ops.get_mut(&(slot, op)) {
                     t.outcome = Outcome::Done {
                         root: root.id,
@@ -662,7 +619,11 @@ impl Sim {
                     };
                 }
             }
-            Event::RequestFailed { op, .. } => {
+            Event::RequestFailed { op, .. } | Event::PutFailed { op, .. } => {
+                if let Event::PutFailed { error, .. } = e {
+                    self.written.remove(&(slot, op));
+                    self.put_errors.insert((slot, op), error);
+                }
                 self.stats.requests_failed += 1;
                 if let Some(t) = self.ops.get_mut(&(slot, op)) {
                     t.outcome = Outcome::Failed;
@@ -762,5 +723,51 @@ impl Sim {
     /// Takes the hop counts gathered so far.
     pub fn take_hops(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.hops)
+    }
+}
+
+impl Simulation for Sim {
+    type Event = Ev;
+
+    fn clock(&mut self) -> &mut Clock<Ev> {
+        &mut self.clock
+    }
+
+    fn set_now(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    fn step(&mut self, ev: Ev) {
+        self.stats.events += 1;
+        let now = self.now;
+        match ev {
+            Ev::Deliver { to, from, bytes } => {
+                if let Some(n) = self.slots[to].node.as_mut() {
+                    n.handle_datagram(now, from, &bytes);
+                    self.after_io(to);
+                }
+            }
+            Ev::Timer { slot, incarnation } => {
+                let sl = &mut self.slots[slot];
+                if !sl.timer.fire(incarnation, now) {
+                    return; // superseded
+                }
+                if let Some(n) = sl.node.as_mut() {
+                    n.handle_timeout(now);
+                    self.after_io(slot);
+                }
+            }
+        }
+    }
+
+    /// Once per simulated second: every acknowledged record keeps its copies.
+    fn after_step(&mut self) {
+        if self.now.millis_since(self.last_record_check) >= 1000 {
+            self.last_record_check = self.now;
+            if let Ok(k) = std::env::var("SIM_TRACE_KEY") {
+                self.trace_key(&k);
+            }
+            self.check_records();
+        }
     }
 }

@@ -44,23 +44,17 @@ pub fn nodes_for_seed(seed: u64) -> usize {
     64 + Rng::from_u64(seed ^ 0x5eed).below(193) as usize
 }
 
-/// `SIM_SEED` from the environment, if set.
-pub fn replay_seed() -> Option<u64> {
-    std::env::var("SIM_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-}
+pub use crate::harness::replay_seed;
 
 fn step_until(sim: &mut Sim, until: Instant) {
     sim.run_until(until);
 }
 
 fn fail(sim: &Sim, what: String) -> String {
-    let mut s = format!(
-        "seed {} (N={}) failed: {what}\n  replay: SIM_SEED={} cargo test -p unipeer-sim --test seeds replay -- --nocapture",
+    let mut s = crate::harness::failure(
         sim.cfg.seed,
-        sim.slots.len(),
-        sim.cfg.seed
+        &format!("(N={}) {what}", sim.slots.len()),
+        "cargo test -p unipeer-sim --test seeds replay -- --nocapture",
     );
     for v in &sim.violations {
         s.push_str("\n  violation: ");

@@ -54,6 +54,22 @@ fn seeds() -> Vec<Vec<u8>> {
             key: Id(5),
             version: 3,
             value: vec![1; 40],
+            copies: 2,
+        },
+        // The write's first phase and refusals: forged or mangled ones are dropped too.
+        Message::VersionQuery {
+            key: Id(5),
+            round: 77,
+        },
+        Message::VersionHeld {
+            key: Id(5),
+            round: 77,
+            version: 9,
+        },
+        Message::PutRefused {
+            nonce: 3,
+            key: Id(5),
+            error: unipeer_node::node::PutError::VersionMismatch { current: 4 },
         },
     ];
     msgs.into_iter()

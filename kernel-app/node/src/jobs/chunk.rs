@@ -26,6 +26,8 @@ pub struct HeldChunk {
     pub data: Vec<u8>,
     /// Replica-set members known to hold it (pushed by the root, or offered to it).
     pub confirmed: Vec<NodeId>,
+    /// Copies it keeps: its job's replication (0: the cluster's).
+    pub copies: u8,
 }
 
 /// Bounded chunk store.
@@ -67,6 +69,7 @@ impl ChunkStore {
             HeldChunk {
                 data: data.to_vec(),
                 confirmed: Vec::new(),
+                copies: 0,
             },
         );
         Ok(())
@@ -78,6 +81,30 @@ impl ChunkStore {
 
     pub fn contains(&self, id: ChunkId) -> bool {
         self.chunks.contains_key(&id)
+    }
+
+    /// Copies `id` keeps (0: the cluster's).
+    pub fn copies(&self, id: ChunkId) -> u8 {
+        self.chunks.get(&id).map_or(0, |c| c.copies)
+    }
+
+    /// Records the copies a job asks of `id` (0 leaves what is known).
+    pub fn set_copies(&mut self, id: ChunkId, copies: u8) {
+        if let Some(c) = self.chunks.get_mut(&id)
+            && copies != 0
+        {
+            c.copies = copies;
+        }
+    }
+
+    pub fn remove(&mut self, id: ChunkId) -> bool {
+        match self.chunks.remove(&id) {
+            Some(c) => {
+                self.bytes -= c.data.len();
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn held_mut(&mut self, id: ChunkId) -> Option<&mut HeldChunk> {

@@ -58,6 +58,9 @@ pub struct SubmitRequest {
     pub reducers: u8,
     /// Executors per task (2: outputs compared).
     pub exec_copies: u8,
+    /// Copies of the job's task records and chunks (the manifest's `replication`); 0: the
+    /// cluster's.
+    pub replication: u8,
     /// `None`: store every task record. `Some(indices)`: only these tasks' records (and the
     /// job record): a resumed submission fills in what the overlay lacks without resetting
     /// tasks that ran.
@@ -265,6 +268,7 @@ mod tests {
                 tasks: vec![(vec![], vec![Key::for_name(b"c")])],
                 reducers: 2,
                 exec_copies: 1,
+                replication: 0,
                 only: None,
             }),
         ];
@@ -316,6 +320,7 @@ mod tests {
             tasks: vec![(vec![1, 2], vec![])],
             reducers: 0,
             exec_copies: 2,
+            replication: 2,
             only: Some(vec![0]),
         })
         .encode();

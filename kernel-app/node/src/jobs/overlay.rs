@@ -1,9 +1,11 @@
 //! What the job agent needs from the overlay peer, as a trait: the real [`Node`] implements it,
 //! unit tests may fake it. Records go through the overlay's put/get (root + `k - 1` copies);
-//! the agent reads its own copies to supervise the tasks whose root it is.
+//! the agent reads its own copies to supervise the tasks whose root it is, and writes them by
+//! compare-and-set on their version, so a late retry of an older write cannot overwrite a
+//! newer record.
 
 use crate::id::Key;
-use crate::node::{Node, OpId, RequestError};
+use crate::node::{Node, OpId, RequestError, WriteOptions};
 use crate::routing_table::proximity_rank;
 use crate::time::Instant;
 use crate::wire::{Contact, Sealer};
@@ -27,6 +29,19 @@ pub trait Overlay {
     fn record_keys_after(&self, after: Option<Key>, n: usize) -> Vec<Key>;
     fn lookup(&mut self, now: Instant, key: Key) -> Result<OpId, RequestError>;
     fn put(&mut self, now: Instant, key: Key, value: &[u8]) -> Result<OpId, RequestError>;
+    /// Compare-and-set: `value` becomes the next version only while the record is at
+    /// `expected` (0: absent); a majority of the replica set decides.
+    /// (`copies`: the record's copies, a job's replication; 0: the cluster's `k`.)
+    fn put_if(
+        &mut self,
+        now: Instant,
+        key: Key,
+        value: &[u8],
+        expected: u64,
+        copies: u8,
+    ) -> Result<OpId, RequestError>;
+    /// The version of this node's copy of `key`'s record.
+    fn record_version(&self, key: Key) -> Option<u64>;
     fn get(&mut self, now: Instant, key: Key) -> Result<OpId, RequestError>;
 }
 
@@ -92,6 +107,25 @@ impl<S: Sealer> Overlay for Node<S> {
 
     fn put(&mut self, now: Instant, key: Key, value: &[u8]) -> Result<OpId, RequestError> {
         Node::put(self, now, key, value)
+    }
+
+    fn put_if(
+        &mut self,
+        now: Instant,
+        key: Key,
+        value: &[u8],
+        expected: u64,
+        copies: u8,
+    ) -> Result<OpId, RequestError> {
+        let opts = WriteOptions {
+            expected: Some(expected),
+            copies,
+        };
+        Node::put_with(self, now, key, value, opts)
+    }
+
+    fn record_version(&self, key: Key) -> Option<u64> {
+        self.records().get(key).map(|r| r.version)
     }
 
     fn get(&mut self, now: Instant, key: Key) -> Result<OpId, RequestError> {

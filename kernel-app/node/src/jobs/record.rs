@@ -120,6 +120,9 @@ pub struct TaskRecord {
     pub maps: u8,
     /// Executors lost so far.
     pub attempts: u8,
+    /// Copies of this job's task records and chunks (the manifest's `replication`); 0: the
+    /// cluster's.
+    pub replicas: u8,
     pub state: TaskState,
 }
 
@@ -134,6 +137,7 @@ impl TaskRecord {
             exec_copies: 1,
             maps: 0,
             attempts: 0,
+            replicas: 0,
             state: TaskState::Pending,
         }
     }
@@ -227,7 +231,14 @@ impl JobRecord {
 
 /// The record of reduce partition `partition` of a job with `maps` map tasks, created at its
 /// root when the first map output registers.
-pub fn reduce_record(job: JobId, user: &str, app: &str, partition: u8, maps: u8) -> TaskRecord {
+pub fn reduce_record(
+    job: JobId,
+    user: &str,
+    app: &str,
+    partition: u8,
+    maps: u8,
+    replicas: u8,
+) -> TaskRecord {
     TaskRecord {
         job,
         index: REDUCE_BASE + partition as u16,
@@ -241,6 +252,7 @@ pub fn reduce_record(job: JobId, user: &str, app: &str, partition: u8, maps: u8)
         exec_copies: 1,
         maps: 0,
         attempts: 0,
+        replicas,
         state: TaskState::Pending,
     }
 }
@@ -305,7 +317,7 @@ mod tests {
         let ids = jr.task_ids(job);
         assert_eq!(ids.len(), 5);
         assert_eq!(ids[4], task_id(job, REDUCE_BASE + 1));
-        let red = reduce_record(job, "alice", "wordcount", 1, 3);
+        let red = reduce_record(job, "alice", "wordcount", 1, 3, 0);
         assert!(!red.inputs_ready());
         assert!(red.encode().is_some());
     }

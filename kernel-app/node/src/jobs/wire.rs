@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 /// Version of the job channel's messages.
-pub const JOB_WIRE_VERSION: u8 = 1;
+pub const JOB_WIRE_VERSION: u8 = 2;
 /// The job channel listens on the overlay port plus this.
 pub const JOB_PORT_OFFSET: u16 = 1;
 /// Longest encoded job message (a full chunk plus headroom).
@@ -100,6 +100,8 @@ pub enum JobMessage {
         maps: u8,
         map: u8,
         chunk: ChunkId,
+        /// The job's replication (the reduce record keeps as many copies).
+        replicas: u8,
     },
     ContributeAck {
         job: JobId,
@@ -111,6 +113,8 @@ pub enum JobMessage {
         id: ChunkId,
         data: Vec<u8>,
         replicate: bool,
+        /// Copies the chunk keeps (its job's replication; 0: the cluster's).
+        copies: u8,
     },
     ChunkStored {
         id: ChunkId,
@@ -122,6 +126,7 @@ pub enum JobMessage {
     ChunkData {
         id: ChunkId,
         data: Vec<u8>,
+        copies: u8,
     },
     ChunkMissing {
         id: ChunkId,
@@ -130,6 +135,7 @@ pub enum JobMessage {
     /// `ChunkWant` when missing, `ChunkStored` when held.
     ChunkOffer {
         id: ChunkId,
+        copies: u8,
     },
     /// To a task's root: the user cancelled the job (the record becomes `Failed(Cancelled)`).
     Cancel {
