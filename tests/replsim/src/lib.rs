@@ -15,11 +15,8 @@
 //! pause nodes (a frozen or cut-off VM that comes back) instead of wiping them; sync runs do
 //! both.
 
-mod agenda;
-
 use std::collections::{BTreeMap, BTreeSet};
 
-use agenda::Agenda;
 use unipeer_apps::kv::Kv;
 use unipeer_node::replication::agent::{AgentConfig, Event, ReplicationAgent};
 use unipeer_node::replication::placement::{
@@ -28,6 +25,7 @@ use unipeer_node::replication::placement::{
 use unipeer_node::replication::service::{ReplicatedService, ServiceSet};
 use unipeer_node::rng::Rng;
 use unipeer_node::{Id, Instant, Key, NodeId};
+use unipeer_sim::harness::{self, Clock, Incarnation, Simulation};
 use unipeer_sim::network::{Faults, Topology};
 
 static KV: Kv = Kv;
@@ -125,10 +123,9 @@ struct Node {
     server: usize,
     agent: Option<ReplicationAgent>,
     paused: bool,
-    inc: u32,
+    inc: Incarnation,
     rate_ppm: i64,
     offset_us: u64,
-    timer_at: Option<Instant>,
 }
 
 impl Node {
@@ -171,7 +168,7 @@ struct ClientConn {
 struct Sim {
     cfg: SimConfig,
     rng: Rng,
-    agenda: Agenda<Ev>,
+    agenda: Clock<Ev>,
     now: Instant,
     topo: Topology,
     faults: Faults,
@@ -211,10 +208,9 @@ impl Sim {
                 server: i % cfg.servers,
                 agent: None,
                 paused: false,
-                inc: 0,
+                inc: Incarnation::default(),
                 rate_ppm,
                 offset_us: rng.below(1_000_000_000),
-                timer_at: None,
             });
         }
         let members: Vec<NodeId> = nodes.iter().take(cfg.replicas + 1).map(|n| n.id).collect();
@@ -231,7 +227,7 @@ impl Sim {
         let app = app_id("cache");
         let mut sim = Sim {
             rng,
-            agenda: Agenda::new(cfg.seed),
+            agenda: Clock::new(cfg.seed),
             now: Instant::ZERO,
             topo,
             faults: Faults::default(),
@@ -277,8 +273,7 @@ impl Sim {
         let cfg = self.agent_config(slot);
         let local = self.nodes[slot].local(self.now);
         let n = &mut self.nodes[slot];
-        n.inc += 1;
-        n.timer_at = None;
+        n.inc.restart();
         n.paused = false;
         n.agent = Some(ReplicationAgent::new(cfg, services(), local));
         if let Some(a) = n.agent.as_mut() {
@@ -290,7 +285,7 @@ impl Sim {
     fn drain(&mut self, slot: usize) {
         let now = self.now;
         let local = self.nodes[slot].local(now);
-        let inc = self.nodes[slot].inc;
+        let inc = self.nodes[slot].inc.number();
         let from = self.nodes[slot].id;
         let Some(agent) = self.nodes[slot].agent.as_mut() else {
             return;
@@ -312,24 +307,18 @@ impl Sim {
             let Some(to) = self.nodes.iter().position(|n| n.id == o.to) else {
                 continue;
             };
-            if !self.faults.connected(slot, to) || self.rng.chance(self.faults.loss) {
-                continue;
-            }
-            let copies = if self.faults.duplicate > 0.0 && self.rng.chance(self.faults.duplicate) {
-                2
-            } else {
-                1
-            };
-            let base = self
-                .topo
-                .base_us(self.nodes[slot].server, self.nodes[to].server);
-            for _ in 0..copies {
-                let mut delay = base + self.rng.below(base / 10 + 1) + o.bytes.len() as u64 / 100;
-                if self.faults.reorder > 0.0 && self.rng.chance(self.faults.reorder) {
-                    delay += self.rng.below(base + 1);
-                }
+            let fate = harness::fate(
+                &mut self.rng,
+                &self.topo,
+                &self.faults,
+                now,
+                (slot, self.nodes[slot].server),
+                (to, self.nodes[to].server),
+                o.bytes.len() as u64 / 100,
+            );
+            for at in fate.arrivals() {
                 self.agenda.schedule(
-                    now.plus_us(delay),
+                    at,
                     Ev::Deliver {
                         to,
                         from,
@@ -360,12 +349,9 @@ impl Sim {
             self.client_event(e);
         }
         let n = &mut self.nodes[slot];
-        if let Some(w) = wanted {
-            let at = n.real(w.max(local)).max(now);
-            if n.timer_at.is_none_or(|t| at < t) {
-                n.timer_at = Some(at);
-                self.agenda.schedule(at, Ev::Timer { slot, inc });
-            }
+        let wanted = wanted.map(|w| n.real(w.max(local)));
+        if let Some((at, number)) = n.inc.arm(now, wanted) {
+            self.agenda.schedule(at, Ev::Timer { slot, inc: number });
         }
     }
 
@@ -456,7 +442,7 @@ impl Sim {
                 if c.pending.is_empty() {
                     let (slot, inc) = (c.slot, c.inc);
                     self.conns.remove(&conn);
-                    if self.nodes[slot].inc == inc
+                    if self.nodes[slot].inc.is_current(inc)
                         && let Some(a) = self.nodes[slot].agent.as_mut()
                     {
                         a.close_connection(conn);
@@ -497,7 +483,7 @@ impl Sim {
             self.reading.insert(conn, key);
         }
         let local = self.nodes[slot].local(self.now);
-        let inc = self.nodes[slot].inc;
+        let inc = self.nodes[slot].inc.number();
         self.conns.insert(
             conn,
             ClientConn {
@@ -613,8 +599,7 @@ impl Sim {
         } else {
             self.nodes[slot].paused = true;
         }
-        self.nodes[slot].inc += 1;
-        self.nodes[slot].timer_at = None;
+        self.nodes[slot].inc.crash();
         // Its client connections die with it: their outcome is unknown to the client.
         let dead: Vec<u64> = self
             .conns
@@ -655,7 +640,7 @@ impl Sim {
         })
     }
 
-    fn step(&mut self, ev: Ev) {
+    fn handle(&mut self, ev: Ev) {
         if std::env::var("REPLSIM_TRACE").is_ok() {
             match &ev {
                 Ev::Fault | Ev::Restart { .. } | Ev::HealPartition => {
@@ -688,10 +673,9 @@ impl Sim {
             }
             Ev::Timer { slot, inc } => {
                 let n = &mut self.nodes[slot];
-                if n.inc != inc || n.timer_at != Some(self.now) || !n.up() {
+                if !n.inc.fire(inc, self.now) || !n.up() {
                     return;
                 }
-                n.timer_at = None;
                 let local = n.local(self.now);
                 if let Some(a) = n.agent.as_mut() {
                     a.handle_timeout(local);
@@ -706,7 +690,7 @@ impl Sim {
                 result,
             } => {
                 let n = &mut self.nodes[slot];
-                if n.inc != inc || !n.up() {
+                if !n.inc.is_current(inc) || !n.up() {
                     return;
                 }
                 let local = n.local(self.now);
@@ -761,16 +745,7 @@ impl Sim {
     }
 
     fn run_until(&mut self, until: Instant) {
-        while let Some((at, ev)) = self.agenda.pop_until(until) {
-            self.now = at;
-            self.step(ev);
-            self.check();
-            self.report.steps += 1;
-            if self.violation.is_some() {
-                return;
-            }
-        }
-        self.now = until;
+        harness::run_until(self, until);
     }
 
     fn heal(&mut self) {
@@ -822,6 +797,25 @@ impl Sim {
             }
         }
         Ok(())
+    }
+}
+
+impl Simulation for Sim {
+    type Event = Ev;
+    fn clock(&mut self) -> &mut Clock<Ev> {
+        &mut self.agenda
+    }
+    fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+    fn step(&mut self, ev: Ev) {
+        self.report.steps += 1;
+        self.handle(ev);
+    }
+    fn after_step(&mut self) {
+        if self.violation.is_none() {
+            self.check();
+        }
     }
 }
 

@@ -1,19 +1,15 @@
 //! The replication simulator over many seeds (`SIM_SEED=N` replays one).
 
 use unipeer_replsim::{SimConfig, run};
+use unipeer_sim::harness;
 
+/// `SIM_SEED` alone when set; else the first `SIM_SEEDS` (default 200).
 fn seeds() -> Vec<u64> {
-    if let Some(s) = std::env::var("SIM_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-    {
-        return vec![s];
-    }
     let n = std::env::var("SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
-    (0..n).collect()
+    harness::seeds(0..n)
 }
 
 #[test]
@@ -32,8 +28,10 @@ fn replication_survives_faults() {
                 totals.converged_after_ms = totals.converged_after_ms.max(r.converged_after_ms);
                 totals.steps += r.steps;
             }
-            Err(e) => failures.push(format!(
-                "seed {seed} failed: {e}\n  replay: SIM_SEED={seed} cargo test -p unipeer-replsim --test seeds"
+            Err(e) => failures.push(harness::failure(
+                seed,
+                &e,
+                "cargo test -p unipeer-replsim --test seeds",
             )),
         }
     }
