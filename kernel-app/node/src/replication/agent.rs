@@ -1075,10 +1075,6 @@ impl ReplicationAgent {
                     self.send(to, app, msg);
                 }
                 self.step_down(now, app, inst, false);
-                log::debug!(
-                    "replication {app:?}: fenced master of epoch {} stood down",
-                    record.epoch
-                );
                 return;
             }
         }
@@ -1983,6 +1979,7 @@ impl ReplicationAgent {
                             epoch: record.epoch,
                             last_seq: m.log.last_seq(),
                             last_epoch: m.log.last_epoch(),
+                            lost: inst.lost.clone(),
                         });
                     }
                     _ => {}
@@ -2013,9 +2010,18 @@ impl ReplicationAgent {
                 epoch,
                 last_seq,
                 last_epoch,
+                lost,
             } => {
                 if epoch < my_epoch {
                     self.stale_reply(app, from, inst);
+                    return;
+                }
+                if epoch == my_epoch && inst.member.as_ref().is_some_and(|m| m.is_master()) {
+                    for r in lost.into_iter().take(wire::MAX_LOST_RANGES) {
+                        add_lost(&mut inst.lost, r);
+                    }
+                }
+                if epoch < my_epoch {
                     return;
                 }
                 let cfg = self.cfg.clone();
@@ -2084,7 +2090,11 @@ impl ReplicationAgent {
                 let MemberRole::Slave(s) = &mut m.role else {
                     return;
                 };
-                if epoch != my_epoch || from_seq != m.log.last_seq() + 1 || s.fetch.is_some() {
+                if epoch != my_epoch
+                    || epoch < m.voted_epoch
+                    || from_seq != m.log.last_seq() + 1
+                    || s.fetch.is_some()
+                {
                     return;
                 }
                 s.synced = true;
@@ -2204,7 +2214,10 @@ impl ReplicationAgent {
                 prev_seq: _,
                 entries,
             } => {
-                if epoch < my_epoch {
+                // After voting for a newer epoch, nothing of an older master is acknowledged:
+                // its writes must not count as held by this node.
+                let voted = inst.member.as_ref().map_or(0, |m| m.voted_epoch);
+                if epoch < my_epoch || epoch < voted {
                     self.stale_reply(app, from, inst);
                     return;
                 }
@@ -2422,8 +2435,17 @@ impl ReplicationAgent {
             return;
         };
         let Some(f) = s.fetch.take() else { return };
-        // Entries past the common prefix were never the new log's: drop them, counted.
+        // Entries past the common prefix were never the new log's: drop them, counted (in
+        // this node's ledger too, so the count survives the master that saw it).
         if m.log.last_seq() > f.common {
+            add_lost(
+                &mut inst.lost,
+                LostRange {
+                    epoch: m.log.last_epoch(),
+                    first: f.common + 1,
+                    last: m.log.last_seq(),
+                },
+            );
             m.dropped_here += m.log.last_seq() - f.common;
             for e in m.log.held_after(f.common) {
                 for k in service.change_keys(&e.change, MAX_DROPPED_KEYS) {
@@ -2463,6 +2485,7 @@ impl ReplicationAgent {
                 epoch,
                 last_seq: f.at_seq,
                 last_epoch: f.at_epoch,
+                lost: inst.lost.clone(),
             },
         );
     }

@@ -81,11 +81,13 @@ pub enum Msg {
         voted: u64,
         record: Option<PlacementRecord>,
     },
-    /// Slave → master of `epoch`: where my log ends.
+    /// Slave → master of `epoch`: where my log ends, and the lost-write ranges I know (so
+    /// the ledger survives a master that failed before passing it on).
     SyncRequest {
         epoch: u64,
         last_seq: u64,
         last_epoch: u64,
+        lost: Vec<LostRange>,
     },
     /// Master → slave: your log is a prefix of mine; entries after it follow.
     SyncPartial {
@@ -200,6 +202,7 @@ fn bounded(env: &Envelope) -> bool {
         }
         Msg::Placement { record } => rec_ok(record),
         Msg::SyncPartial { history, .. } => history.len() <= MAX_HISTORY,
+        Msg::SyncRequest { lost, .. } => lost.len() <= MAX_LOST_RANGES,
         Msg::SyncSnapshot {
             history, chunks, ..
         } => history.len() <= MAX_HISTORY && *chunks <= MAX_CHUNKS,
