@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use unipeer_apps::kv::Kv;
+use unipeer_apps::kv;
 use unipeer_node::replication::agent::{AgentConfig, Event, ReplicationAgent};
 use unipeer_node::replication::placement::{
     Mode, PlacementRecord, StoreOp, StoreOpId, StoreResult, app_id,
@@ -27,8 +27,6 @@ use unipeer_node::rng::Rng;
 use unipeer_node::{Id, Instant, Key, NodeId};
 use unipeer_sim::harness::{self, Clock, Incarnation, Simulation};
 use unipeer_sim::network::{Faults, Topology};
-
-static KV: Kv = Kv;
 
 /// One run's shape.
 #[derive(Clone, Debug)]
@@ -192,7 +190,7 @@ struct Sim {
 }
 
 fn services() -> ServiceSet {
-    ServiceSet::new(&[&KV as &'static dyn ReplicatedService])
+    ServiceSet::new(&[&kv::SERVICE as &'static dyn ReplicatedService])
 }
 
 impl Sim {
