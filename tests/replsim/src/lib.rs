@@ -726,6 +726,11 @@ impl Sim {
             let Some(a) = n.agent.as_ref() else { continue };
             let local = n.local(self.now);
             if !a.is_accepting_writes(self.app, local) {
+                // A running node that stopped serving (lease over, or stood down) closed its
+                // window; it can only serve again as the winner of a later election.
+                if !n.paused {
+                    self.windows.remove(&i);
+                }
                 continue;
             }
             let epoch = a.epoch(self.app);

@@ -328,6 +328,9 @@ struct SlaveSide {
     jitter_ms: u64,
     /// Stand again at this time (after a split vote), unless a master is heard first.
     stand_at: Option<Instant>,
+    /// When the log last advanced (or a sync began): a synced slave that stops advancing
+    /// while the master's log is ahead asks to sync again (a lost snapshot offer).
+    last_progress: Instant,
 }
 
 struct CandidateSide {
@@ -357,6 +360,9 @@ struct Member {
     /// The log is one this node did not lose: it synced since it started, or the instance
     /// never had a master.
     trusted: bool,
+    /// Not trusted yet: becomes trusted once the log reaches this (the master's end when
+    /// the partial sync began).
+    trust_at: Option<u64>,
     dropped_here: u64,
     dropped_keys: Vec<Vec<u8>>,
 }
@@ -461,6 +467,7 @@ impl Member {
             // A node that restarts may have acknowledged heartbeats it no longer remembers.
             promise_until: started.plus_ms(cfg.promise_ms()),
             trusted,
+            trust_at: None,
             dropped_here: 0,
             dropped_keys: Vec::new(),
         }
@@ -480,6 +487,7 @@ impl SlaveSide {
             fetch: None,
             jitter_ms,
             stand_at: None,
+            last_progress: now,
         }
     }
 }
@@ -1919,7 +1927,7 @@ impl ReplicationAgent {
             Msg::Heartbeat {
                 record,
                 sent_at_us,
-                last_seq: _,
+                last_seq: master_seq,
                 lost,
             } => {
                 let voted = inst.member.as_ref().map_or(0, |m| m.voted_epoch);
@@ -1945,6 +1953,13 @@ impl ReplicationAgent {
                 };
                 s.last_heard = Some(now);
                 s.stand_at = None;
+                if s.synced
+                    && master_seq > m.log.last_seq()
+                    && now.millis_since(s.last_progress) >= 4 * hb
+                {
+                    s.synced = false;
+                    s.last_sync_ask = None;
+                }
                 if fresh {
                     m.promise_until = m.promise_until.max(now.plus_ms(promise));
                 }
@@ -2029,6 +2044,7 @@ impl ReplicationAgent {
                     return;
                 };
                 let history = m.log.history().to_vec();
+                let master_seq = m.log.last_seq();
                 let position = m.log.position_of(last_seq, last_epoch);
                 let MemberRole::Master(ms) = &mut m.role else {
                     return;
@@ -2052,6 +2068,7 @@ impl ReplicationAgent {
                             epoch,
                             from_seq,
                             history,
+                            master_seq,
                         })
                     }
                     Position::Snapshot { common } => {
@@ -2083,6 +2100,7 @@ impl ReplicationAgent {
                 epoch,
                 from_seq,
                 history,
+                master_seq,
             } => {
                 let Some(m) = inst.member.as_mut() else {
                     return;
@@ -2098,7 +2116,15 @@ impl ReplicationAgent {
                     return;
                 }
                 s.synced = true;
-                m.trusted = true;
+                s.last_progress = now;
+                if !m.trusted {
+                    // Whole again only once it holds what the master held at this point.
+                    if m.log.last_seq() >= master_seq {
+                        m.trusted = true;
+                    } else {
+                        m.trust_at = Some(master_seq);
+                    }
+                }
                 m.log.adopt_history(&history);
                 let acked_seq = m.log.last_seq();
                 self.send(from, app, Msg::Ack { epoch, acked_seq });
@@ -2238,6 +2264,7 @@ impl ReplicationAgent {
                 }
                 s.last_heard = Some(now);
                 s.stand_at = None;
+                let before = m.log.last_seq();
                 for e in entries {
                     if e.seq <= m.log.last_seq() {
                         continue;
@@ -2252,9 +2279,18 @@ impl ReplicationAgent {
                         s.last_sync_ask = None;
                         m.state.clear();
                         m.log.reset(0, 0, &[]);
+                        m.trusted = false;
+                        m.trust_at = None;
                         break;
                     }
                     m.log.accept(e, now);
+                }
+                if m.log.last_seq() > before {
+                    s.last_progress = now;
+                }
+                if m.trust_at.is_some_and(|t| m.log.last_seq() >= t) {
+                    m.trusted = true;
+                    m.trust_at = None;
                 }
                 let acked_seq = m.log.last_seq();
                 self.send(from, app, Msg::Ack { epoch, acked_seq });

@@ -90,10 +90,13 @@ pub enum Msg {
         lost: Vec<LostRange>,
     },
     /// Master → slave: your log is a prefix of mine; entries after it follow.
+    /// `master_seq`: the master's log end now; a slave that lost its memory is whole again
+    /// (may vote) once it holds that much.
     SyncPartial {
         epoch: u64,
         from_seq: u64,
         history: Vec<(u64, u64)>,
+        master_seq: u64,
     },
     /// Master → slave: fetch this snapshot; your log ends at `end_of_common` in my history
     /// (entries after it in yours were never mine: drop them).
