@@ -187,6 +187,10 @@ const TOO_BIG: &str = "ERR string exceeds maximum allowed size (proto-max-bulk-l
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Kv;
 
+/// The service as the kernel and the simulator hand it in
+/// (`ServiceSet::new(&[&kv::SERVICE])`).
+pub static SERVICE: Kv = Kv;
+
 impl Kv {
     fn check(&self, req: &Request) -> Result<&'static CommandSpec, Vec<u8>> {
         let Some(name) = req.args.first() else {

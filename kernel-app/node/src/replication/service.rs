@@ -323,3 +323,49 @@ impl ServiceSet {
         self.services.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Named(&'static str);
+    impl ReplicatedService for Named {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn decoder(&self) -> Box<dyn RequestDecoder> {
+            unreachable!("not decoded in this test")
+        }
+        fn classify(&self, _: &Request) -> RequestClass {
+            RequestClass::Read
+        }
+        fn answer_connection(&self, _: &Request) -> Reply {
+            Reply {
+                bytes: Vec::new(),
+                close: false,
+            }
+        }
+        fn agent_reply(&self, _: AgentReply) -> Vec<u8> {
+            Vec::new()
+        }
+        fn new_state(&self, _: ServiceLimits) -> Box<dyn ServiceState> {
+            unreachable!("no state in this test")
+        }
+        fn change_keys(&self, _: &[u8], _: usize) -> Vec<Vec<u8>> {
+            Vec::new()
+        }
+    }
+
+    static A: Named = Named("kv");
+    static B: Named = Named("kv");
+    static LONG: Named = Named("a-service-name-longer-than-24");
+    static EMPTY: Named = Named("");
+
+    #[test]
+    fn set_keeps_named_distinct_bounded_services() {
+        let set = ServiceSet::new(&[&A, &B, &LONG, &EMPTY]);
+        assert_eq!(set.names().collect::<Vec<_>>(), ["kv"]);
+        assert!(set.get("kv").is_some() && set.get("nope").is_none());
+        assert!(ServiceSet::new(&[]).is_empty());
+    }
+}
