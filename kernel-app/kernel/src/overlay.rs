@@ -614,7 +614,7 @@ impl Overlay {
              trust_revocation_version={}\n\
              trust_send_drops={}\n\
              trust_token_keys={}\ntrust_tokens_verified={}\ntrust_tokens_unknown_signer={}\n\
-             trust_tokens_bad_signature={}\ntrust_unhandled={}\n",
+             trust_tokens_bad_signature={}\ntrust_unhandled={}\ntrust_half_open_capped={}\n",
             layer.session_count(),
             c.sessions_established,
             c.delivered,
@@ -641,6 +641,7 @@ impl Overlay {
             t.unknown_signer,
             t.bad_signature,
             self.trust_unhandled,
+            c.half_open_source_capped,
         ) + &self.delegation_text()
     }
 

@@ -75,6 +75,9 @@ pub struct SessionLimits {
     pub max_initiating: usize,
     /// Responder handshakes past the cookie but not finished.
     pub max_half_open: usize,
+    /// Of those, at most this many from one source IPv4 address (its ports are free to pick),
+    /// so one host cannot hold the whole table while others still get in.
+    pub max_half_open_per_source: usize,
     /// Datagrams queued per peer while its handshake runs.
     pub max_queued_per_peer: usize,
     /// Datagrams waiting in `poll_transmit` / `poll_delivered`.
@@ -99,6 +102,7 @@ impl Default for SessionLimits {
             max_sessions: 256,
             max_initiating: 64,
             max_half_open: 32,
+            max_half_open_per_source: 4,
             max_queued_per_peer: 32,
             max_outbound: 2048,
             max_delivered: 2048,
@@ -220,6 +224,8 @@ pub struct TrustCounters {
     pub cert_bad_signature: u64,
     /// Responder handshakes refused because the half-open table was full.
     pub half_open_full: u64,
+    /// Responder handshakes refused because their source already held its share of it.
+    pub half_open_source_capped: u64,
     pub handshake_timeouts: u64,
     /// Sealed datagrams failing authentication (tampered or forged).
     pub tampered: u64,
@@ -278,6 +284,7 @@ impl TrustCounters {
             + self.cert_revoked
             + self.cert_bad_signature
             + self.half_open_full
+            + self.half_open_source_capped
             + self.tampered
             + self.replayed
             + self.too_old
@@ -954,6 +961,14 @@ impl SessionLayer {
             self.transmit(from, r);
             return;
         }
+        if self.half_open_from(from) >= self.limits.max_half_open_per_source {
+            // Expired ones go first; if none, refuse (a real initiator retries).
+            self.expire_half_open(now);
+            if self.half_open_from(from) >= self.limits.max_half_open_per_source {
+                self.counters.half_open_source_capped += 1;
+                return;
+            }
+        }
         if self.half_open.len() >= self.limits.max_half_open {
             // Expired ones go first; if none, refuse (the initiator retries).
             self.expire_half_open(now);
@@ -1374,6 +1389,14 @@ impl SessionLayer {
     /// The revocation list in force (to hand to a peer that joins later).
     pub fn revocations(&self) -> Option<&RevocationList> {
         self.revocations.current()
+    }
+
+    /// Half-open responder handshakes whose initiator has `from`'s IPv4 address.
+    fn half_open_from(&self, from: PeerAddr) -> usize {
+        self.half_open
+            .values()
+            .filter(|o| o.addr.ipv4 == from.ipv4)
+            .count()
     }
 
     fn expire_half_open(&mut self, now: Instant) {

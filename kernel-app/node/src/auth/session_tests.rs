@@ -544,6 +544,57 @@ fn the_session_table_is_bounded() {
     assert_eq!(net.delivered(0).len(), 7);
 }
 
+#[test]
+fn one_source_holds_at_most_its_share_of_half_open_handshakes() {
+    // Six initiators on one host (ports of their choosing) pass the cookie, then never answer
+    // the Response; a peer on another host must still get in.
+    let hub_addr = addr(0);
+    let crowd_ip = [10, 0, 0, 9];
+    let mut nodes: Vec<(PeerAddr, SessionLayer)> = vec![(hub_addr, layer(1))];
+    for i in 0..6u16 {
+        let a = PeerAddr {
+            ipv4: crowd_ip,
+            port: 7000 + i,
+        };
+        nodes.push((a, layer(2 + i as u8)));
+    }
+    nodes.push((addr(2), layer(9)));
+    let now = Instant::from_millis(1);
+    for (_, n) in nodes.iter_mut().skip(1) {
+        n.send(now, hub_addr, Channel::Overlay, b"hi").unwrap();
+    }
+    for _ in 0..1_000 {
+        let mut wire = vec![];
+        for (from, n) in nodes.iter_mut() {
+            while let Some(t) = n.poll_transmit() {
+                wire.push((*from, t.dst, t.payload));
+            }
+        }
+        if wire.is_empty() {
+            break;
+        }
+        for (from, to, bytes) in wire {
+            if from == hub_addr && to.ipv4 == crowd_ip && bytes[0] == TYPE_RESPONSE {
+                continue;
+            }
+            if let Some((_, n)) = nodes.iter_mut().find(|(a, _)| *a == to) {
+                n.handle_datagram(now, from, &bytes);
+            }
+        }
+    }
+    let hub = &nodes[0].1;
+    let crowd = PeerAddr {
+        ipv4: crowd_ip,
+        port: 0,
+    };
+    assert_eq!(hub.half_open_from(crowd), 4);
+    assert_eq!(hub.counters().half_open_source_capped, 2);
+    assert_eq!(hub.session_count(), 1, "the peer on another host got in");
+    let got: Vec<Delivered> = core::iter::from_fn(|| nodes[0].1.poll_delivered()).collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].from, addr(2));
+}
+
 /// A deterministic generator for the property tests (xorshift64*).
 struct Gen(u64);
 impl Gen {
