@@ -136,8 +136,10 @@ impl ServerTag {
     }
 }
 
-/// A placeholder public key derived from a node name, until authentication hands out real
-/// keys; it only has to be stable and distinct per name.
+/// The public key of a node without trust material (a VM launched with `--no-trust`, and the
+/// simulators): derived from its name, so its NodeId is stable and distinct per name, but
+/// anyone can claim it. Nothing is authenticated in that mode, and the kernel does no job
+/// delegation there (`jobs_delegation=off`); with trust on, the certified Ed25519 key is used.
 pub fn placeholder_public_key(node_name: &str) -> [u8; 32] {
     sha_prefix(&[b"unipeer-placeholder-key\0", node_name.as_bytes()])
 }
