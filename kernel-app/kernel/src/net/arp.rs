@@ -8,7 +8,9 @@
 //! node sent (a neighbour it is resolving); a request addressed to this node only when the
 //! sender is not yet known (an established mapping is never overwritten by a request); an IPv4
 //! frame only refreshes an entry whose MAC it matches, it never adds or changes one. Other ARP
-//! packets and IPv4 frames from unknown or mismatching senders are counted (`refused`).
+//! packets are counted (`refused`); IPv4 frames from unknown or mismatching senders are passed
+//! up as usual but teach the table nothing (not counted: a peer's first frames often arrive
+//! before this node has resolved it).
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
