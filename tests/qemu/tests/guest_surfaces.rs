@@ -568,9 +568,14 @@ fn arp_learns_only_what_it_asked_for_and_delegation_follows_trust() {
     );
     let before = num(&node_report(&c, "n1"), "arp_refused");
 
-    // Forgeries, all claiming n2's address for the forger's MAC: (b) an IPv4 datagram to
-    // n1's echo port, whose answer goes to wherever n1 thinks n2 is; (a) an unsolicited ARP
-    // reply to n1 and a gratuitous ARP request (broadcast).
+    // Forgeries, all claiming n2's address for the forger's MAC: an unsolicited ARP reply to
+    // n1 and a gratuitous ARP request (broadcast), then an IPv4 datagram to n1's echo port,
+    // whose answer goes to wherever n1 then thinks n2 is (learned from any of the three, it
+    // would be the forger's port).
+    port.send(&arp(n1_mac, 2, (forger, n2_ip), (n1_mac, n1_ip)))
+        .unwrap();
+    port.send(&arp(BROADCAST, 1, (forger, n2_ip), ([0; 6], n2_ip)))
+        .unwrap();
     port.send(&udp(
         (n1_mac, forger),
         (n2_ip, 40_001),
@@ -578,13 +583,8 @@ fn arp_learns_only_what_it_asked_for_and_delegation_follows_trust() {
         b"forged from n2",
     ))
     .unwrap();
-    port.send(&arp(n1_mac, 2, (forger, n2_ip), (n1_mac, n1_ip)))
-        .unwrap();
-    port.send(&arp(BROADCAST, 1, (forger, n2_ip), ([0; 6], n2_ip)))
-        .unwrap();
-    // The answer that n1's echo gives the forged datagram goes to n2 now. Then a second
-    // datagram from the newcomer: n1 answers in order, so once this answer is here, an
-    // answer to the forgery sent to the forger's MAC would be here too.
+    // Then a second datagram from the newcomer: n1 answers in order, so once this answer is
+    // here, an answer to the forgery sent to the forger's MAC would be here too.
     port.send(&udp(
         (n1_mac, forger),
         (newcomer_ip, 40_002),
