@@ -108,6 +108,24 @@ impl JobAgent {
             version: ov.record_version(key).unwrap_or(0),
             announce: None,
         };
+        let lease_ms = self.cfg.lease_ms;
+        self.failed_peers
+            .retain(|(_, at)| now.millis_since(*at) < lease_ms);
+        if let TaskState::Running { leases, results } = &mut s.rec.state {
+            // Leases held by nodes declared failed end now (as in `executor_failed`).
+            let failed = &self.failed_peers;
+            let before = leases.len();
+            leases.retain(|l| !failed.iter().any(|(id, _)| *id == l.executor.id));
+            let lost = before - leases.len();
+            if lost > 0 {
+                self.counters.releases_on_failure += lost as u64;
+                s.rec.attempts = s.rec.attempts.saturating_add(lost as u8);
+                s.dirty = true;
+                if leases.is_empty() && results.is_empty() {
+                    s.rec.state = TaskState::Pending;
+                }
+            }
+        }
         if let TaskState::Running { leases, .. } = &s.rec.state {
             for l in leases.clone() {
                 s.deadlines
@@ -203,6 +221,54 @@ impl JobAgent {
         }
         if s.dirty && s.put_op.is_none() {
             self.write(now, ov, s);
+        }
+    }
+
+    /// The overlay declared `id` failed: every lease it holds on a task supervised here ends
+    /// now, not when it runs out, and the task is placed again at once (elsewhere: its capacity
+    /// advert is forgotten). Were `id` only suspected, its later renewals and reports are
+    /// treated exactly like those after an expired lease (stale, revoked, or a late result the
+    /// record still takes). `id` is remembered for a lease's time, so a task taken over
+    /// meanwhile (its supervisor may have died too, often with its own task) drops its lease.
+    pub(super) fn executor_failed(&mut self, now: Instant, ov: &mut impl Overlay, id: NodeId) {
+        self.capacity.remove(&id);
+        self.failed_peers.retain(|(f, _)| *f != id);
+        if self.failed_peers.len() >= MAX_FAILED_PEERS {
+            self.failed_peers.pop_front();
+        }
+        self.failed_peers.push_back((id, now));
+        if !ov.is_joined() {
+            return;
+        }
+        let held: Vec<TaskId> = self
+            .supervised
+            .iter()
+            .filter(|(_, s)| match &s.rec.state {
+                TaskState::Running { leases, .. } => leases.iter().any(|l| l.executor.id == id),
+                _ => false,
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in held {
+            let Some(mut s) = self.supervised.remove(&t) else {
+                continue;
+            };
+            if let TaskState::Running { leases, results } = &mut s.rec.state {
+                let before = leases.len();
+                leases.retain(|l| l.executor.id != id);
+                let lost = before - leases.len();
+                self.counters.releases_on_failure += lost as u64;
+                s.rec.attempts = s.rec.attempts.saturating_add(lost as u8);
+                s.dirty = true;
+                if leases.is_empty() && results.is_empty() {
+                    s.rec.state = TaskState::Pending;
+                }
+            }
+            s.deadlines.retain(|(d, _)| *d != id);
+            log::debug!("task {t:?}: executor {id:?} failed, re-leasing");
+            // Attempts, placement and the record write as in a scan.
+            self.supervise(now, ov, &mut s);
+            self.supervised.insert(t, s);
         }
     }
 
