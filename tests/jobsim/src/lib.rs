@@ -181,6 +181,17 @@ impl JobSim {
         n.timer.crash();
     }
 
+    /// Node `i`'s overlay wrongly declares `id` failed, as far as its job agent is told (the
+    /// overlay itself keeps `id`): a false suspicion.
+    pub fn suspect(&mut self, i: usize, id: NodeId) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
+            agent.handle_overlay_event(now, node, &Event::PeerFailed { id });
+        }
+        self.after_io(i);
+    }
+
     pub fn is_up(&self, i: usize) -> bool {
         self.nodes[i].node.is_some()
     }

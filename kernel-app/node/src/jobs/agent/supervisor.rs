@@ -231,6 +231,9 @@ impl JobAgent {
     /// record still takes). `id` is remembered for a lease's time, so a task taken over
     /// meanwhile (its supervisor may have died too, often with its own task) drops its lease.
     pub(super) fn executor_failed(&mut self, now: Instant, ov: &mut impl Overlay, id: NodeId) {
+        if id == self.me.id {
+            return; // not something an overlay declares; a lease of ours is not ended by it
+        }
         self.capacity.remove(&id);
         self.failed_peers.retain(|(f, _)| *f != id);
         if self.failed_peers.len() >= MAX_FAILED_PEERS {
