@@ -1,6 +1,7 @@
 //! Jobs through crashes, partitions and loss: every task registered complete once, outputs equal
 //! to a reference computed directly, no node over its slots; wordcount with in-overlay reduce;
-//! primes (run twice and verified by output hash); a failing task reported, not retried forever.
+//! primes (run twice and verified by output hash); a failing task reported, not retried forever;
+//! an executor declared failed (dead, or only suspected) has its tasks leased again at once.
 //! A failure prints its seed; `SIM_SEED=<seed>` replays one seed.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -111,21 +111,10 @@ impl JobAgent {
         let lease_ms = self.cfg.lease_ms;
         self.failed_peers
             .retain(|(_, at)| now.millis_since(*at) < lease_ms);
-        if let TaskState::Running { leases, results } = &mut s.rec.state {
-            // Leases held by nodes declared failed end now (as in `executor_failed`).
-            let failed = &self.failed_peers;
-            let before = leases.len();
-            leases.retain(|l| !failed.iter().any(|(id, _)| *id == l.executor.id));
-            let lost = before - leases.len();
-            if lost > 0 {
-                self.counters.releases_on_failure += lost as u64;
-                s.rec.attempts = s.rec.attempts.saturating_add(lost as u8);
-                s.dirty = true;
-                if leases.is_empty() && results.is_empty() {
-                    s.rec.state = TaskState::Pending;
-                }
-            }
-        }
+        // Leases held by nodes declared failed end now (as in `executor_failed`).
+        let failed = &self.failed_peers;
+        self.counters.releases_on_failure +=
+            end_leases(&mut s, |e| failed.iter().any(|(id, _)| *id == e)) as u64;
         if let TaskState::Running { leases, .. } = &s.rec.state {
             for l in leases.clone() {
                 s.deadlines
@@ -256,18 +245,7 @@ impl JobAgent {
             let Some(mut s) = self.supervised.remove(&t) else {
                 continue;
             };
-            if let TaskState::Running { leases, results } = &mut s.rec.state {
-                let before = leases.len();
-                leases.retain(|l| l.executor.id != id);
-                let lost = before - leases.len();
-                self.counters.releases_on_failure += lost as u64;
-                s.rec.attempts = s.rec.attempts.saturating_add(lost as u8);
-                s.dirty = true;
-                if leases.is_empty() && results.is_empty() {
-                    s.rec.state = TaskState::Pending;
-                }
-            }
-            s.deadlines.retain(|(d, _)| *d != id);
+            self.counters.releases_on_failure += end_leases(&mut s, |e| e == id) as u64;
             log::debug!("task {t:?}: executor {id:?} failed, re-leasing");
             // Attempts, placement and the record write as in a scan.
             self.supervise(now, ov, &mut s);
@@ -501,4 +479,24 @@ impl JobAgent {
         self.supervised.insert(task, s);
         true
     }
+}
+
+/// Ends every lease of `s` held by an executor `dead` picks, as an expired lease ends (an
+/// attempt spent each; back to pending if nothing is left). Returns how many ended.
+fn end_leases(s: &mut Supervision, dead: impl Fn(NodeId) -> bool) -> usize {
+    let TaskState::Running { leases, results } = &mut s.rec.state else {
+        return 0;
+    };
+    let before = leases.len();
+    leases.retain(|l| !dead(l.executor.id));
+    let lost = before - leases.len();
+    if lost > 0 {
+        s.rec.attempts = s.rec.attempts.saturating_add(lost as u8);
+        s.dirty = true;
+        if leases.is_empty() && results.is_empty() {
+            s.rec.state = TaskState::Pending;
+        }
+        s.deadlines.retain(|(id, _)| !dead(*id));
+    }
+    lost
 }
