@@ -11,7 +11,7 @@ use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
 use unipeer_node::jobs::app::{AppSet, TaskError, TaskOutput};
 use unipeer_node::jobs::delegation::SharedKeyAuthority;
 use unipeer_node::jobs::{JobAgent, JobConfig, JobEvent, Submission};
-use unipeer_node::node::{Event, Node, NodeConfig, OpId};
+use unipeer_node::node::{Event, Node, NodeConfig, OpId, Timing};
 use unipeer_node::rng::Rng;
 use unipeer_node::{Instant, PeerAddr};
 use unipeer_sim::harness::{self, Clock, Incarnation, Simulation};
@@ -71,6 +71,8 @@ pub struct JobLog {
     pub got: BTreeMap<Key, Option<Vec<u8>>>,
     pub violations: Vec<String>,
     pub delegations: u64,
+    /// Every lease handed out: (when, task, executor).
+    pub dispatched: Vec<(Instant, Key, NodeId)>,
 }
 
 pub struct JobSim {
@@ -81,6 +83,8 @@ pub struct JobSim {
     pub faults: Faults,
     pub nodes: Vec<JobNode>,
     pub job_cfg: JobConfig,
+    /// The overlay timing nodes start with (set before `start`).
+    pub node_timing: Timing,
     by_addr: HashMap<([u8; 4], u16), usize>,
     clock: Clock<Ev>,
     aa_gets: HashMap<(usize, OpId), Key>,
@@ -100,6 +104,7 @@ impl JobSim {
             faults: Faults::default(),
             nodes: Vec::new(),
             job_cfg,
+            node_timing: Timing::default(),
             by_addr: HashMap::new(),
             clock: Clock::new(seed),
             aa_gets: HashMap::new(),
@@ -137,12 +142,13 @@ impl JobSim {
         let seed = self.rng.seed32();
         let seed2 = self.rng.seed32();
         let n = &self.nodes[i];
-        let cfg = NodeConfig::new(
+        let mut cfg = NodeConfig::new(
             &n.public_key,
             n.addr,
             ServerTag::from_name(&format!("server-{}", n.server)),
             seed,
         );
+        cfg.timing = self.node_timing;
         let mut node = Node::new(cfg, self.now).expect("valid config");
         let addrs: Vec<PeerAddr> = bootstrap.iter().map(|b| self.nodes[*b].addr).collect();
         node.join(self.now, &addrs);
@@ -173,6 +179,17 @@ impl JobSim {
         n.works = 0;
         // Work and timers of the crashed incarnation are void.
         n.timer.crash();
+    }
+
+    /// Node `i`'s overlay wrongly declares `id` failed, as far as its job agent is told (the
+    /// overlay itself keeps `id`): a false suspicion.
+    pub fn suspect(&mut self, i: usize, id: NodeId) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        if let (Some(node), Some(agent)) = (n.node.as_mut(), n.agent.as_mut()) {
+            agent.handle_overlay_event(now, node, &Event::PeerFailed { id });
+        }
+        self.after_io(i);
     }
 
     pub fn is_up(&self, i: usize) -> bool {
@@ -412,7 +429,7 @@ impl JobSim {
                 }
                 self.log.fetched.insert(id, data);
             }
-            JobEvent::Dispatched { .. } => {}
+            JobEvent::Dispatched { task, to } => self.log.dispatched.push((self.now, task, to)),
         }
     }
 

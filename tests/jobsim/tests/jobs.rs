@@ -1,18 +1,21 @@
 //! Jobs through crashes, partitions and loss: every task registered complete once, outputs equal
 //! to a reference computed directly, no node over its slots; wordcount with in-overlay reduce;
-//! primes (run twice and verified by output hash); a failing task reported, not retried forever.
+//! primes (run twice and verified by output hash); a failing task reported, not retried forever;
+//! an executor declared failed (dead, or only suspected) has its tasks leased again at once.
 //! A failure prints its seed; `SIM_SEED=<seed>` replays one seed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use unipeer_apps::{Fail, Primes, Sha256Chunks, WordCount, primes, wordcount};
 use unipeer_jobsim::{JobSim, replay_seed, seeds};
 use unipeer_node::Instant;
+use unipeer_node::NodeId;
 use unipeer_node::id::Key;
 use unipeer_node::jobs::app::{AppSet, TaskError};
 use unipeer_node::jobs::record::{
     JobRecord, REDUCE_BASE, TaskFailure, TaskRecord, TaskState, job_id, task_id,
 };
 use unipeer_node::jobs::{JobConfig, Submission};
+use unipeer_node::node::Timing;
 use unipeer_node::rng::Rng;
 
 const NODES: usize = 20;
@@ -22,6 +25,10 @@ enum Faults {
     None,
     CrashAndLoss,
     Everything,
+    /// No loss; one executor with work in hand crashes (for good) a few seconds in.
+    KillOneExecutor,
+    /// No loss; every node is told that one executor with work in hand failed, though it lives.
+    SuspectOneExecutor,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +44,9 @@ struct Outcome {
     tasks: Vec<Key>,
     records: BTreeMap<Key, TaskRecord>,
     finished_ms: u64,
+    /// With `KillOneExecutor`: when, whom, and the tasks it held a lease on whose supervisor
+    /// had it in its leaf set (so the overlay's failure detection could tell that supervisor).
+    killed: Option<(Instant, NodeId, Vec<Key>)>,
 }
 
 fn text_chunks(rng: &mut Rng, n: usize) -> Vec<Vec<u8>> {
@@ -90,7 +100,7 @@ fn submission(kind: Kind, rng: &mut Rng, seed: u64) -> Submission {
 }
 
 fn run(seed: u64, kind: Kind, faults: Faults) -> Result<Outcome, String> {
-    run_with(seed, kind, faults, None)
+    run_with(seed, kind, faults, None, Timing::default())
 }
 
 /// Like [`run`]; with `cancel_after_ms`, the AA cancels the job that long after submitting.
@@ -99,12 +109,14 @@ fn run_with(
     kind: Kind,
     faults: Faults,
     cancel_after_ms: Option<u64>,
+    timing: Timing,
 ) -> Result<Outcome, String> {
     let cfg = JobConfig {
         slots: 2,
         ..JobConfig::default()
     };
     let mut sim = JobSim::new(seed, 4, cfg);
+    sim.node_timing = timing;
     let full = AppSet::new(&[&WordCount, &Primes, &Sha256Chunks, &Fail]);
     // A second image without `primes`: tasks reach those nodes only by delegation or not at all.
     let partial = AppSet::new(&[&WordCount, &Sha256Chunks, &Fail]);
@@ -147,13 +159,18 @@ fn run_with(
     let mut fetching: BTreeSet<Key> = BTreeSet::new();
     let mut finished_ms = 0;
     let mut cancel_at = cancel_after_ms.map(|ms| start.plus_ms(ms));
+    let mut killed = None;
     while sim.now < deadline {
         let now = sim.now;
         if cancel_at.is_some_and(|at| now >= at) {
             cancel_at = None;
             sim.cancel(0, &tasks);
         }
-        let in_faults = faults != Faults::None && now < fault_end;
+        let one_executor = matches!(faults, Faults::KillOneExecutor | Faults::SuspectOneExecutor);
+        if one_executor && killed.is_none() {
+            killed = kill_one_executor(&mut sim, &tasks, faults == Faults::KillOneExecutor);
+        }
+        let in_faults = faults != Faults::None && !one_executor && now < fault_end;
         sim.faults.loss = if in_faults { 0.02 } else { 0.0 };
         if faults == Faults::Everything {
             if !partitioned && now >= partition_at && now < fault_end {
@@ -275,7 +292,65 @@ fn run_with(
         tasks,
         records,
         finished_ms,
+        killed,
     })
+}
+
+/// With `kill`, crashes for good the first node (not the AA's entry node 0) found running a
+/// task; returns when, which node, and the leases it held that its (next) supervisor could
+/// learn of through its leaf set. Without, picks the first node (not 0) holding a lease from
+/// another node's supervisor and has every other node's job agent told it failed, though it
+/// lives on.
+fn kill_one_executor(
+    sim: &mut JobSim,
+    tasks: &[Key],
+    kill: bool,
+) -> Option<(Instant, NodeId, Vec<Key>)> {
+    // (supervisor, executor, task, supervisor has the executor in its leaf set)
+    let mut leases = Vec::new();
+    for n in &sim.nodes {
+        let (Some(node), Some(agent)) = (n.node.as_ref(), n.agent.as_ref()) else {
+            continue;
+        };
+        for t in tasks {
+            if let Some((rec, _)) = agent.supervision(*t)
+                && let TaskState::Running { leases: ls, .. } = &rec.state
+            {
+                for l in ls {
+                    let leaf = node.leaf_set().contains(l.executor.id);
+                    leases.push((n.id, l.executor.id, *t, leaf));
+                }
+            }
+        }
+    }
+    let victim = (1..NODES).find(|i| {
+        let id = sim.nodes[*i].id;
+        if kill {
+            sim.nodes[*i]
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.running() > 0)
+        } else {
+            leases.iter().any(|(s, e, ..)| *e == id && *s != id)
+        }
+    })?;
+    let id = sim.nodes[victim].id;
+    // Killed: supervised by the victim itself, its successor is the victim's leaf neighbour;
+    // otherwise the supervisor must have the victim in its leaf set. Suspected: every other
+    // supervisor is told.
+    let held: Vec<Key> = leases
+        .iter()
+        .filter(|(s, e, _, leaf)| *e == id && if kill { *s == id || *leaf } else { *s != id })
+        .map(|(_, _, t, _)| *t)
+        .collect();
+    if kill {
+        sim.crash(victim);
+    } else {
+        for i in (0..NODES).filter(|i| *i != victim) {
+            sim.suspect(i, id);
+        }
+    }
+    Some((sim.now, id, held))
 }
 
 fn check_wordcount(seed: u64, o: &Outcome, strict_once: bool) -> Result<(), String> {
@@ -466,8 +541,14 @@ fn submitting_a_finished_job_again_neither_resets_nor_reruns_its_tasks() {
 #[test]
 fn cancelled_jobs_stop_and_every_task_ends_final() {
     for seed in seeds(80..83) {
-        let o = run_with(seed, Kind::Primes, Faults::CrashAndLoss, Some(300))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let o = run_with(
+            seed,
+            Kind::Primes,
+            Faults::CrashAndLoss,
+            Some(300),
+            Timing::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         report("primes/cancel", seed, &o);
         let cancelled = o
             .tasks
@@ -634,5 +715,101 @@ fn each_job_keeps_the_copies_its_replication_asks_for() {
             }
         }
         assert!(sim.log.violations.is_empty(), "{:?}", sim.log.violations);
+    }
+}
+
+/// Failure detection drives re-dispatch: an executor killed mid-task is noticed by its
+/// supervisor's leaf set (here tuned to declare a silent member failed after 1.5 s, checked
+/// every 0.5 s) and its tasks are leased again within that time plus 0.5 s, well before the
+/// 6 s lease would run out; the job still ends with the reference output, each task
+/// registered once.
+#[test]
+fn a_failed_executors_tasks_are_re_leased_at_once() {
+    let timing = Timing {
+        keepalive_ms: 500,
+        leaf_probe_after_ms: 1_000,
+        leaf_fail_ms: 1_500,
+        hearsay_grace_ms: 1_000,
+        ..Timing::default()
+    };
+    let bound_ms = timing.leaf_fail_ms + timing.keepalive_ms + 500;
+    assert!(bound_ms < JobConfig::default().lease_ms - JobConfig::default().renew_ms);
+    let mut delays = Vec::new();
+    for seed in seeds(1..6) {
+        let o = run_with(seed, Kind::WordCount, Faults::KillOneExecutor, None, timing)
+            .unwrap_or_else(|e| panic!("{e}"));
+        report("wordcount/kill-one", seed, &o);
+        check_wordcount(seed, &o, true).unwrap_or_else(|e| panic!("{e}"));
+        let (at, victim, held) = o.killed.clone().expect("an executor was busy");
+        for t in &held {
+            let again = o
+                .sim
+                .log
+                .dispatched
+                .iter()
+                .find(|(when, task, to)| *when >= at && task == t && *to != victim)
+                .map(|(when, ..)| when.millis_since(at));
+            let Some(ms) = again else {
+                panic!("seed {seed}: task {t:?} of the killed executor never leased again");
+            };
+            eprintln!("seed {seed}: task {t:?} re-leased {ms} ms after its executor died");
+            assert!(
+                ms <= bound_ms,
+                "seed {seed}: task {t:?} re-leased {ms} ms after its executor died (bound {bound_ms} ms)"
+            );
+            delays.push(ms);
+        }
+        let releases: u64 = o
+            .sim
+            .nodes
+            .iter()
+            .filter_map(|n| n.agent.as_ref())
+            .map(|a| a.counters().releases_on_failure)
+            .sum();
+        assert!(
+            held.is_empty() || releases > 0,
+            "seed {seed}: no lease ended on failure"
+        );
+    }
+    assert!(
+        delays.len() >= 3,
+        "only {} tasks were held by a killed executor: the test proves nothing",
+        delays.len()
+    );
+    delays.sort_unstable();
+    eprintln!(
+        "re-lease after an executor's death: {} tasks, median {} ms, max {} ms",
+        delays.len(),
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+}
+
+/// A falsely suspected executor (declared failed, yet alive and working) changes nothing but
+/// timing: its task is leased again at once, its own renewals and report are handled like
+/// those after an expired lease, and the job ends with the reference output, each task
+/// registered once (primes: two executors per task, so leases cross nodes).
+#[test]
+fn a_falsely_suspected_executor_does_not_break_the_job() {
+    for seed in seeds(1..4) {
+        let o = run_with(
+            seed,
+            Kind::Primes,
+            Faults::SuspectOneExecutor,
+            None,
+            Timing::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        report("primes/suspect-one", seed, &o);
+        check_primes(seed, &o, true).unwrap_or_else(|e| panic!("{e}"));
+        let (_, suspect, held) = o.killed.clone().expect("an executor was busy");
+        assert!(!held.is_empty(), "seed {seed}: the suspect held no lease");
+        let agents = || o.sim.nodes.iter().filter_map(|n| n.agent.as_ref());
+        let releases: u64 = agents().map(|a| a.counters().releases_on_failure).sum();
+        let stale: u64 = agents().map(|a| a.counters().stale_reports).sum();
+        assert!(releases > 0, "seed {seed}: no lease ended on the suspicion");
+        eprintln!(
+            "seed {seed}: suspect {suspect:?}, {releases} leases ended, {stale} stale reports"
+        );
     }
 }

@@ -13,6 +13,8 @@ impl JobAgent {
         from: Contact,
         msg: JobMessage,
     ) {
+        // Heard from: not failed after all (or back), so its leases are kept on takeover.
+        self.failed_peers.retain(|(id, _)| *id != from.id);
         match msg {
             JobMessage::Capacity { apps, slots, free } => {
                 let mut mask = 0u8;

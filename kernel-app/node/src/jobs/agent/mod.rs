@@ -3,8 +3,9 @@
 //!
 //! - **supervisor** of every task whose root it is: reads its copy of the task record, picks an
 //!   executor (the nearest node advertising the app and a free slot), leases the task to it,
-//!   re-dispatches when a lease runs out, and keeps the **completion registry** entry (the
-//!   record's final state) — idempotent, with output hashes compared when two executors ran it.
+//!   re-dispatches when a lease runs out or the overlay declares the executor failed, and
+//!   keeps the **completion registry** entry (the record's final state) — idempotent, with
+//!   output hashes compared when two executors ran it.
 //!   A map task's supervisor feeds its outputs to the reduce tasks' roots, which **spawn** the
 //!   reduce tasks as map outputs register.
 //! - **executor**: accepts at most `slots` tasks, fetches inputs, hands [`Work`] to the driver,
@@ -52,6 +53,8 @@ pub const MAX_JOB_EVENTS: usize = 1024;
 pub const MAX_SUPERVISED: usize = 1024;
 /// Most capacity adverts remembered.
 pub const MAX_CAPACITY_ENTRIES: usize = 128;
+/// Most failed nodes remembered for takeovers.
+const MAX_FAILED_PEERS: usize = 64;
 /// Most records looked at per supervision scan.
 const SCAN_BATCH: usize = 128;
 /// Most chunks looked at per repair pass.
@@ -217,6 +220,9 @@ pub struct JobCounters {
     pub delegations_accepted: u64,
     pub delegations_refused: u64,
     pub leases_expired: u64,
+    /// Leases ended because the overlay declared their executor failed (the task re-leased at
+    /// once instead of when the lease ran out).
+    pub releases_on_failure: u64,
     pub stale_reports: u64,
     /// Completions arriving after registration whose hash differs from the registered one.
     pub late_disagreements: u64,
@@ -311,6 +317,9 @@ pub struct JobAgent {
     me: Contact,
     chunks: ChunkStore,
     capacity: BTreeMap<NodeId, CapacityEntry>,
+    /// Nodes the overlay declared failed lately, and when: a task taken over later (e.g. from
+    /// a supervisor that died with its executor) does not keep a lease held by one of them.
+    failed_peers: VecDeque<(NodeId, Instant)>,
     supervised: BTreeMap<TaskId, Supervision>,
     executions: BTreeMap<TaskId, Execution>,
     routed: BTreeMap<OpId, (Key, JobMessage)>,
@@ -358,6 +367,7 @@ impl JobAgent {
             me,
             chunks: ChunkStore::new(cfg.max_chunks, cfg.max_chunk_bytes),
             capacity: BTreeMap::new(),
+            failed_peers: VecDeque::new(),
             supervised: BTreeMap::new(),
             executions: BTreeMap::new(),
             routed: BTreeMap::new(),
@@ -543,6 +553,11 @@ impl JobAgent {
                 } else {
                     false
                 }
+            }
+            Event::PeerFailed { id } => {
+                self.executor_failed(now, ov, *id);
+                // Not claimed: the overlay's own service logs it too.
+                false
             }
             _ => false,
         };

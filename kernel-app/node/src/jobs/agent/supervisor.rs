@@ -108,6 +108,13 @@ impl JobAgent {
             version: ov.record_version(key).unwrap_or(0),
             announce: None,
         };
+        let lease_ms = self.cfg.lease_ms;
+        self.failed_peers
+            .retain(|(_, at)| now.millis_since(*at) < lease_ms);
+        // Leases held by nodes declared failed end now (as in `executor_failed`).
+        let failed = &self.failed_peers;
+        self.counters.releases_on_failure +=
+            end_leases(&mut s, |e| failed.iter().any(|(id, _)| *id == e)) as u64;
         if let TaskState::Running { leases, .. } = &s.rec.state {
             for l in leases.clone() {
                 s.deadlines
@@ -203,6 +210,46 @@ impl JobAgent {
         }
         if s.dirty && s.put_op.is_none() {
             self.write(now, ov, s);
+        }
+    }
+
+    /// The overlay declared `id` failed: every lease it holds on a task supervised here ends
+    /// now, not when it runs out, and the task is placed again at once (elsewhere: its capacity
+    /// advert is forgotten). Were `id` only suspected, its later renewals and reports are
+    /// treated exactly like those after an expired lease (stale, revoked, or a late result the
+    /// record still takes). `id` is remembered for a lease's time, so a task taken over
+    /// meanwhile (its supervisor may have died too, often with its own task) drops its lease.
+    pub(super) fn executor_failed(&mut self, now: Instant, ov: &mut impl Overlay, id: NodeId) {
+        if id == self.me.id {
+            return; // not something an overlay declares; a lease of ours is not ended by it
+        }
+        self.capacity.remove(&id);
+        self.failed_peers.retain(|(f, _)| *f != id);
+        if self.failed_peers.len() >= MAX_FAILED_PEERS {
+            self.failed_peers.pop_front();
+        }
+        self.failed_peers.push_back((id, now));
+        if !ov.is_joined() {
+            return;
+        }
+        let held: Vec<TaskId> = self
+            .supervised
+            .iter()
+            .filter(|(_, s)| match &s.rec.state {
+                TaskState::Running { leases, .. } => leases.iter().any(|l| l.executor.id == id),
+                _ => false,
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in held {
+            let Some(mut s) = self.supervised.remove(&t) else {
+                continue;
+            };
+            self.counters.releases_on_failure += end_leases(&mut s, |e| e == id) as u64;
+            log::debug!("task {t:?}: executor {id:?} failed, re-leasing");
+            // Attempts, placement and the record write as in a scan.
+            self.supervise(now, ov, &mut s);
+            self.supervised.insert(t, s);
         }
     }
 
@@ -432,4 +479,24 @@ impl JobAgent {
         self.supervised.insert(task, s);
         true
     }
+}
+
+/// Ends every lease of `s` held by an executor `dead` picks, as an expired lease ends (an
+/// attempt spent each; back to pending if nothing is left). Returns how many ended.
+fn end_leases(s: &mut Supervision, dead: impl Fn(NodeId) -> bool) -> usize {
+    let TaskState::Running { leases, results } = &mut s.rec.state else {
+        return 0;
+    };
+    let before = leases.len();
+    leases.retain(|l| !dead(l.executor.id));
+    let lost = before - leases.len();
+    if lost > 0 {
+        s.rec.attempts = s.rec.attempts.saturating_add(lost as u8);
+        s.dirty = true;
+        if leases.is_empty() && results.is_empty() {
+            s.rec.state = TaskState::Pending;
+        }
+        s.deadlines.retain(|(id, _)| !dead(*id));
+    }
+    lost
 }
