@@ -12,6 +12,8 @@ command -v nc >/dev/null || need_apt+=(netcat-openbsd)
 [ -x /usr/bin/setpriv ] || need_apt+=(util-linux)
 # Cargo links host binaries (build scripts, the CLI, the tests) with the system C linker.
 command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
+# The fuzz targets' libFuzzer (the libfuzzer-sys crate) is C++.
+command -v c++ >/dev/null || need_apt+=(g++)
 # The replication agent's service speaks RESP: its tests drive it with Redis's own client and
 # compare it with a real server.
 command -v redis-server >/dev/null || need_apt+=(redis-server)
