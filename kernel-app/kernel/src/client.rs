@@ -469,13 +469,10 @@ impl ClientPort {
                 .remote_endpoint()
                 .map(|e| e.addr);
             if let Some(source) = source {
-                let held = self.sessions.iter().filter(|s| s.active).filter_map(|s| {
-                    stack
-                        .sockets
-                        .get::<tcp::Socket>(s.handle)
-                        .remote_endpoint()
-                        .map(|e| e.addr)
-                });
+                let held = guard::remote_addrs(
+                    &stack.sockets,
+                    self.sessions.iter().filter(|s| s.active).map(|s| s.handle),
+                );
                 if self
                     .policy
                     .over_cap(source, held, guard::CLIENT_SLOTS_PER_SOURCE)

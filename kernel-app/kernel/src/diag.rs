@@ -321,14 +321,10 @@ impl Diag {
                 .remote_endpoint()
                 .map(|e| e.addr);
             if let Some(source) = source {
-                let stack = &*cx.stack;
-                let held = self.sessions.iter().filter(|s| s.greeted).filter_map(|s| {
-                    stack
-                        .sockets
-                        .get::<tcp::Socket>(s.handle)
-                        .remote_endpoint()
-                        .map(|e| e.addr)
-                });
+                let held = guard::remote_addrs(
+                    &cx.stack.sockets,
+                    self.sessions.iter().filter(|s| s.greeted).map(|s| s.handle),
+                );
                 if self
                     .policy
                     .over_cap(source, held, guard::DIAG_SLOTS_PER_SOURCE)

@@ -8,6 +8,8 @@
 //! rule: every host-side tool and the front-end's relays share that address, and the host's
 //! root is trusted. It is not exempt from the hello/authentication deadlines.
 
+use smoltcp::iface::{SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
 use smoltcp::wire::IpAddress;
 use unipeer_node::launch::LaunchConfig;
 
@@ -39,6 +41,20 @@ const UDP_SOURCES: usize = 32;
 pub struct Rate {
     pub burst: u32,
     pub refill_us: u64,
+}
+
+/// The remote addresses of the TCP sockets `handles` (the sources holding a port's slots), for
+/// [`SourcePolicy::over_cap`].
+pub fn remote_addrs<'a>(
+    sockets: &'a SocketSet<'_>,
+    handles: impl Iterator<Item = SocketHandle> + 'a,
+) -> impl Iterator<Item = IpAddress> + 'a {
+    handles.filter_map(|h| {
+        sockets
+            .get::<tcp::Socket>(h)
+            .remote_endpoint()
+            .map(|e| e.addr)
+    })
 }
 
 /// Service ports of every node in a cluster (overlay, diagnostics, echo, client, job channel):
