@@ -239,6 +239,7 @@ struct Conn {
     spoke: bool,
     /// When the partial frame (if any) was last fed.
     partial_since_us: Option<u64>,
+    closing_since_us: Option<u64>,
 }
 
 struct Port {
@@ -913,10 +914,24 @@ impl ReplicationHost {
         }
         let mut buf = [0u8; 2048];
         for c in &mut self.conns {
+            let socket = stack.sockets.get_mut::<tcp::Socket>(c.handle);
             if c.closing {
+                // What a closing client still sends is read and dropped (bounded), so it
+                // reaches our reply and the close instead of blocking on a full window.
+                let mut budget = READ_BUDGET;
+                while budget > 0 && socket.can_recv() {
+                    let n = socket.recv(|b| (b.len(), b.len())).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    budget = budget.saturating_sub(n);
+                }
+                let since = *c.closing_since_us.get_or_insert(now_us);
+                if now_us.saturating_sub(since) > HALF_OPEN_US {
+                    socket.abort();
+                }
                 continue;
             }
-            let socket = stack.sockets.get_mut::<tcp::Socket>(c.handle);
             let mut budget = READ_BUDGET;
             while budget > 0 && socket.can_recv() && self.agent.wants_bytes(c.id) {
                 let n = socket.recv_slice(&mut buf[..budget.min(2048)]).unwrap_or(0);
@@ -943,6 +958,7 @@ impl ReplicationHost {
             if half_open {
                 self.counters.half_open_closed += 1;
                 c.closing = true;
+                c.closing_since_us = Some(now_us);
                 c.out.clear();
                 socket.abort();
                 continue;
@@ -953,6 +969,7 @@ impl ReplicationHost {
             {
                 self.counters.idle_closed += 1;
                 c.closing = true;
+                c.closing_since_us = Some(now_us);
                 socket.close();
                 continue;
             }
@@ -996,9 +1013,12 @@ impl ReplicationHost {
                 ) {
                     socket.close();
                 }
-                let gone = matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait)
-                    || now_us.saturating_sub(c.last_in_us.max(c.since_us))
-                        > 2 * HALF_OPEN_US + IDLE_US;
+                // A socket closed (or aborted) in this pass stays until the stack has sent its
+                // FIN or RST.
+                let since = *c.closing_since_us.get_or_insert(now_us);
+                let gone = (matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait)
+                    && now_us > since)
+                    || now_us.saturating_sub(since) > 2 * HALF_OPEN_US;
                 if gone {
                     if c.id != 0 {
                         self.agent.close_connection(c.id);
@@ -1050,7 +1070,10 @@ impl ReplicationHost {
         overlay: &mut dyn OverlayAccess,
     ) -> Option<(String, bool)> {
         match cmd {
-            AppCommand::List => Some((self.list_text(now_us), false)),
+            AppCommand::List => {
+                self.refresh_contacts(now_us, overlay.dht(), true);
+                Some((self.list_text(now_us), false))
+            }
             AppCommand::Status { name } => Some(self.status_text(now_us, &name)),
             AppCommand::Create {
                 name,
@@ -1170,6 +1193,16 @@ impl ReplicationHost {
                 e.name, e.service, e.port
             );
         }
+        // What placement can choose from (nodes and servers this node knows).
+        let mut servers: Vec<u32> = self.contacts.values().map(|c| c.server.0).collect();
+        servers.sort_unstable();
+        servers.dedup();
+        let _ = writeln!(
+            out,
+            "known nodes={} servers={}",
+            self.contacts.len(),
+            servers.len()
+        );
         out.push_str("end\n");
         out
     }
@@ -1320,6 +1353,7 @@ impl Conn {
             last_in_us: now_us,
             spoke: false,
             partial_since_us: None,
+            closing_since_us: None,
         }
     }
 }
