@@ -430,7 +430,7 @@ fn replicated_kv_through_every_node_survives_kills_partitions_and_bad_clients() 
         .collect();
     let majority: Vec<String> = names.iter().filter(|n| !cut.contains(n)).cloned().collect();
     let mut sw = cluster::switch(&env.dir).unwrap();
-    sw.partition(&[cut.clone()]).unwrap();
+    sw.partition(std::slice::from_ref(&cut)).unwrap();
     let stats = sw.stats().unwrap();
     assert!(stats.partition.is_some(), "the partition is in force");
     let part_at = Instant::now();
