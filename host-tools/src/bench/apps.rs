@@ -530,9 +530,9 @@ pub fn run(args: &AppsBenchArgs) -> Result<()> {
             .netns
             .clone()
             .ok_or_else(|| anyhow!("bench apps needs root: the cluster has no namespace"))?;
-        // Outside the run directory's `vms/` (the daemon reads it; it holds no secret).
+        // The daemon reads it; it holds no secret, but is owner-only like the rest.
         let initrd = run_dir.join("linux-redis.initrd");
-        std::fs::write(&initrd, &initramfs)?;
+        crate::owner_only::replace_file(&initrd, &initramfs)?;
         let mut append = String::from("console=ttyS0 quiet panic=-1 tsc=reliable");
         let hint = hostinfo::tsc_khz_hint();
         if hint > 0 {
