@@ -1027,9 +1027,9 @@ fn report(r: &AppsBenchResult, json: bool) -> Result<Unmeasured> {
         unmeasured.note(&row, l.vs_redis_verdict);
         if !json {
             println!(
-                "| {row} | {} | {} × Redis | ≥ {VS_REDIS_TARGET:.1}× req/s, p99 ≤ Redis's | {} |",
+                "| {row} | {} | {} | ≥ {VS_REDIS_TARGET:.1}× req/s, p99 ≤ Redis's | {} |",
                 tp_cell(&l.master),
-                cell(l.vs_redis, |x| format!("{x:.2}")),
+                cell(l.vs_redis, |x| format!("{x:.2}× Redis")),
                 l.vs_redis_verdict
             );
         }
@@ -1037,9 +1037,9 @@ fn report(r: &AppsBenchResult, json: bool) -> Result<Unmeasured> {
         unmeasured.note(&row, l.handler_verdict);
         if !json {
             println!(
-                "| {row} | {} | {} × master | ≥ {HANDLER_TARGET:.1}× | {} |",
+                "| {row} | {} | {} | ≥ {HANDLER_TARGET:.1}× straight | {} |",
                 tp_cell(&l.handler),
-                cell(l.handler_ratio, |x| format!("{x:.2}")),
+                cell(l.handler_ratio, |x| format!("{x:.2}× master")),
                 l.handler_verdict
             );
         }
@@ -1085,14 +1085,14 @@ fn report(r: &AppsBenchResult, json: bool) -> Result<Unmeasured> {
         unmeasured.note(&row, f.failover_verdict);
         if !json {
             println!(
-                "| {row} | {} | {} × Sentinel's detection alone | max ≤ {FAILOVER_TARGET_S:.0} s over ≥ 5 kills | {} |",
+                "| {row} | {} | {} | max ≤ {FAILOVER_TARGET_S:.0} s over ≥ 5 kills | {} |",
                 cell(f.failover_s.as_ref().map(|s| s.p50), |p50| format!(
                     "p50 {p50:.2} s, max {:.2} s over {} kills",
                     f.failover_s.as_ref().map_or(0.0, |s| s.max),
                     f.kills
                 )),
                 cell(f.failover_s.as_ref().map(|s| s.p50), |p50| format!(
-                    "{:.3}",
+                    "p50 {:.3}× Sentinel's 30 s detection",
                     p50 * 1000.0 / SENTINEL_DOWN_AFTER_MS as f64
                 )),
                 f.failover_verdict
@@ -1188,6 +1188,24 @@ mod tests {
             InstanceView::parse(&serde_json::json!({})),
             InstanceView::default()
         );
+        // The shape `unipeer app status NAME --json` prints (cluster::apps::AppStatus).
+        let a: serde_json::Value = serde_json::from_str(
+            r#"{"name":"bench-sync","service":"kv","port":6380,"mode":"sync","epoch":2,
+                "master_id":"ab12","master_ip":"10.77.0.13","master":"n3","reported_by":"n3",
+                "role_there":"master","accepting_writes":true,"seq":41,"members":["cd","ef"],
+                "slaves":[{"id":"cd","ip":"10.77.0.15","node":"n5","acked_seq":40,"lag_ops":1,
+                           "lag_ms":12,"online":true},
+                          {"id":"ef","ip":"10.77.9.9","node":null,"acked_seq":0,"lag_ops":41,
+                           "lag_ms":900,"online":false}],
+                "lost_writes":7,"dropped_here":0,"dropped_keys":[],"state_hash":null,
+                "memory_used":100}"#,
+        )
+        .unwrap();
+        let i = InstanceView::parse(&a);
+        assert_eq!(i.master.as_deref(), Some("n3"));
+        assert_eq!(i.epoch, Some(2));
+        assert_eq!(i.slaves, vec![("n5".to_string(), Some(1), Some(12.0))]);
+        assert_eq!(i.writes_lost, Some(7));
     }
 
     #[test]

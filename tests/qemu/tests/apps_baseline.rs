@@ -7,7 +7,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use unipeer::bench::apps::{LINUX_GUEST, LINUX_GUEST_IP, REDIS_PORT};
