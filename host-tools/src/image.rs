@@ -213,6 +213,7 @@ pub fn build_image(
         .arg(
             apps.iter()
                 .map(|a| format!("app-{a}"))
+                .chain(std::iter::once("service-kv".to_string()))
                 .chain(diag_test.then(|| "diag-test".to_string()))
                 .collect::<Vec<_>>()
                 .join(","),

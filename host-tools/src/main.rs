@@ -11,6 +11,7 @@ use unipeer::hostinfo::{self, AccelChoice};
 use unipeer::qemu::Machine;
 use unipeer::{bench, cluster, diag, image, vm};
 
+mod cli_app;
 mod cli_cluster;
 mod cli_frontend;
 mod cli_jobs;
@@ -110,6 +111,11 @@ enum Command {
     /// The Application Agent: run a job (manifest) on the cluster through the nearest
     /// front-end, show progress, retrieve the outputs; `--resume JOB` continues one.
     Submit(cli_jobs::SubmitArgs),
+    /// Replicated instances (Redis-protocol `kv`): create, list, status, delete.
+    App {
+        #[command(subcommand)]
+        command: cli_app::AppCommand,
+    },
     /// Jobs: status, cancel, list.
     Job {
         #[command(subcommand)]
@@ -273,6 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Frontend(args) => cli_frontend::run(&run_dir, args),
         Command::Submit(args) => cli_jobs::submit(args),
         Command::Job { command } => cli_jobs::job(command),
+        Command::App { command } => cli_app::app(&run_dir, command),
         Command::Status { json, no_probe } => cli_cluster::status(&run_dir, json, !no_probe),
         Command::Logs { node, follow } => cli_cluster::logs(&run_dir, &node, follow),
         Command::Net { command } => cli_cluster::net(&run_dir, command),

@@ -16,6 +16,7 @@
 //! A run directory whose daemon is gone is stale: the next command kills what is left of it
 //! (QEMU pids it recorded), deletes its namespace and removes it, and says so.
 
+pub mod apps;
 pub mod daemon;
 pub mod flood;
 pub mod netns;
@@ -878,7 +879,7 @@ pub fn publish_revocations(
 }
 
 /// `node` itself, or the first node of the cluster that is up.
-fn node_or_first_up(run_dir: &Path, node: Option<&str>) -> Result<String, ClusterError> {
+pub fn node_or_first_up(run_dir: &Path, node: Option<&str>) -> Result<String, ClusterError> {
     match node {
         Some(n) => Ok(n.to_string()),
         None => status(run_dir, false)?

@@ -542,7 +542,11 @@ impl Diag {
             DiagCommand::Overlay { .. }
             | DiagCommand::JobsTasks
             | DiagCommand::JobPrimes { .. }
-            | DiagCommand::JobSha256 { .. } => return true,
+            | DiagCommand::JobSha256 { .. }
+            | DiagCommand::Apps
+            | DiagCommand::AppStatus { .. }
+            | DiagCommand::AppCreate { .. }
+            | DiagCommand::AppDelete { .. } => return true,
         };
         reply(cx, handle, &reply_text)
     }
@@ -556,6 +560,7 @@ impl Diag {
             RoutedCommand::JobPrimes { .. } | RoutedCommand::JobSha256 { .. } => {
                 "error: jobs are off on this node\n"
             }
+            RoutedCommand::App(_) => "error: replication is off on this node\n",
         };
         self.counters.bad_requests += 1;
         String::from(error)

@@ -14,6 +14,7 @@ use crate::jobs::JobHost;
 use crate::net::Stack;
 use crate::net::virtio::Nic;
 use crate::overlay::Overlay;
+use crate::replication::ReplicationHost;
 use crate::service::{NodeInfo, ServiceSet};
 use crate::{BootFacts, clock, console};
 
@@ -64,7 +65,15 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
             clock::now_us(),
         );
         let client = ClientPort::new(&mut stack, &config, o, &entropy);
-        (host, client)
+        let repl = ReplicationHost::new(
+            &config,
+            &mut stack,
+            o,
+            facts.heap_bytes,
+            &entropy,
+            clock::now_us(),
+        );
+        (host, client, repl)
     });
     // Polled in this order (each pass's events are handed out after the polls).
     let mut set = ServiceSet::new();
@@ -72,9 +81,10 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         set.add(Box::new(o));
     }
     set.add(Box::new(diag));
-    if let Some((host, client)) = jobs {
+    if let Some((host, client, repl)) = jobs {
         set.add(Box::new(host));
         set.add(Box::new(client));
+        set.add(Box::new(repl));
     }
     facts.ready_tsc = cpu::rdtsc();
     let _ = facts.phases.push(("jobs", facts.ready_tsc));

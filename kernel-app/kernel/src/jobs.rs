@@ -80,8 +80,6 @@ pub const OUT_QUEUE_BYTES: usize = 1 << 20;
 pub const OUT_TOTAL_BYTES: usize = 4 << 20;
 /// TCP buffers of every job socket (frames are streamed through them).
 const SOCKET_BUF: usize = 16 * 1024;
-/// Bytes read per connection per pass (bounded work).
-const READ_BUDGET: usize = 2 * MAX_JOB_MESSAGE;
 /// Local ports of outgoing connections cycle through this range.
 const EPHEMERAL: (u16, u16) = (40_000, 60_000);
 /// HKDF context of a sealed job stream.
@@ -121,13 +119,34 @@ pub fn linked_apps() -> AppSet {
     AppSet::new(apps)
 }
 
-fn sealer_for(connection_secret: &[u8; 32], role: StreamRole) -> StreamSealer {
-    StreamSealer::new(connection_secret, JOB_STREAM_CONTEXT, role)
+/// What tells one sealed node-to-node channel from another (the job channel, the
+/// replication channel): its port, its stream context and hello magic, its largest message and
+/// how many of its connections one source may hold.
+#[derive(Clone, Copy)]
+pub struct ChannelKind {
+    pub port_offset: u16,
+    pub context: &'static [u8],
+    pub magic: &'static [u8; 2],
+    pub max_message: usize,
+    pub slots_per_source: usize,
 }
 
-fn encode_hello(me: PeerAddr, nonce: &[u8; 16]) -> Vec<u8> {
+/// The job channel.
+pub const JOB_CHANNEL: ChannelKind = ChannelKind {
+    port_offset: JOB_PORT_OFFSET,
+    context: JOB_STREAM_CONTEXT,
+    magic: HELLO_MAGIC,
+    max_message: MAX_JOB_MESSAGE,
+    slots_per_source: guard::JOB_SLOTS_PER_SOURCE,
+};
+
+fn sealer_for(kind: &ChannelKind, connection_secret: &[u8; 32], role: StreamRole) -> StreamSealer {
+    StreamSealer::new(connection_secret, kind.context, role)
+}
+
+fn encode_hello(magic: &[u8; 2], me: PeerAddr, nonce: &[u8; 16]) -> Vec<u8> {
     let mut b = Vec::with_capacity(HELLO_LEN);
-    b.extend_from_slice(HELLO_MAGIC);
+    b.extend_from_slice(magic);
     b.push(HELLO_VERSION);
     b.extend_from_slice(&me.ipv4);
     b.extend_from_slice(&me.port.to_be_bytes());
@@ -135,8 +154,8 @@ fn encode_hello(me: PeerAddr, nonce: &[u8; 16]) -> Vec<u8> {
     b
 }
 
-fn decode_hello(b: &[u8]) -> Option<(PeerAddr, [u8; 16])> {
-    if b.len() != HELLO_LEN || &b[..2] != HELLO_MAGIC || b[2] != HELLO_VERSION {
+fn decode_hello(magic: &[u8; 2], b: &[u8]) -> Option<(PeerAddr, [u8; 16])> {
+    if b.len() != HELLO_LEN || &b[..2] != magic || b[2] != HELLO_VERSION {
         return None;
     }
     let addr = PeerAddr {
@@ -146,16 +165,16 @@ fn decode_hello(b: &[u8]) -> Option<(PeerAddr, [u8; 16])> {
     Some((addr, b[9..25].try_into().ok()?))
 }
 
-fn encode_ack(nonce: &[u8; 16]) -> Vec<u8> {
+fn encode_ack(magic: &[u8; 2], nonce: &[u8; 16]) -> Vec<u8> {
     let mut b = Vec::with_capacity(ACK_LEN);
-    b.extend_from_slice(HELLO_MAGIC);
+    b.extend_from_slice(magic);
     b.push(HELLO_VERSION);
     b.extend_from_slice(nonce);
     b
 }
 
-fn decode_ack(b: &[u8]) -> Option<[u8; 16]> {
-    if b.len() != ACK_LEN || &b[..2] != HELLO_MAGIC || b[2] != HELLO_VERSION {
+fn decode_ack(magic: &[u8; 2], b: &[u8]) -> Option<[u8; 16]> {
+    if b.len() != ACK_LEN || &b[..2] != magic || b[2] != HELLO_VERSION {
         return None;
     }
     b[3..].try_into().ok()
@@ -240,6 +259,8 @@ enum InState {
 
 struct Incoming {
     handle: SocketHandle,
+    /// The overlay address the hello named.
+    peer: PeerAddr,
     reader: FrameReader,
     state: InState,
     sealer: Option<StreamSealer>,
@@ -251,8 +272,9 @@ struct Incoming {
     since_us: u64,
 }
 
-/// The TCP side of job messages.
+/// The TCP side of job messages (and, with another [`ChannelKind`], of replication's).
 pub struct JobChannel {
+    kind: ChannelKind,
     me: PeerAddr,
     port: u16,
     outgoing: Vec<Outgoing>,
@@ -268,12 +290,19 @@ pub struct JobChannel {
 }
 
 impl JobChannel {
-    fn new(stack: &mut Stack, me: PeerAddr, heap_bytes: u64, policy: SourcePolicy) -> Self {
-        let port = me.port.wrapping_add(JOB_PORT_OFFSET);
+    pub(crate) fn new(
+        kind: ChannelKind,
+        stack: &mut Stack,
+        me: PeerAddr,
+        heap_bytes: u64,
+        policy: SourcePolicy,
+    ) -> Self {
+        let port = me.port.wrapping_add(kind.port_offset);
         let incoming = (0..IN_SOCKETS)
             .map(|_| Incoming {
                 handle: stack.sockets.add(tcp_socket()),
-                reader: FrameReader::new(MAX_JOB_MESSAGE),
+                peer: me,
+                reader: FrameReader::new(kind.max_message),
                 state: InState::AwaitHello,
                 sealer: None,
                 candidates: Vec::new(),
@@ -283,6 +312,7 @@ impl JobChannel {
             })
             .collect();
         let mut ch = JobChannel {
+            kind,
             me,
             port,
             outgoing: Vec::new(),
@@ -303,7 +333,7 @@ impl JobChannel {
         for c in &mut self.incoming {
             let socket = stack.sockets.get_mut::<tcp::Socket>(c.handle);
             if socket.state() == tcp::State::Closed {
-                c.reader = FrameReader::new(MAX_JOB_MESSAGE);
+                c.reader = FrameReader::new(self.kind.max_message);
                 c.state = InState::AwaitHello;
                 c.sealer = None;
                 c.candidates = Vec::new();
@@ -314,8 +344,8 @@ impl JobChannel {
     }
 
     /// Queues one job message for the peer whose overlay address is `dst`.
-    fn send(&mut self, now_us: u64, dst: PeerAddr, payload: Vec<u8>) {
-        if payload.len() > MAX_JOB_MESSAGE {
+    pub(crate) fn send(&mut self, now_us: u64, dst: PeerAddr, payload: Vec<u8>) {
+        if payload.len() > self.kind.max_message {
             self.counters.dropped_full += 1;
             return;
         }
@@ -389,7 +419,7 @@ impl JobChannel {
     }
 
     /// Opens, feeds, times out and closes outgoing connections.
-    fn pump_out(
+    pub(crate) fn pump_out(
         &mut self,
         now_us: u64,
         stack: &mut Stack,
@@ -444,7 +474,7 @@ impl JobChannel {
             let o = &mut self.outgoing[i];
             let remote = IpEndpoint::new(
                 IpAddress::from(Ipv4Address::from(o.dst.ipv4)),
-                o.dst.port.wrapping_add(JOB_PORT_OFFSET),
+                o.dst.port.wrapping_add(self.kind.port_offset),
             );
             let mut socket = tcp_socket();
             socket.set_nagle_enabled(false);
@@ -518,7 +548,7 @@ impl JobChannel {
             return true;
         }
         if !o.hello_sent {
-            let hello = frame(&encode_hello(me, &o.nonce));
+            let hello = frame(&encode_hello(self.kind.magic, me, &o.nonce));
             if socket.send_capacity() - socket.send_queue() < hello.len() {
                 return true;
             }
@@ -536,14 +566,14 @@ impl JobChannel {
             o.ack_reader.push(&buf[..n]);
             let ack = match o.ack_reader.next_frame() {
                 Ok(None) => continue,
-                Ok(Some(body)) => decode_ack(&body),
+                Ok(Some(body)) => decode_ack(self.kind.magic, &body),
                 Err(_) => None,
             };
             match ack {
                 Some(acceptor_nonce) => {
                     o.sealer = o.session_secret.take().map(|secret| {
                         let k = connection_secret(&secret, &o.nonce, &acceptor_nonce);
-                        sealer_for(&k, StreamRole::Initiator)
+                        sealer_for(&self.kind, &k, StreamRole::Initiator)
                     });
                     o.acked = true;
                 }
@@ -617,21 +647,24 @@ impl JobChannel {
         true
     }
 
-    /// Reads incoming connections; whole messages (opened) go to `deliver`.
-    fn pump_in(
+    /// Reads incoming connections; whole messages (opened) go to `deliver` with the overlay
+    /// address the sender's hello named (verified against its trust session and source IP).
+    pub(crate) fn pump_in(
         &mut self,
         now_us: u64,
         stack: &mut Stack,
         mut trust: Option<&mut (dyn StreamKeys + '_)>,
         rng: &mut Csprng,
-        mut deliver: impl FnMut(&[u8]),
+        mut deliver: impl FnMut(PeerAddr, &[u8]),
     ) {
+        let kind = self.kind;
+        let me = self.me;
         // Sockets closed in an earlier pass listen again; one aborted in this pass keeps its
         // endpoint until the stack has sent its RST (listen() would forget it).
         self.relisten(stack);
         self.wake_now = false;
         while let Some(m) = self.loopback.pop_front() {
-            deliver(&m);
+            deliver(me, &m);
         }
         // Sources of the connections already accepted, for the per-source cap.
         let mut held: Vec<IpAddress> = self
@@ -657,11 +690,10 @@ impl JobChannel {
             }
             if !c.active {
                 if let Some(source) = socket.remote_endpoint().map(|e| e.addr) {
-                    if self.policy.over_cap(
-                        source,
-                        held.iter().copied(),
-                        guard::JOB_SLOTS_PER_SOURCE,
-                    ) {
+                    if self
+                        .policy
+                        .over_cap(source, held.iter().copied(), kind.slots_per_source)
+                    {
                         self.counters.source_capped += 1;
                         socket.abort();
                         continue;
@@ -689,7 +721,7 @@ impl JobChannel {
             {
                 match verify(trust.as_deref_mut(), now_us, peer, &nonce, &acceptor_nonce) {
                     Verdict::Ok(candidates) => {
-                        if !send_ack(socket, &acceptor_nonce) {
+                        if !send_ack(kind.magic, socket, &acceptor_nonce) {
                             self.counters.refused += 1;
                             socket.abort();
                             continue;
@@ -706,7 +738,7 @@ impl JobChannel {
                     }
                 }
             }
-            let mut budget = READ_BUDGET;
+            let mut budget = 2 * kind.max_message;
             let mut buf = [0u8; 2048];
             let mut bad = false;
             while budget > 0 && socket.can_recv() && !bad {
@@ -740,8 +772,9 @@ impl JobChannel {
                                 .remote_endpoint()
                                 .map(|e| e.addr)
                                 .unwrap_or(IpAddress::Ipv4(Ipv4Address::UNSPECIFIED));
-                            match decode_hello(&body) {
+                            match decode_hello(kind.magic, &body) {
                                 Some((peer, nonce)) if peer.ipv4 == src.octets() => {
+                                    c.peer = peer;
                                     let mut acceptor_nonce = [0u8; 16];
                                     rng.fill(&mut acceptor_nonce);
                                     c.state = InState::Verifying {
@@ -758,7 +791,7 @@ impl JobChannel {
                                         &acceptor_nonce,
                                     ) {
                                         Verdict::Ok(candidates) => {
-                                            if !send_ack(socket, &acceptor_nonce) {
+                                            if !send_ack(kind.magic, socket, &acceptor_nonce) {
                                                 self.counters.refused += 1;
                                                 bad = true;
                                                 break;
@@ -785,7 +818,7 @@ impl JobChannel {
                                 // session the peer keyed the connection with.
                                 let mut opened = None;
                                 for k in core::mem::take(&mut c.candidates) {
-                                    let mut sealer = sealer_for(&k, StreamRole::Responder);
+                                    let mut sealer = sealer_for(&kind, &k, StreamRole::Responder);
                                     let mut copy = body.clone();
                                     if let Ok(n) = sealer.open(&mut copy) {
                                         opened = Some((sealer, copy, n));
@@ -799,7 +832,7 @@ impl JobChannel {
                                 };
                                 c.sealer = Some(sealer);
                                 self.counters.frames_in += 1;
-                                deliver(&copy[..n]);
+                                deliver(c.peer, &copy[..n]);
                                 continue;
                             }
                             let len = match c.sealer.as_mut() {
@@ -814,7 +847,7 @@ impl JobChannel {
                                 None => body.len(),
                             };
                             self.counters.frames_in += 1;
-                            deliver(&body[..len]);
+                            deliver(c.peer, &body[..len]);
                         }
                     }
                 }
@@ -839,7 +872,7 @@ impl JobChannel {
         }
     }
 
-    fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
+    pub(crate) fn next_deadline_us(&self, now_us: u64) -> Option<u64> {
         let mut at: Option<u64> = None;
         let mut take = |t: u64| at = Some(at.map_or(t, |a: u64| a.min(t)));
         if !self.loopback.is_empty() || self.wake_now {
@@ -880,8 +913,8 @@ impl JobChannel {
 
 /// Sends the ack (the acceptor's nonce) on a connection just taken; false if it does not fit
 /// (it always does in a fresh socket's buffer).
-fn send_ack(socket: &mut tcp::Socket<'_>, acceptor_nonce: &[u8; 16]) -> bool {
-    let ack = frame(&encode_ack(acceptor_nonce));
+fn send_ack(magic: &[u8; 2], socket: &mut tcp::Socket<'_>, acceptor_nonce: &[u8; 16]) -> bool {
+    let ack = frame(&encode_ack(magic, acceptor_nonce));
     socket.send_capacity() - socket.send_queue() >= ack.len()
         && socket.send_slice(&ack) == Ok(ack.len())
 }
@@ -1004,7 +1037,13 @@ impl JobHost {
             ipv4: config.net.ipv4,
             port: config.net.overlay_port,
         };
-        let channel = JobChannel::new(stack, me, heap_bytes, SourcePolicy::new(config));
+        let channel = JobChannel::new(
+            JOB_CHANNEL,
+            stack,
+            me,
+            heap_bytes,
+            SourcePolicy::new(config),
+        );
         JobHost {
             agent,
             apps,
@@ -1047,7 +1086,7 @@ impl JobHost {
             let (dht, trust) = overlay.dht_and_keys();
             let mut node = Dht(dht);
             self.channel
-                .pump_in(now_us, stack, trust, &mut self.rng, |m| {
+                .pump_in(now_us, stack, trust, &mut self.rng, |_, m| {
                     agent.handle_message(now, &mut node, m)
                 });
         }
@@ -1429,7 +1468,9 @@ impl JobHost {
             RoutedCommand::JobSha256 { .. } | RoutedCommand::JobPrimes { .. } => {
                 Err(String::from("a test helper"))
             }
-            RoutedCommand::Overlay(_) => Err(String::from("not a job host command")),
+            RoutedCommand::Overlay(_) | RoutedCommand::App(_) => {
+                Err(String::from("not a job host command"))
+            }
         }
     }
 
@@ -1515,7 +1556,7 @@ impl Service for JobHost {
                 session,
                 command,
                 operator,
-            } if !matches!(command, RoutedCommand::Overlay(_)) => {
+            } if !matches!(command, RoutedCommand::Overlay(_) | RoutedCommand::App(_)) => {
                 let (text, failed) = if !command.allowed(operator) {
                     (String::from(UNAUTHORIZED_REPLY), true)
                 } else {

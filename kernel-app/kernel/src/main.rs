@@ -20,6 +20,7 @@ mod jobs;
 mod net;
 mod overlay;
 mod pvh;
+mod replication;
 mod service;
 
 use unipeer_node::launch::{GuestExit, LaunchConfig};

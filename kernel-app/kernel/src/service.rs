@@ -169,6 +169,27 @@ pub enum RoutedCommand {
     JobPrimes { start: u64, end: u64, tasks: u32 },
     /// `job-sha256 TASKS` (the job host's; test images only).
     JobSha256 { tasks: u32 },
+    /// `apps`, `app-status`, `app-create`, `app-delete` (the replication service's).
+    App(AppCommand),
+}
+
+/// A replicated-instance command, as diag parsed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppCommand {
+    List,
+    Status {
+        name: String,
+    },
+    Create {
+        name: String,
+        service: String,
+        replicas: u8,
+        sync: bool,
+        port: u16,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 /// The reply to an operator command from a session that has not authenticated.
@@ -188,6 +209,26 @@ impl RoutedCommand {
                 tasks: *tasks,
             },
             DiagCommand::JobSha256 { tasks } => RoutedCommand::JobSha256 { tasks: *tasks },
+            DiagCommand::Apps => RoutedCommand::App(AppCommand::List),
+            DiagCommand::AppStatus { name } => RoutedCommand::App(AppCommand::Status {
+                name: String::from(*name),
+            }),
+            DiagCommand::AppDelete { name } => RoutedCommand::App(AppCommand::Delete {
+                name: String::from(*name),
+            }),
+            DiagCommand::AppCreate {
+                name,
+                service,
+                replicas,
+                sync,
+                port,
+            } => RoutedCommand::App(AppCommand::Create {
+                name: String::from(*name),
+                service: String::from(*service),
+                replicas: *replicas,
+                sync: *sync,
+                port: *port,
+            }),
             _ => return None,
         })
     }
@@ -199,6 +240,10 @@ impl RoutedCommand {
             RoutedCommand::JobsTasks => "jobs",
             RoutedCommand::JobPrimes { .. } => "job-primes",
             RoutedCommand::JobSha256 { .. } => "job-sha256",
+            RoutedCommand::App(AppCommand::List) => "apps",
+            RoutedCommand::App(AppCommand::Status { .. }) => "app-status",
+            RoutedCommand::App(AppCommand::Create { .. }) => "app-create",
+            RoutedCommand::App(AppCommand::Delete { .. }) => "app-delete",
         }
     }
 

@@ -105,7 +105,31 @@ pub const COMMANDS: &[CommandSpec] = &[
     ),
     spec("job-sha256", 1, 1, Operator, true, "job-sha256 TASKS"),
     spec("bench-seal", 1, 1, Operator, true, "bench-seal N"),
+    spec("apps", 0, 0, Open, false, "apps"),
+    spec("app-status", 1, 1, Open, false, "app-status NAME"),
+    spec(
+        "app-create",
+        5,
+        5,
+        Operator,
+        false,
+        "app-create NAME SERVICE REPLICAS async|sync PORT",
+    ),
+    spec("app-delete", 1, 1, Operator, false, "app-delete NAME"),
 ];
+
+/// Most slaves `app-create` may ask for.
+pub const APP_REPLICAS_MAX: u8 = 6;
+/// Longest instance name.
+pub const APP_NAME_MAX: usize = 64;
+
+/// Whether `name` may name an instance: 1..=64 bytes of `[A-Za-z0-9_.-]`.
+pub fn valid_app_name(name: &str) -> bool {
+    (1..=APP_NAME_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+}
 
 /// A parsed, range-checked command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +169,23 @@ pub enum DiagCommand<'a> {
     BenchSeal {
         n: u32,
     },
+    /// `apps`: the replicated instances this node knows.
+    Apps,
+    AppStatus {
+        name: &'a str,
+    },
+    /// `app-create`: name checked by [`valid_app_name`], replicas `0..=APP_REPLICAS_MAX`,
+    /// port `1..=65535` and not one of the node's own service ports (the kernel checks that).
+    AppCreate {
+        name: &'a str,
+        service: &'a str,
+        replicas: u8,
+        sync: bool,
+        port: u16,
+    },
+    AppDelete {
+        name: &'a str,
+    },
 }
 
 impl DiagCommand<'_> {
@@ -164,6 +205,10 @@ impl DiagCommand<'_> {
             DiagCommand::JobPrimes { .. } => "job-primes",
             DiagCommand::JobSha256 { .. } => "job-sha256",
             DiagCommand::BenchSeal { .. } => "bench-seal",
+            DiagCommand::Apps => "apps",
+            DiagCommand::AppStatus { .. } => "app-status",
+            DiagCommand::AppCreate { .. } => "app-create",
+            DiagCommand::AppDelete { .. } => "app-delete",
         };
         find(name).expect("every variant has a table row")
     }
@@ -343,6 +388,60 @@ pub fn parse(line: &[u8]) -> Result<DiagCommand<'_>, CommandError> {
             }
             DiagCommand::BenchSeal { n }
         }
+        "apps" => DiagCommand::Apps,
+        "app-status" | "app-delete" | "app-create" => {
+            let name = args[0];
+            if !valid_app_name(name) {
+                return Err(CommandError::BadValue {
+                    usage,
+                    why: "NAME must be 1..=64 of A-Z a-z 0-9 _ . -",
+                });
+            }
+            match spec.name {
+                "app-status" => DiagCommand::AppStatus { name },
+                "app-delete" => DiagCommand::AppDelete { name },
+                _ => {
+                    let service = args[1];
+                    if !valid_app_name(service) || service.len() > 24 {
+                        return Err(CommandError::BadValue {
+                            usage,
+                            why: "SERVICE must be a short name",
+                        });
+                    }
+                    let replicas: u8 = number(args[2], usage, "REPLICAS must be a number")?;
+                    if replicas > APP_REPLICAS_MAX {
+                        return Err(CommandError::BadNumber {
+                            usage,
+                            why: "REPLICAS must be 0..=6",
+                        });
+                    }
+                    let sync = match args[3] {
+                        "async" => false,
+                        "sync" => true,
+                        _ => {
+                            return Err(CommandError::BadValue {
+                                usage,
+                                why: "the mode is async or sync",
+                            });
+                        }
+                    };
+                    let port: u16 = number(args[4], usage, "PORT must be 1..=65535")?;
+                    if port == 0 {
+                        return Err(CommandError::BadNumber {
+                            usage,
+                            why: "PORT must be 1..=65535",
+                        });
+                    }
+                    DiagCommand::AppCreate {
+                        name,
+                        service,
+                        replicas,
+                        sync,
+                        port,
+                    }
+                }
+            }
+        }
         _ => return Err(CommandError::Unknown),
     })
 }
@@ -466,6 +565,40 @@ mod tests {
     use super::*;
     use alloc::format;
     use alloc::string::String;
+
+    #[test]
+    fn app_commands_parse_with_their_bounds() {
+        assert_eq!(
+            parse(b"app-create cache kv 2 sync 6379"),
+            Ok(DiagCommand::AppCreate {
+                name: "cache",
+                service: "kv",
+                replicas: 2,
+                sync: true,
+                port: 6379
+            })
+        );
+        assert_eq!(parse(b"apps"), Ok(DiagCommand::Apps));
+        assert_eq!(
+            parse(b"app-status a.b-c_1"),
+            Ok(DiagCommand::AppStatus { name: "a.b-c_1" })
+        );
+        for bad in [
+            &b"app-create cache kv 7 sync 6379"[..],
+            b"app-create cache kv 2 fast 6379",
+            b"app-create cache kv 2 sync 0",
+            b"app-create cache kv 2 sync 65536",
+            b"app-create ca/che kv 2 sync 6379",
+            b"app-create cache kv 2 sync",
+            b"app-delete",
+            b"app-status a b",
+        ] {
+            assert!(parse(bad).is_err(), "{:?}", core::str::from_utf8(bad));
+        }
+        assert_eq!(find("app-create").map(|c| c.access), Some(Operator));
+        assert_eq!(find("app-delete").map(|c| c.access), Some(Operator));
+        assert_eq!(find("apps").map(|c| c.access), Some(Open));
+    }
 
     #[test]
     fn the_overflowing_primes_line_is_an_error() {

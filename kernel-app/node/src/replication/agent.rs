@@ -1521,6 +1521,18 @@ impl ReplicationAgent {
         })
     }
 
+    /// Bytes of an unfinished request the connection's decoder holds (a driver closes a
+    /// connection whose partial frame stalls).
+    pub fn buffered(&self, conn: ConnId) -> usize {
+        self.conns.get(&conn).map_or(0, |c| c.decoder.buffered())
+    }
+
+    /// Whether the connection has replies still to come (requests queued, relayed or
+    /// waiting): a quiet client then is not idle.
+    pub fn has_pending(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| !c.slots.is_empty())
+    }
+
     /// Bytes from a client.
     pub fn handle_client_bytes(&mut self, now: Instant, conn: ConnId, bytes: &[u8]) {
         self.last_now = self.last_now.max(now);
