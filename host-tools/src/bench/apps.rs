@@ -897,7 +897,11 @@ fn measure_failover(run_dir: &Path, cli: &AppCli, mode: &str, kills: usize) -> F
                 let value = i.to_string();
                 let ok = match resp::call(&mut conn, &[b"SET", key.as_bytes(), value.as_bytes()]) {
                     Ok(resp::Reply::Simple(s)) => s == "OK",
-                    Ok(_) => false,
+                    Ok(_) => {
+                        // An error reply (no master yet): retry soon, not in a tight loop.
+                        std::thread::sleep(Duration::from_millis(10));
+                        false
+                    }
                     Err(_) => {
                         // The relay or the connection broke: dial again through the same node.
                         std::thread::sleep(Duration::from_millis(20));
