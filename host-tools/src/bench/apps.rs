@@ -156,6 +156,8 @@ pub struct LagRow {
     pub lag_ops: Option<Stats>,
     /// From the end of the write load until every slave reported lag 0, seconds.
     pub converged_s: Option<f64>,
+    /// Writes the master applied during the load (its sequence number's advance).
+    pub writes: Option<u64>,
     pub verdict: Verdict,
     pub error: Option<String>,
 }
@@ -206,6 +208,9 @@ pub struct InstanceView {
     /// Per slave: (node, lag in operations, lag in ms).
     pub slaves: Vec<(String, Option<u64>, Option<f64>)>,
     pub writes_lost: Option<u64>,
+    /// The master's sequence number (writes applied): a load that did not move it wrote
+    /// nothing.
+    pub seq: Option<u64>,
 }
 
 /// A node named by a string or by an object's `node`/`name` field.
@@ -246,6 +251,7 @@ impl InstanceView {
             master: v.get("master").and_then(node_of),
             epoch: num(v, &["epoch"]).and_then(|x| x.as_u64()),
             slaves,
+            seq: num(v, &["seq"]).and_then(|x| x.as_u64()),
             writes_lost: num(v, &["writes_lost", "lost_writes"]).and_then(|x| {
                 x.as_u64().or_else(|| {
                     x.as_array()
@@ -639,6 +645,7 @@ pub fn run(args: &AppsBenchArgs) -> Result<()> {
                     lag_ms: None,
                     lag_ops: None,
                     converged_s: None,
+                    writes: None,
                     verdict: Verdict::NoSamples,
                     error: Some(e.clone()),
                 },
@@ -767,11 +774,13 @@ fn measure_lag(
         lag_ms: None,
         lag_ops: None,
         converged_s: None,
+        writes: None,
         verdict: Verdict::NoSamples,
         error: None,
     };
     let measured = (|| -> Result<()> {
         let view = cli.status("bench-async")?;
+        let seq_before = view.seq;
         let status = cluster::status(run_dir, false)?;
         let master = view.master.clone().ok_or_else(|| anyhow!("no master"))?;
         let (mip, _) = ip_of(&status, &master).ok_or_else(|| anyhow!("unknown node {master}"))?;
@@ -815,6 +824,17 @@ fn measure_lag(
             std::thread::sleep(Duration::from_millis(250));
         }
         let _ = writer.join();
+        let seq_after = cli.status("bench-async").ok().and_then(|v| v.seq);
+        row.writes = match (seq_before, seq_after) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        if row.writes.unwrap_or(0) == 0 {
+            // Lag figures of an idle master say nothing about replication under load.
+            bail!(
+                "the write load moved the master's sequence {seq_before:?} → {seq_after:?}: nothing was measured"
+            );
+        }
         let stopped = Instant::now();
         let bound = Duration::from_secs(30).mul_f64(crate::vm::timeout_scale());
         while stopped.elapsed() < bound {
@@ -837,6 +857,8 @@ fn measure_lag(
     }
     if let Err(e) = measured {
         row.error = Some(format!("{e:#}"));
+        row.lag_ms = None;
+        row.lag_ops = None;
     }
     // Lag figures are the row's samples; the target is convergence after the load.
     row.verdict = match (&row.lag_ms, row.converged_s) {
@@ -883,13 +905,25 @@ fn measure_failover(run_dir: &Path, cli: &AppCli, mode: &str, kills: usize) -> F
                 .ok_or_else(|| anyhow!("no node on another server than {master}'s"))?;
             via_last = Some(via.clone());
             let mut conn = connect(run_dir, &via, port)?;
-            // Warm: one acknowledged write before the kill.
+            // Warm: one acknowledged write before the kill (retried, bounded: an earlier
+            // fault may have left the instance between masters).
             let key = format!("fo:{mode}:{round}:warm");
-            match resp::call(&mut conn, &[b"SET", key.as_bytes(), b"0"])? {
-                resp::Reply::Simple(s) if s == "OK" => {
-                    acked.insert(key, "0".into());
+            let warm_started = Instant::now();
+            loop {
+                match resp::call(&mut conn, &[b"SET", key.as_bytes(), b"0"]) {
+                    Ok(resp::Reply::Simple(s)) if s == "OK" => {
+                        acked.insert(key, "0".into());
+                        break;
+                    }
+                    r if warm_started.elapsed() > Duration::from_secs(20) => {
+                        bail!("SET through {via} before the kill answered {r:?} for 20 s")
+                    }
+                    Ok(_) => std::thread::sleep(Duration::from_millis(200)),
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        conn = connect(run_dir, &via, port)?;
+                    }
                 }
-                r => bail!("SET through {via} before the kill answered {r:?}"),
             }
             cluster::kill(run_dir, &master)?;
             let killed = Instant::now();
@@ -1070,9 +1104,10 @@ fn report(r: &AppsBenchResult, json: bool) -> Result<Unmeasured> {
                 "| {row} | {} | | converged after the load | {} |",
                 match (&g.lag_ms, &g.lag_ops) {
                     (Some(m), o) => format!(
-                        "p50 {:.0} ms, p99 {:.0} ms{}{}",
+                        "p50 {:.0} ms, p99 {:.0} ms over {} writes{}{}",
                         m.p50,
                         m.p99,
+                        g.writes.unwrap_or(0),
                         o.as_ref()
                             .map(|o| format!(" ({:.0}/{:.0} ops)", o.p50, o.p99))
                             .unwrap_or_default(),
@@ -1215,6 +1250,7 @@ mod tests {
         assert_eq!(i.epoch, Some(2));
         assert_eq!(i.slaves, vec![("n5".to_string(), Some(1), Some(12.0))]);
         assert_eq!(i.writes_lost, Some(7));
+        assert_eq!(i.seq, Some(41));
     }
 
     #[test]
