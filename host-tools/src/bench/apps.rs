@@ -50,6 +50,8 @@ pub const SENTINEL_DOWN_AFTER_MS: u64 = 30_000;
 const HANDLER_TARGET: f64 = 0.8;
 const VS_REDIS_TARGET: f64 = 1.0;
 const FAILOVER_TARGET_S: f64 = 2.0;
+/// A slave's reported lag above a day is a broken figure (seen: 2^64 ms), not a lag.
+const LAG_MS_PLAUSIBLE: f64 = 86_400_000.0;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct AppsBenchArgs {
@@ -158,6 +160,9 @@ pub struct LagRow {
     pub converged_s: Option<f64>,
     /// Writes the master applied during the load (its sequence number's advance).
     pub writes: Option<u64>,
+    /// Lag figures the service reported that cannot be true (over a day: a wrapped clock
+    /// difference), left out of the statistics and counted here.
+    pub implausible_lag_ms: usize,
     pub verdict: Verdict,
     pub error: Option<String>,
 }
@@ -646,6 +651,7 @@ pub fn run(args: &AppsBenchArgs) -> Result<()> {
                     lag_ops: None,
                     converged_s: None,
                     writes: None,
+                    implausible_lag_ms: 0,
                     verdict: Verdict::NoSamples,
                     error: Some(e.clone()),
                 },
@@ -775,6 +781,7 @@ fn measure_lag(
         lag_ops: None,
         converged_s: None,
         writes: None,
+        implausible_lag_ms: 0,
         verdict: Verdict::NoSamples,
         error: None,
     };
@@ -817,7 +824,11 @@ fn measure_lag(
         while !writer.is_finished() {
             if let Ok(v) = cli.status("bench-async") {
                 for (_, o, m) in v.slaves {
-                    ms.extend(m);
+                    match m {
+                        Some(m) if m > LAG_MS_PLAUSIBLE => row.implausible_lag_ms += 1,
+                        Some(m) => ms.push(m),
+                        None => {}
+                    }
                     ops.extend(o.map(|o| o as f64));
                 }
             }
@@ -1103,18 +1114,26 @@ fn report(r: &AppsBenchResult, json: bool) -> Result<Unmeasured> {
             println!(
                 "| {row} | {} | | converged after the load | {} |",
                 match (&g.lag_ms, &g.lag_ops) {
-                    (Some(m), o) => format!(
-                        "p50 {:.0} ms, p99 {:.0} ms over {} writes{}{}",
-                        m.p50,
-                        m.p99,
-                        g.writes.unwrap_or(0),
-                        o.as_ref()
-                            .map(|o| format!(" ({:.0}/{:.0} ops)", o.p50, o.p99))
-                            .unwrap_or_default(),
-                        g.converged_s
-                            .map(|c| format!("; converged {c:.1} s after"))
-                            .unwrap_or_else(|| "; never converged".into())
-                    ),
+                    (Some(m), o) =>
+                        format!(
+                            "p50 {:.0} ms, p99 {:.0} ms over {} writes{}{}",
+                            m.p50,
+                            m.p99,
+                            g.writes.unwrap_or(0),
+                            o.as_ref()
+                                .map(|o| format!(" ({:.0}/{:.0} ops)", o.p50, o.p99))
+                                .unwrap_or_default(),
+                            g.converged_s
+                                .map(|c| format!("; converged {c:.1} s after"))
+                                .unwrap_or_else(|| "; never converged".into())
+                        ) + &if g.implausible_lag_ms > 0 {
+                            format!(
+                                "; {} reported lags over a day left out",
+                                g.implausible_lag_ms
+                            )
+                        } else {
+                            String::new()
+                        },
                     (None, _) => "no samples".into(),
                 },
                 g.verdict
