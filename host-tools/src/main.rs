@@ -250,6 +250,10 @@ enum BenchCommand {
     /// Jobs: tasks per second on a cluster against the same tasks run natively, the slow-down
     /// when a third of the VMs die mid-job, and re-dispatch time.
     Jobs(bench::jobs::JobsBenchArgs),
+    /// The replicated kv service (RESP2) against Redis 7 in a Linux microVM on the same
+    /// QEMU and switch: requests/s and p50/p99 (redis-benchmark), replication lag under loss
+    /// and delay, failover time and acknowledged writes lost.
+    Apps(bench::apps::AppsBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -432,6 +436,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Auth(args),
         } => {
             bench::auth::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Apps(args),
+        } => {
+            bench::apps::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

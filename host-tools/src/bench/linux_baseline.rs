@@ -481,7 +481,7 @@ pub fn linux_machine(requested: Machine) -> (Machine, Option<String>) {
 
 /// `-M` flags for the Linux guest: on microvm, ACPI must stay on (Debian's kernel finds
 /// virtio-mmio devices only through ACPI and needs its timer setup); the rest as for our nodes.
-fn linux_machine_flags(machine: Machine) -> Option<String> {
+pub fn linux_machine_flags(machine: Machine) -> Option<String> {
     match machine {
         Machine::Microvm => Some("microvm,acpi=on,pic=off,pit=on,rtc=off,isa-serial=on".into()),
         Machine::Q35 => None,
@@ -492,6 +492,155 @@ fn linux_machine_flags(machine: Machine) -> Option<String> {
 /// takes tens of milliseconds, so the launcher's ready deadline is scaled up.
 fn linux_deadline(accel: Accel) -> Duration {
     vm::ready_timeout(accel).mul_f64(6.0)
+}
+
+/// Printed by the init just before it execs Redis (`exec=redis` in its config).
+pub const REDIS_MARKER: &str = "unipeer-linux-baseline: exec redis-server";
+/// Printed by Redis 7 once it accepts connections.
+pub const REDIS_READY: &str = "Ready to accept connections";
+/// The host's Redis server (Debian's `redis-server`), copied into the guest with its libraries.
+pub const REDIS_BINARY: &str = "/usr/bin/redis-server";
+/// Where the init reads its settings.
+const CONF_PATH: &str = "etc/unipeer-baseline.conf";
+
+/// The shared libraries (and the dynamic loader) `ldd` lists for a binary, in its order.
+/// A library `ldd` cannot find is an error: the guest would fail to start Redis.
+pub fn parse_ldd(text: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.contains("not found") {
+            bail!("ldd: a library is missing on the host: {line}");
+        }
+        // `name => /path (0x...)`, `/lib64/ld-linux-x86-64.so.2 (0x...)`, or the vDSO
+        // (`linux-vdso.so.1 (0x...)`, no file).
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.trim(),
+            None => line,
+        };
+        let path = path.split(" (").next().unwrap_or("").trim();
+        if path.starts_with('/') {
+            let p = PathBuf::from(path);
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("ldd listed no libraries (a static binary, or not an ELF file?)");
+    }
+    Ok(out)
+}
+
+/// The version the host's `redis-server --version` reports (`v=7.0.15` → `7.0.15`).
+pub fn redis_version() -> anyhow::Result<String> {
+    let out = Command::new(REDIS_BINARY)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| {
+            format!("cannot run {REDIS_BINARY}: install redis-server (scripts/setup.sh does)")
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .map(str::to_string)
+        .with_context(|| format!("{REDIS_BINARY} --version printed no v=: {text:?}"))
+}
+
+/// What the Redis guest's initramfs holds.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RedisImage {
+    pub redis_version: String,
+    pub libraries: Vec<PathBuf>,
+    pub modules: Vec<String>,
+    pub initramfs_bytes: usize,
+}
+
+/// The dotted mask of a prefix length (`16` → `255.255.0.0`).
+fn netmask(prefix: u8) -> std::net::Ipv4Addr {
+    let bits = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
+    std::net::Ipv4Addr::from(bits)
+}
+
+/// The initramfs of the Redis baseline: the echo baseline's init and modules, a config that
+/// gives eth0 `addr/prefix` and makes the init exec Redis, the host's redis-server and every
+/// library `ldd` lists for it at the same paths.
+pub fn build_redis_initramfs(
+    kernel: &DebianKernel,
+    addr: std::net::Ipv4Addr,
+    prefix: u8,
+) -> anyhow::Result<(Vec<u8>, RedisImage)> {
+    let redis_version = redis_version()?;
+    let ldd = Command::new("ldd")
+        .arg(REDIS_BINARY)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run ldd (libc-bin)")?;
+    if !ldd.status.success() {
+        bail!(
+            "ldd {REDIS_BINARY} failed ({}): {}",
+            ldd.status,
+            String::from_utf8_lossy(&ldd.stderr).trim()
+        );
+    }
+    let libraries = parse_ldd(&String::from_utf8_lossy(&ldd.stdout))?;
+    let init = build_init(&kernel.cache_dir)?;
+    let index = index_modules(&kernel.modules_dir)?;
+    let modules = load_order(NET_MODULES, &index, &kernel.cache_dir)?;
+    let mut cpio = Cpio::default();
+    let mut dirs = BTreeSet::new();
+    let mut add_parents = |cpio: &mut Cpio, path: &str| {
+        let mut at = String::new();
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
+            if dirs.insert(at.clone()) {
+                cpio.dir(&at);
+            }
+        }
+    };
+    add_parents(&mut cpio, "dev/console");
+    cpio.char_dev("dev/console", 5, 1);
+    cpio.file("init", 0o755, &fs::read(&init)?);
+    add_parents(&mut cpio, "mod/00.ko");
+    for (i, (_, bytes)) in modules.iter().enumerate() {
+        cpio.file(&format!("mod/{i:02}.ko"), 0o644, bytes);
+    }
+    add_parents(&mut cpio, CONF_PATH);
+    cpio.file(
+        CONF_PATH,
+        0o644,
+        format!("addr={addr}\nnetmask={}\nexec=redis\n", netmask(prefix)).as_bytes(),
+    );
+    let binary = REDIS_BINARY.trim_start_matches('/');
+    add_parents(&mut cpio, binary);
+    cpio.file(
+        binary,
+        0o755,
+        &fs::read(REDIS_BINARY).with_context(|| format!("reading {REDIS_BINARY}"))?,
+    );
+    for lib in &libraries {
+        let bytes = fs::read(lib).with_context(|| format!("reading {}", lib.display()))?;
+        let name = lib.to_string_lossy();
+        let name = name.trim_start_matches('/');
+        add_parents(&mut cpio, name);
+        cpio.file(name, 0o755, &bytes);
+    }
+    let bytes = cpio.finish();
+    let image = RedisImage {
+        redis_version,
+        libraries,
+        modules: modules.into_iter().map(|(n, _)| n).collect(),
+        initramfs_bytes: bytes.len(),
+    };
+    Ok((bytes, image))
 }
 
 /// The kernel and initramfs, ready to boot.
@@ -655,6 +804,38 @@ mod tests {
             module_name("virtio-rng.ko.zst"),
             Some(("virtio_rng".to_string(), ".ko.zst"))
         );
+    }
+
+    #[test]
+    fn reads_ldd_output() {
+        // Captured from Debian 12's `ldd /usr/bin/redis-server` (abridged).
+        let out = "\tlinux-vdso.so.1 (0x00007f6078e56000)\n\
+            \tlibatomic.so.1 => /lib/x86_64-linux-gnu/libatomic.so.1 (0x00007f6078e3b000)\n\
+            \tlibjemalloc.so.2 => /lib/x86_64-linux-gnu/libjemalloc.so.2 (0x00007f6078600000)\n\
+            \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f6077e1e000)\n\
+            \t/lib64/ld-linux-x86-64.so.2 (0x00007f6078e58000)\n";
+        let libs = parse_ldd(out).unwrap();
+        assert_eq!(
+            libs,
+            [
+                "/lib/x86_64-linux-gnu/libatomic.so.1",
+                "/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+        let missing = "\tliblzf.so.1 => not found\n\t/lib64/ld-linux-x86-64.so.2 (0x1)\n";
+        assert!(
+            parse_ldd(missing)
+                .unwrap_err()
+                .to_string()
+                .contains("liblzf")
+        );
+        assert!(parse_ldd("\tstatically linked\n").is_err());
+        assert_eq!(netmask(16).to_string(), "255.255.0.0");
+        assert_eq!(netmask(24).to_string(), "255.255.255.0");
+        assert_eq!(netmask(0).to_string(), "0.0.0.0");
     }
 
     #[test]

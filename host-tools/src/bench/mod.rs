@@ -2,12 +2,14 @@
 //! the same invocation. Every row with a target carries a verdict computed from what was
 //! measured; a series with no samples is never shown as a number, and its verdict fails.
 
+pub mod apps;
 pub mod auth;
 pub mod boot;
 pub mod cluster;
 pub mod jobs;
 pub mod linux_baseline;
 pub mod overlay;
+pub mod redis_benchmark;
 
 use std::fmt;
 

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use unipeer_node::launch::{GuestExit, LogLevel, NetConfig, PeerAddr, READY_MARKER};
 
 use super::protocol::{
-    ClusterStatus, DaemonInfo, DiagSummary, LaunchReport, LaunchSettings, NodePlan, NodePorts,
-    NodeState, NodeStatus, Request, RttSummary, SOCKET_NAME, VmProbe,
+    ClusterStatus, DaemonInfo, DiagSummary, GuestPlan, GuestReport, LaunchReport, LaunchSettings,
+    NodePlan, NodePorts, NodeState, NodeStatus, Request, RttSummary, SOCKET_NAME, VmProbe,
 };
 use super::state::{self, NodeRecord, StateFile};
 use crate::ca::{AuthorityStore, FrontEndIssuer, LaunchMaterial};
@@ -153,7 +153,14 @@ struct Shared {
     /// This run's key for operator commands on the nodes' diagnostic ports (also in
     /// `operator.key`, mode 0600, in the run directory).
     operator_key: diag::OperatorKey,
+    /// Guests that are not nodes (`Request::Guest`), by name.
+    guests: Mutex<Vec<(String, RunningVm)>>,
 }
+
+/// Most foreign guests one cluster holds.
+const GUESTS_MAX: usize = 8;
+/// Largest initramfs a guest may bring (the Redis baseline's is ~15 MiB).
+const GUEST_INITRD_MAX: u64 = 256 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -205,6 +212,7 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         vm_order: Mutex::new(Vec::new()),
         issuers: Mutex::new(HashMap::new()),
         operator_key,
+        guests: Mutex::new(Vec::new()),
     });
     shared.save_state();
     eprintln!(
@@ -242,6 +250,9 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         if let Some(mut vm) = slot.vm.take() {
             vm.kill();
         }
+    }
+    for (_, vm) in lock(&shared.guests).iter_mut() {
+        vm.kill();
     }
     switch.stop();
     let _ = std::fs::remove_file(&socket);
@@ -410,8 +421,160 @@ impl Shared {
                     count.clamp(1, 1000),
                 )?)
             }
+            Request::Guest { guest } => json(self.guest(guest)?),
+            Request::GuestStop { name } => {
+                let mut guests = lock(&self.guests);
+                let i = guests
+                    .iter()
+                    .position(|(n, _)| *n == name)
+                    .ok_or_else(|| format!("no guest named {name:?}"))?;
+                let (_, mut vm) = guests.remove(i);
+                drop(guests);
+                vm.kill();
+                let mut switch = SwitchClient::connect(&self.run_dir).map_err(|e| e.to_string())?;
+                switch.remove_port(&name).map_err(|e| e.to_string())?;
+                Ok(serde_json::Value::Null)
+            }
             Request::Relay { .. } => Err("a relay takes over its connection".into()),
             Request::Shutdown => Ok(serde_json::Value::Null),
+        }
+    }
+
+    /// Launches a foreign guest on a port of its own, on the nodes' accelerator and machine
+    /// type (the same QEMU and network path), and waits for its ready line.
+    fn guest(&self, plan: GuestPlan) -> Result<GuestReport, String> {
+        let _one = lock(&self.launching);
+        let settings = lock(&self.settings)
+            .clone()
+            .ok_or("launch the nodes first: a guest takes the cluster's launch settings")?;
+        {
+            let mut nodes = lock(&self.nodes);
+            if nodes
+                .iter_mut()
+                .any(|n| n.plan.name == plan.name || n.plan.ipv4 == plan.ipv4)
+            {
+                return Err(format!(
+                    "guest {} ({}): a node has that name or address",
+                    plan.name, plan.ipv4
+                ));
+            }
+        }
+        {
+            let guests = lock(&self.guests);
+            if guests.iter().any(|(n, _)| *n == plan.name) {
+                return Err(format!("guest {} runs already", plan.name));
+            }
+            if guests.len() >= GUESTS_MAX {
+                return Err(format!("at most {GUESTS_MAX} guests per cluster"));
+            }
+        }
+        if !(16..=4096).contains(&plan.memory_mib) {
+            return Err(format!(
+                "guest memory {} MiB is outside 16..=4096",
+                plan.memory_mib
+            ));
+        }
+        let size = std::fs::metadata(&plan.initrd)
+            .map_err(|e| format!("{}: {e}", plan.initrd.display()))?
+            .len();
+        if size > GUEST_INITRD_MAX {
+            return Err(format!(
+                "{}: {size} bytes, more than a guest's {GUEST_INITRD_MAX}",
+                plan.initrd.display()
+            ));
+        }
+        let initrd =
+            std::fs::read(&plan.initrd).map_err(|e| format!("{}: {e}", plan.initrd.display()))?;
+        let mut switch = SwitchClient::connect(&self.run_dir).map_err(|e| e.to_string())?;
+        let port = switch
+            .add_port_at(&plan.name, Some(&plan.server), Some(vm_port(plan.ipv4)))
+            .map_err(|e| format!("guest {}: {e}", plan.name))?;
+        let undo = |switch: &mut SwitchClient| {
+            let _ = switch.remove_port(&plan.name);
+        };
+        let Some(netdev) = port.qemu_netdev_arg("net0") else {
+            undo(&mut switch);
+            return Err("the switch port has no VM end".into());
+        };
+        let spec = VmSpec {
+            name: plan.name.clone(),
+            kernel: plan.kernel.clone(),
+            config_blob: initrd,
+            run_dir: vms_dir(&self.run_dir),
+            machine: settings.machine,
+            accel: settings.accel,
+            cpu: settings.cpu.clone(),
+            memory_mib: plan.memory_mib,
+            mac: vm::mac_for(&plan.name),
+            net: NetAttach::Netdev(netdev.replacen(",id=net0", "", 1)),
+            // QEMU's default translation cache, as `bench boot --baseline-linux` gives its
+            // Linux guest (a node's small one would thrash on a stock kernel).
+            tb_size_mib: None,
+            append: Some(plan.append.clone()),
+            die_with_parent: true,
+            machine_flags: match settings.machine {
+                crate::qemu::Machine::Microvm => plan.microvm_flags.clone(),
+                crate::qemu::Machine::Q35 => None,
+            },
+        };
+        let mut vm = match self.spawn(spec) {
+            Ok(vm) => vm,
+            Err(e) => {
+                undo(&mut switch);
+                return Err(format!("cannot start guest {}: {e}", plan.name));
+            }
+        };
+        let timeout = Duration::from_millis(plan.ready_timeout_ms);
+        let outcome = match &plan.fail_line {
+            // Watch for either line: a failing guest is reported at once, not at the deadline.
+            Some(fail) => {
+                let started = Instant::now();
+                loop {
+                    let serial = vm.serial();
+                    if let Some(l) = serial.lines().find(|l| l.contains(fail.as_str())) {
+                        break Err(format!("guest {}: {l}", plan.name));
+                    }
+                    if serial.lines().any(|l| l.contains(plan.ready_line.as_str())) {
+                        break Ok(vm.launched_at.elapsed());
+                    }
+                    if let Some(status) = vm.try_exit() {
+                        break Err(format!(
+                            "guest {} exited ({}) before its ready line",
+                            plan.name,
+                            describe_exit(status)
+                        ));
+                    }
+                    if started.elapsed() > timeout {
+                        break Err(format!(
+                            "guest {} printed no ready line within {timeout:?}",
+                            plan.name
+                        ));
+                    }
+                    thread::sleep(READY_POLL);
+                }
+            }
+            None => vm
+                .wait_for_line(&plan.ready_line, timeout)
+                .map(|(_, at)| at.duration_since(vm.launched_at))
+                .map_err(|e| format!("guest {}: {e}", plan.name)),
+        };
+        match outcome {
+            Ok(ready) => {
+                let report = GuestReport {
+                    name: plan.name.clone(),
+                    ready_ms: ready.as_secs_f64() * 1000.0,
+                    machine: settings.machine,
+                    accel: settings.accel,
+                    serial_log: vms_dir(&self.run_dir).join(format!("{}.serial.log", plan.name)),
+                };
+                lock(&self.guests).push((plan.name, vm));
+                Ok(report)
+            }
+            Err(e) => {
+                vm.kill();
+                undo(&mut switch);
+                Err(e)
+            }
         }
     }
 

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 pub use daemon::{DaemonConfig, NODES_MAX, serve};
 pub use protocol::{
-    ClusterClient, ClusterError, ClusterStatus, DaemonInfo, LaunchReport, LaunchSettings, NodePlan,
-    NodeState, NodeStatus, Request, RttSummary, VmProbe,
+    ClusterClient, ClusterError, ClusterStatus, DaemonInfo, GuestPlan, GuestReport, LaunchReport,
+    LaunchSettings, NodePlan, NodeState, NodeStatus, Request, RttSummary, VmProbe,
 };
 
 use crate::hostinfo::Accel;
@@ -625,6 +625,23 @@ pub fn down(run_dir: &Path) -> Result<String, ClusterError> {
 /// Every node's state; `probe` also asks each running node's diagnostic port.
 pub fn status(run_dir: &Path, probe: bool) -> Result<ClusterStatus, ClusterError> {
     connect(run_dir)?.call(&Request::Status { probe })
+}
+
+/// Starts a foreign guest on the cluster's switch (see [`Request::Guest`]) and waits for its
+/// ready line.
+pub fn guest(run_dir: &Path, plan: GuestPlan) -> Result<GuestReport, ClusterError> {
+    let wait = Duration::from_millis(plan.ready_timeout_ms) + Duration::from_secs(30);
+    connect(run_dir)?.call_within(&Request::Guest { guest: plan }, wait)
+}
+
+/// Stops a guest started by [`guest`] and removes its switch port.
+pub fn guest_stop(run_dir: &Path, name: &str) -> Result<(), ClusterError> {
+    connect(run_dir)?.call(&Request::GuestStop { name: name.into() })
+}
+
+/// Who answers on the cluster's socket: its namespace, uplink and size.
+pub fn hello(run_dir: &Path) -> Result<DaemonInfo, ClusterError> {
+    connect(run_dir)?.call(&Request::Hello)
 }
 
 pub fn kill(run_dir: &Path, node: &str) -> Result<(), ClusterError> {

@@ -127,8 +127,45 @@ pub enum Request {
     /// (5 s connect timeout); answers an OK line, after which the control connection is a raw
     /// byte pipe to that TCP connection in both directions until either side closes.
     Relay { node: String, port: u16 },
+    /// Launches a guest that is not a node (the Linux + Redis baseline of `bench apps`) on a
+    /// switch port of its own, with the nodes' accelerator and machine type, and waits for its
+    /// ready line; answers a [`GuestReport`]. The guest is stopped by `GuestStop` or `Shutdown`.
+    Guest { guest: GuestPlan },
+    /// Kills a guest started by `Guest` and removes its switch port.
+    GuestStop { name: String },
     /// Stops every VM and the switch; the daemon exits after answering.
     Shutdown,
+}
+
+/// A foreign guest on the cluster's switch: its own kernel and initramfs (files the daemon
+/// reads), an address in the segment outside the nodes' range, a server like a node's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GuestPlan {
+    pub name: String,
+    pub server: String,
+    pub ipv4: Ipv4Addr,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub memory_mib: u32,
+    /// `-M` flags when the cluster runs on microvm (`None`: the nodes' pinned ones).
+    pub microvm_flags: Option<String>,
+    /// A serial line containing this means the guest is ready.
+    pub ready_line: String,
+    /// A serial line containing this means the guest failed (reported at once).
+    pub fail_line: Option<String>,
+    pub ready_timeout_ms: u64,
+}
+
+/// A guest that printed its ready line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GuestReport {
+    pub name: String,
+    /// QEMU spawn to the ready line, milliseconds.
+    pub ready_ms: f64,
+    pub machine: crate::qemu::Machine,
+    pub accel: crate::hostinfo::Accel,
+    pub serial_log: PathBuf,
 }
 
 /// Who answers on the socket.
