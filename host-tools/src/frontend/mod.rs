@@ -39,6 +39,7 @@
 
 pub mod access;
 pub mod client;
+pub mod dashboard;
 pub mod http;
 pub mod limits;
 
@@ -201,6 +202,9 @@ pub struct Shared {
     /// Busy answers being given.
     refusing: AtomicUsize,
     sources: Arc<SourceTable>,
+    /// The dashboard's sign-in codes and browser sessions.
+    sessions: dashboard::BrowserSessions,
+    snapshots: dashboard::SnapshotCache,
 }
 
 /// Whether `name` is a plausible node, server or image name (letters, digits, `-`, `_`, `.`,
@@ -436,6 +440,8 @@ impl Shared {
             active: AtomicUsize::new(0),
             refusing: AtomicUsize::new(0),
             sources: Arc::new(SourceTable::default()),
+            sessions: Default::default(),
+            snapshots: Default::default(),
         }
     }
 
@@ -455,10 +461,33 @@ impl Shared {
 
     /// Host, Origin, token and content type, then the body's framing: judged on the head,
     /// before any body byte is read.
+    ///
+    /// A browser (no `Authorization` header) passes with the dashboard's session cookie, for
+    /// the dashboard's `GET`s only, or to `GET /login` (whose code the handler checks).
     pub fn gate(&self, head: &RequestHead) -> Result<(), HttpError> {
-        self.access
-            .check(head)
-            .map_err(|refusal| http_err(refusal.status(), refusal.to_string()))?;
+        let refused = |r: access::AccessRefused| http_err(r.status(), r.to_string());
+        let path = head.path();
+        let browser = head.method == "GET" && head.header("authorization").is_none();
+        if browser && path == "/login" {
+            self.access.check_place(head).map_err(refused)?;
+        } else if browser && dashboard::is_browser_path(path) {
+            self.access.check_place(head).map_err(refused)?;
+            let name = dashboard::cookie_name(self.access.port());
+            let signed_in = head
+                .headers
+                .iter()
+                .filter(|(n, _)| n == "cookie")
+                .filter_map(|(_, v)| dashboard::cookie(v, &name))
+                .any(|session| self.sessions.valid(session));
+            if !signed_in {
+                return Err(http_err(
+                    401,
+                    "sign in with `unipeer dashboard`, which opens a one-time URL",
+                ));
+            }
+        } else {
+            self.access.check(head).map_err(refused)?;
+        }
         http::check_body_framing(head)
     }
 
@@ -471,6 +500,9 @@ impl Shared {
         if head.method == "CONNECT" {
             return self.connect(req, head).await;
         }
+        if let Some(answer) = self.dashboard(&head).await {
+            return answer;
+        }
         let body = match http::read_body(req).await {
             Ok(b) => b,
             Err(e) => return http::error_response(&e),
@@ -481,6 +513,132 @@ impl Shared {
         let (status, value) =
             answer.unwrap_or_else(|e| error(500, format!("the handler failed: {e}")));
         json_response(status, &value)
+    }
+
+    /// The dashboard's requests; `None` for any other.
+    async fn dashboard(self: &Arc<Self>, head: &RequestHead) -> Option<Response<ResBody>> {
+        let page = |content_type: &str, text: &'static str| {
+            Response::builder()
+                .header("content-type", content_type)
+                .header("cache-control", "no-store")
+                .header(
+                    "content-security-policy",
+                    "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src 'self'; frame-ancestors 'none'",
+                )
+                .header("x-content-type-options", "nosniff")
+                .body(http::full(text))
+                .ok()
+        };
+        let blocking = |f: Box<dyn FnOnce(&Shared) -> Value + Send>| {
+            let shared = self.clone();
+            async move {
+                let v = tokio::task::spawn_blocking(move || f(&shared))
+                    .await
+                    .unwrap_or_else(|e| json!({"error": e.to_string()}));
+                json_response(200, &v)
+            }
+        };
+        match (head.method.as_str(), head.path()) {
+            ("GET", "/") => page("text/html; charset=utf-8", dashboard::INDEX_HTML),
+            ("GET", "/dashboard.js") => {
+                page("text/javascript; charset=utf-8", dashboard::DASHBOARD_JS)
+            }
+            ("GET", "/login") => Some(self.login(head)),
+            ("POST", "/v1/dashboard/login") => Some(match self.sessions.new_code() {
+                Ok(code) => json_response(
+                    200,
+                    &json!({"path": format!("/login?code={code}"),
+                            "expires_s": dashboard::CODE_TTL.as_secs()}),
+                ),
+                Err(e) => json_response(500, &json!({"error": e.to_string()})),
+            }),
+            ("GET", "/v1/dashboard/state") => Some(
+                blocking(Box::new(|s: &Shared| {
+                    serde_json::from_str(&s.snapshots.get(&s.cfg.run_dir)).unwrap_or(Value::Null)
+                }))
+                .await,
+            ),
+            ("GET", "/v1/dashboard/events") => Some(self.events()),
+            ("GET", p) if p.starts_with("/v1/dashboard/node/") => {
+                let node = p.trim_start_matches("/v1/dashboard/node/").to_string();
+                if !valid_name(&node) {
+                    return Some(json_response(400, &json!({"error": "bad node name"})));
+                }
+                Some(
+                    blocking(Box::new(move |s: &Shared| {
+                        dashboard::node_links(&s.cfg.run_dir, &node)
+                    }))
+                    .await,
+                )
+            }
+            (
+                _,
+                "/" | "/dashboard.js" | "/login" | "/v1/dashboard/state" | "/v1/dashboard/events",
+            ) => Some(json_response(405, &json!({"error": "use GET"}))),
+            _ => None,
+        }
+    }
+
+    /// `GET /login?code=...`: a valid code becomes a session cookie and a redirect to `/`.
+    fn login(&self, head: &RequestHead) -> Response<ResBody> {
+        let Some(session) = head.query("code").and_then(|c| self.sessions.redeem(c)) else {
+            return json_response(
+                401,
+                &json!({"error": "this sign-in code is unknown, used or expired; run `unipeer dashboard` again"}),
+            );
+        };
+        let cookie = format!(
+            "{}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            dashboard::cookie_name(self.access.port()),
+            dashboard::SESSION_TTL.as_secs()
+        );
+        Response::builder()
+            .status(303)
+            .header("location", "/")
+            .header("set-cookie", cookie)
+            .header("cache-control", "no-store")
+            .body(http::full(Vec::new()))
+            .unwrap_or_else(|_| json_response(500, &json!({"error": "building the answer"})))
+    }
+
+    /// `GET /v1/dashboard/events`: a snapshot as a server-sent event whenever it changed, at
+    /// most [`dashboard::EVENTS_PER_S`] a second, for at most [`dashboard::STREAM_MAX`].
+    fn events(self: &Arc<Self>) -> Response<ResBody> {
+        let (tx, body) = http::channel_body(2);
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let period = Duration::from_millis(1000 / u64::from(dashboard::EVENTS_PER_S));
+            let mut last: Option<Arc<String>> = None;
+            while start.elapsed() < dashboard::STREAM_MAX && !tx.is_closed() {
+                let s = shared.clone();
+                let Ok(snap) =
+                    tokio::task::spawn_blocking(move || s.snapshots.get(&s.cfg.run_dir)).await
+                else {
+                    break;
+                };
+                if last.as_ref() != Some(&snap) {
+                    let event = format!("event: snapshot\ndata: {snap}\n\n");
+                    if tx.send(bytes::Bytes::from(event)).await.is_err() {
+                        break;
+                    }
+                    last = Some(snap);
+                } else if tx
+                    .send(bytes::Bytes::from_static(b": idle\n\n"))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-store")
+            .body(body)
+            .unwrap_or_else(|_| json_response(500, &json!({"error": "building the answer"})))
     }
 
     /// Answers one non-`CONNECT` request.

@@ -681,7 +681,10 @@ fn hostile_heads_never_panic_and_never_pass_without_the_token() {
                     head.query("probe"),
                     parse_connect_target(&head.target),
                 );
-                if head.header("authorization") != Some(&format!("Bearer {token}")) {
+                // A browser's sign-in (its code is checked by the handler) is the only way in
+                // without the token: no session exists here.
+                let signing_in = head.method == "GET" && head.path() == "/login";
+                if head.header("authorization") != Some(&format!("Bearer {token}")) && !signing_in {
                     return Err(format!("passed without the token: {head:?}"));
                 }
             }
@@ -705,4 +708,137 @@ fn hostile_heads_never_panic_and_never_pass_without_the_token() {
         gated > 4_000,
         "only {gated} of 40000 sends reached the gate"
     );
+}
+
+/// The dashboard's sign-in: a one-time code (asked with the token) becomes an HttpOnly,
+/// SameSite=Strict cookie that admits the dashboard's GETs and nothing else.
+#[test]
+fn the_dashboard_signs_a_browser_in_once_and_admits_only_its_pages() {
+    let (url, token) = start_frontend();
+    let host = url.strip_prefix("http://").unwrap().to_string();
+    let port = host.rsplit(':').next().unwrap().to_string();
+    let send = |head: String| raw(&url, head.as_bytes());
+    // Without a session: 401 for the page, the script, the state and the events.
+    for path in [
+        "/",
+        "/dashboard.js",
+        "/v1/dashboard/state",
+        "/v1/dashboard/events",
+    ] {
+        let (s, body) = send(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+        assert_eq!(s, 401, "{path}: {body}");
+    }
+    // The token reads the state (what `unipeer dashboard` and tests use).
+    let (s, body) = send(format!(
+        "GET /v1/dashboard/state HTTP/1.1\r\n{}\r\n",
+        good_headers(&url, &token)
+    ));
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["cluster"], false);
+    // A code: only with the token.
+    let code_url = Frontend::with_token(url.clone(), token.clone())
+        .dashboard_url()
+        .unwrap();
+    assert!(
+        code_url.starts_with(&format!("{url}/login?code=")),
+        "{code_url}"
+    );
+    let e = Frontend::with_token(url.clone(), "0".repeat(64))
+        .dashboard_url()
+        .unwrap_err();
+    assert_eq!(e.status, Some(401));
+    let path = code_url.strip_prefix(&url).unwrap().to_string();
+    let login = |path: &str| {
+        let mut s = TcpStream::connect(&host).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    // A wrong code, then the right one: a cookie and a redirect home.
+    assert!(login("/login?code=00000000000000000000000000000000").starts_with("HTTP/1.1 401"));
+    let answer = login(&path);
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    let set_cookie = answer
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap()
+        .to_string();
+    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"));
+    let pair = set_cookie
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(pair.starts_with(&format!("unipeer_fe_{port}=")), "{pair}");
+    // Spent: the same code again is refused.
+    assert!(login(&path).starts_with("HTTP/1.1 401"));
+    let with_cookie = |method: &str, path: &str, extra: &str| {
+        send(format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nCookie: {pair}\r\n{extra}\r\n"
+        ))
+    };
+    let (s, page) = with_cookie("GET", "/", "");
+    assert_eq!(s, 200);
+    assert!(page.contains("id=\"ring-nodes\""), "{page}");
+    assert_eq!(with_cookie("GET", "/dashboard.js", "").0, 200);
+    assert_eq!(with_cookie("GET", "/v1/dashboard/state", "").0, 200);
+    // The cookie is not the API: no other endpoint, no POST, no CONNECT.
+    assert_eq!(with_cookie("GET", "/v1/nodes", "").0, 401);
+    assert_eq!(with_cookie("GET", "/v1/info", "").0, 401);
+    let (s, _) = with_cookie(
+        "POST",
+        "/v1/deploy",
+        "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(s, 401);
+    assert_eq!(
+        send(format!(
+            "CONNECT n1:7003 HTTP/1.1\r\nHost: n1:7003\r\nCookie: {pair}\r\n\r\n"
+        ))
+        .0,
+        401
+    );
+    // A page of another site cannot use it (the browser would not send it either:
+    // SameSite=Strict), nor a rebound host name.
+    assert_eq!(
+        with_cookie(
+            "GET",
+            "/v1/dashboard/state",
+            "Origin: http://evil.example\r\n"
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        send(format!(
+            "GET / HTTP/1.1\r\nHost: evil.example:{port}\r\nCookie: {pair}\r\n\r\n"
+        ))
+        .0,
+        400
+    );
+    // The event stream: a snapshot event first.
+    let mut s = TcpStream::connect(&host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /v1/dashboard/events HTTP/1.1\r\nHost: {host}\r\nCookie: {pair}\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\n\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("text/event-stream"), "{text}");
+    assert!(text.contains("event: snapshot\ndata: {"), "{text}");
 }
