@@ -524,7 +524,7 @@ impl Shared {
                 .header(
                     "content-security-policy",
                     "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
-                     connect-src 'self'; img-src 'self'; frame-ancestors 'none'",
+                     connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
                 )
                 .header("x-content-type-options", "nosniff")
                 .body(http::full(text))
