@@ -17,7 +17,10 @@
 //! | `POST /v1/deploy` `{"image":"default","count":3,"memory_mb":64,"accel":"auto"}` | `{"server":"s1","image":"default","nodes":["n4","n5","n6"],"ready_ms":812.5}` once every new VM printed its ready line. `memory_mb` and `accel` are optional; the first deploy starts the cluster (with `accel`; later deploys use the cluster's accelerator), later ones add nodes; all tagged with this server. One deploy at a time, within [`limits::FrontendLimits`]. |
 //! | `POST /v1/nodes/{name}/kill` | `{"node":"n4","state":"down"}` |
 //! | `POST /v1/nodes/{name}/restart` | `{"node":"n4","state":"up","ready_ms":640.1}` |
-//! | `CONNECT n3:7003 HTTP/1.1` | `HTTP/1.1 200 Connection established` and a blank line, then the connection is a raw byte pipe to the client port ([`CONNECT_PORT`]) of node `n3` until either side closes, it is idle too long or its time is up; any other port is 403 |
+//! | `POST /v1/dashboard/login` | `{"path":"/login?code=...","expires_s":60}`: a one-time sign-in for a browser ([`dashboard`]) |
+//! | `GET /`, `/dashboard.js`, `/v1/dashboard/state`, `/v1/dashboard/events`, `/v1/dashboard/node/{name}` | the dashboard: page, script, snapshot, snapshots as server-sent events, a node's overlay links; with the token or a browser's session cookie |
+//! | `GET /login?code=...` | a valid code: `303` to `/` with the session cookie; else 401 |
+//! | `CONNECT n3:7003 HTTP/1.1` | `HTTP/1.1 200` (hyper's upgrade), then the connection is a raw byte pipe to the client port ([`CONNECT_PORT`]) of node `n3` until either side closes, it is idle too long or its time is up; any other port is 403 |
 //!
 //! Errors answer `{"error":"..."}` with 400 (malformed request, bad JSON, values or `Host`, a
 //! deploy over the per-deploy memory), 401 (no or wrong token), 403 (a foreign `Origin`, a

@@ -260,7 +260,12 @@ fn read_page(page: &mut Page) -> Value {
 }
 
 /// Polls the page until `done` holds, at most `within`; answers the last reading.
-fn wait_page(page: &mut Page, within: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+fn wait_page(
+    page: &mut Page,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let start = Instant::now();
     loop {
         let v = read_page(page);
@@ -349,7 +354,10 @@ fn the_dashboard_shows_the_ring_a_job_and_a_killed_vm() {
         .output()
         .unwrap();
     assert!(sign_in.status.success(), "{sign_in:?}");
-    let login = String::from_utf8(sign_in.stdout).unwrap().trim().to_string();
+    let login = String::from_utf8(sign_in.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
     assert!(login.starts_with(&format!("{url}/login?code=")), "{login}");
     let mut page = start_browser(&mut env);
     page.call("Page.navigate", json!({"url": login}));
@@ -361,10 +369,15 @@ fn the_dashboard_shows_the_ring_a_job_and_a_killed_vm() {
         .iter()
         .map(|n| n.name.clone())
         .collect();
-    let v = wait_page(&mut page, scaled(Duration::from_secs(60)), "every node joined", |v| {
-        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
-        nodes.len() == names.len() && nodes.iter().all(|n| n["state"] == "joined")
-    });
+    let v = wait_page(
+        &mut page,
+        scaled(Duration::from_secs(60)),
+        "every node joined",
+        |v| {
+            let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+            nodes.len() == names.len() && nodes.iter().all(|n| n["state"] == "joined")
+        },
+    );
     for n in v["nodes"].as_array().unwrap() {
         let name = n["name"].as_str().unwrap();
         assert!(names.iter().any(|x| x == name), "{name} is not a node: {v}");
@@ -377,29 +390,43 @@ fn the_dashboard_shows_the_ring_a_job_and_a_killed_vm() {
     }
 
     // The job's task slices advance.
-    let first = wait_page(&mut page, scaled(Duration::from_secs(60)), "tasks run", |v| {
-        v["works_run"].as_i64().unwrap_or(-1) > 0
-    })["works_run"]
+    let first = wait_page(
+        &mut page,
+        scaled(Duration::from_secs(60)),
+        "tasks run",
+        |v| v["works_run"].as_i64().unwrap_or(-1) > 0,
+    )["works_run"]
         .as_i64()
         .unwrap();
-    wait_page(&mut page, scaled(Duration::from_secs(60)), "the slices advance", |v| {
-        v["works_run"].as_i64().unwrap_or(-1) > first
-    });
+    wait_page(
+        &mut page,
+        scaled(Duration::from_secs(60)),
+        "the slices advance",
+        |v| v["works_run"].as_i64().unwrap_or(-1) > first,
+    );
 
     // A VM killed through the front-end turns down, and the kill is listed as a fault.
     let victim = deployed.nodes[1].clone();
     fe.kill(&victim).unwrap();
     let killed = Instant::now();
-    wait_page(&mut page, Duration::from_secs(10), "the killed VM shows down", |v| {
-        v["nodes"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|n| n["name"] == json!(victim) && n["state"] == "down"))
-    });
+    wait_page(
+        &mut page,
+        Duration::from_secs(10),
+        "the killed VM shows down",
+        |v| {
+            v["nodes"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|n| n["name"] == json!(victim) && n["state"] == "down")
+            })
+        },
+    );
     eprintln!("{victim} showed down {:?} after the kill", killed.elapsed());
     let v = wait_page(&mut page, Duration::from_secs(10), "the kill fault", |v| {
         v["faults"].as_array().is_some_and(|f| {
-            f.iter()
-                .any(|r| r.as_str().is_some_and(|t| t.contains("kill") && t.contains(&victim)))
+            f.iter().any(|r| {
+                r.as_str()
+                    .is_some_and(|t| t.contains("kill") && t.contains(&victim))
+            })
         })
     });
 
