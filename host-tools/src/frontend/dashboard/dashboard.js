@@ -4,6 +4,7 @@
 'use strict';
 
 const STATE_STROKE = { joined: '#1b5e20', booting: '#9e9e9e', suspected: '#c62828', down: '#616161' };
+const JOB_ROWS = 40;
 let snap = null;
 let hover = null;
 const linkCache = new Map(); // node -> {at, links}
@@ -152,8 +153,12 @@ function render() {
   jp.setAttribute('data-works-run', slices);
   jp.setAttribute('data-running', running);
   jp.textContent = running + ' task(s) running, ' + supervising + ' supervised, ' + slices + ' task slices run';
-  const busy = snap.nodes.filter((n) => n.slots > 0 || n.running > 0 || n.works_run > 0 || n.supervising > 0);
-  fillTable('jobs', busy.map((n) => [n.name, n.server, n.slots, n.running, n.supervising, n.works_run,
+  // The busiest nodes first, at most JOB_ROWS of them (the page stays light with 500 nodes).
+  const busy = snap.nodes.filter((n) => n.running > 0 || n.works_run > 0 || n.supervising > 0)
+    .sort((a, b) => (b.running - a.running) || (b.supervising - a.supervising) || (b.works_run - a.works_run));
+  document.getElementById('jobs-more').textContent = busy.length > JOB_ROWS
+    ? 'the ' + JOB_ROWS + ' busiest of ' + busy.length + ' nodes with tasks' : '';
+  fillTable('jobs', busy.slice(0, JOB_ROWS).map((n) => [n.name, n.server, n.slots, n.running, n.supervising, n.works_run,
     n.heap_size ? Math.round(100 * n.heap_in_use / n.heap_size) + '%' : n.heap_in_use]));
   const repl = document.getElementById('replication');
   if (!snap.replication.length) {
