@@ -262,9 +262,12 @@ where
     let head_seen = Arc::new(AtomicBool::new(false));
     let seen = head_seen.clone();
     let body_deadline = BodyDeadline(start + request_deadline);
+    let stall = WriteStall(Arc::new(AtomicU64::new(WRITE_STALL_MS)));
+    let stall_of_request = stall.clone();
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         seen.store(true, Ordering::SeqCst);
         req.extensions_mut().insert(body_deadline);
+        req.extensions_mut().insert(stall_of_request.clone());
         let service = service.clone();
         async move {
             let head = match RequestHead::of(&req) {
@@ -279,7 +282,7 @@ where
         }
     });
     let mut conn = builder()
-        .serve_connection(TokioIo::new(io), svc)
+        .serve_connection(TokioIo::new(StallGuard::new(io, stall)), svc)
         .with_upgrades();
     let deadline = start + head_deadline;
     tokio::select! {
@@ -294,7 +297,7 @@ where
     let Some(parts) = conn.into_parts() else {
         return;
     };
-    let mut io = parts.io.into_inner();
+    let mut io = parts.io.into_inner().io;
     let body = b"{\"error\":\"request head timed out\"}\n";
     let answer = format!(
         "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
@@ -308,6 +311,88 @@ where
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
     drain(&mut io).await;
+}
+
+/// How long one write may wait for a client that does not read, unless raised (a `CONNECT`
+/// relay raises it to its idle limit).
+pub const WRITE_STALL_MS: u64 = 10_000;
+
+/// The write-stall bound of a request's connection, milliseconds (a request extension).
+#[derive(Clone, Debug)]
+pub struct WriteStall(pub Arc<AtomicU64>);
+
+/// A connection whose writes fail when they wait longer than its [`WriteStall`]: a client
+/// that stops reading cannot hold an answer, an event stream or a relay open.
+pub struct StallGuard<IO> {
+    io: IO,
+    bound: WriteStall,
+    stalled_since: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> StallGuard<IO> {
+    fn new(io: IO, bound: WriteStall) -> Self {
+        StallGuard {
+            io,
+            bound,
+            stalled_since: None,
+        }
+    }
+
+    /// `Ready(Err)` once a pending write has waited too long; arms the timer on the first
+    /// pending poll, disarms on progress.
+    fn check(&mut self, pending: bool, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        if !pending {
+            self.stalled_since = None;
+            return Poll::Pending;
+        }
+        let bound = Duration::from_millis(self.bound.0.load(Ordering::Relaxed));
+        let timer = self
+            .stalled_since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(bound)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for StallGuard<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for StallGuard<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        match self.check(r.is_pending(), cx) {
+            Poll::Ready(e) => Poll::Ready(Err(e)),
+            Poll::Pending => r,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        match self.check(r.is_pending(), cx) {
+            Poll::Ready(e) => Poll::Ready(Err(e)),
+            Poll::Pending => r,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Reads and drops what a client still sends for a short while, so that closing the

@@ -911,6 +911,13 @@ impl Shared {
         };
         let upgrade = hyper::upgrade::on(&mut req);
         let limits = self.cfg.limits.relay;
+        // A relay's client may stay silent up to the idle limit, as its writes may wait.
+        if let Some(stall) = req.extensions().get::<http::WriteStall>() {
+            let ms = limits.idle.as_millis().min(u128::from(u64::MAX)) as u64;
+            stall
+                .0
+                .store(ms.max(http::WRITE_STALL_MS), Ordering::Relaxed);
+        }
         tokio::spawn(async move {
             let Ok(client) = upgrade.await else {
                 return;

@@ -842,3 +842,32 @@ fn the_dashboard_signs_a_browser_in_once_and_admits_only_its_pages() {
     assert!(text.contains("text/event-stream"), "{text}");
     assert!(text.contains("event: snapshot\ndata: {"), "{text}");
 }
+
+/// A client that asks for the event stream and never reads: its connection ends once a write
+/// has waited [`http::WRITE_STALL_MS`] (on a clock that jumps to the next timer).
+#[test]
+fn a_client_that_stops_reading_loses_its_stream() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1024);
+        let task = tokio::spawn(http::serve_connection(server, test_shared()));
+        let head = format!("GET /v1/dashboard/events HTTP/1.1\r\n{}\r\n", mem_auth());
+        client.write_all(head.as_bytes()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(600), task)
+            .await
+            .expect("the stream outlived its stalled client")
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(http::WRITE_STALL_MS),
+            "{took:?}"
+        );
+        drop(client);
+    });
+}
