@@ -94,11 +94,11 @@ impl Page {
         }
     }
 
-    /// Evaluates `expr` in the page; its value (JSON-able).
+    /// Evaluates `expr` in the page (awaiting a promise); its value (JSON-able).
     fn eval(&mut self, expr: &str) -> Value {
         let r = self.call(
             "Runtime.evaluate",
-            json!({"expression": expr, "returnByValue": true}),
+            json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
         );
         r["result"]["value"].clone()
     }
@@ -246,7 +246,8 @@ fn base64_decode(text: &str) -> Vec<u8> {
 /// What the page shows: the ring's list, the servers' colours, the job's slices run, faults.
 const READ_PAGE: &str = r#"JSON.stringify({
   nodes: [...document.querySelectorAll('#ring-nodes li')].map((li) => ({
-    name: li.dataset.node, server: li.dataset.server, state: li.dataset.state, colour: li.dataset.colour })),
+    name: li.dataset.node, server: li.dataset.server, state: li.dataset.state, colour: li.dataset.colour,
+    id: li.dataset.overlayId })),
   servers: Object.fromEntries([...document.querySelectorAll('#servers td[data-server]')].map(
     (td) => [td.dataset.server, td.dataset.colour])),
   works_run: Number(document.getElementById('jobs-progress').dataset.worksRun || -1),
@@ -388,6 +389,24 @@ fn the_dashboard_shows_the_ring_a_job_and_a_killed_vm() {
             "{v}"
         );
     }
+
+    // The hover's links: a node's leaf set names the other nodes' overlay ids (asked the way
+    // the page asks, with its session cookie).
+    let first_node = v["nodes"][0]["name"].as_str().unwrap().to_string();
+    let links = page.eval(&format!(
+        "fetch('/v1/dashboard/node/{first_node}').then((r) => r.text())"
+    ));
+    let links: Value = serde_json::from_str(links.as_str().unwrap_or("{}")).unwrap_or_default();
+    let others: Vec<&str> = v["nodes"].as_array().unwrap()[1..]
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert!(
+        links["leaf_set"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|id| others.contains(&id.as_str().unwrap_or("")))),
+        "{first_node}'s leaf set names none of {others:?}: {links}"
+    );
 
     // The job's task slices advance.
     let first = wait_page(
