@@ -18,6 +18,8 @@ command -v c++ >/dev/null || need_apt+=(g++)
 # compare it with a real server.
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-cli >/dev/null || need_apt+=(redis-tools)
+# The dashboard's browser test (tests/qemu/tests/dashboard.rs): headless Chromium.
+command -v chromium >/dev/null || need_apt+=(chromium)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}"

@@ -108,6 +108,13 @@ enum Command {
     /// The front-end node of one server: an HTTP API that deploys VMs, lists them and relays
     /// TCP connections to them (see the README).
     Frontend(cli_frontend::FrontendArgs),
+    /// The live dashboard of a front-end's cluster: prints a one-time URL that signs a browser
+    /// in (a session cookie) and shows the ring, jobs, servers, replication and faults.
+    Dashboard {
+        /// The front-end (its token is read like `unipeer submit` does).
+        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        frontend: String,
+    },
     /// The Application Agent: run a job (manifest) on the cluster through the nearest
     /// front-end, show progress, retrieve the outputs; `--resume JOB` continues one.
     Submit(cli_jobs::SubmitArgs),
@@ -277,6 +284,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => cli_cluster::up(&run_dir, args),
         Command::Frontend(args) => cli_frontend::run(&run_dir, args),
+        Command::Dashboard { frontend } => {
+            let url = unipeer::frontend::client::Frontend::new(frontend).dashboard_url()?;
+            println!("{url}");
+            eprintln!(
+                "unipeer dashboard: open this URL within a minute (it works once; the browser \
+                 then keeps a session cookie for 12 hours)"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Submit(args) => cli_jobs::submit(args),
         Command::Job { command } => cli_jobs::job(command),
         Command::App { command } => cli_app::app(&run_dir, command),

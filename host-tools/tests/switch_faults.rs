@@ -148,6 +148,16 @@ fn cut_and_restore() {
     assert_eq!(reachability(&v, 2), full_matrix(3));
     let err = lab.client.cut("zz").unwrap_err().to_string();
     assert!(err.contains("unknown port \"zz\""), "{err}");
+    // The fault log (the dashboard's): one cut of b, started then healed; the refused cut of
+    // zz is not a fault.
+    let faults = lab.client.faults().unwrap();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    assert_eq!(
+        (faults[0].kind.as_str(), faults[0].target.as_str()),
+        ("cut", "b")
+    );
+    let healed = faults[0].healed_ms.expect("restored");
+    assert!(healed >= faults[0].started_ms, "{faults:?}");
 }
 
 #[test]
@@ -167,9 +177,15 @@ fn partition_gives_the_exact_matrix_and_heal_restores_it() {
     assert_eq!(st.port("e").unwrap().partition_group, Some(2));
     let table = st.to_string();
     assert!(table.contains("partition: a,b | c,d | (rest)"), "{table}");
+    let open = lab.client.faults().unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0].kind, "partition");
+    assert_eq!(open[0].target, "a,b | c,d");
+    assert_eq!(open[0].healed_ms, None);
     lab.client.heal().unwrap();
     assert_eq!(reachability(&v, 2), full_matrix(5));
     assert!(lab.client.stats().unwrap().partition.is_none());
+    assert!(lab.client.faults().unwrap()[0].healed_ms.is_some());
 }
 
 /// Sends `n` unicast frames a -> b in paced batches; answers how many arrived.

@@ -142,6 +142,8 @@ struct Shared {
     /// One launch or restart at a time.
     launching: Mutex<()>,
     settings: Mutex<Option<LaunchSettings>>,
+    /// VMs killed on request, healed by a restart (the dashboard's fault list).
+    kills: Mutex<crate::net::faults::FaultLog>,
     server_delay_us: AtomicU64,
     /// Trust material per node, issued once so a restarted node keeps its identity.
     materials: Mutex<HashMap<String, LaunchMaterial>>,
@@ -207,6 +209,7 @@ pub fn serve(cfg: DaemonConfig) -> Result<(), String> {
         nodes: Mutex::new(Vec::new()),
         launching: Mutex::new(()),
         settings: Mutex::new(None),
+        kills: Mutex::new(Default::default()),
         server_delay_us: AtomicU64::new(0),
         materials: Mutex::new(HashMap::new()),
         vm_order: Mutex::new(Vec::new()),
@@ -356,10 +359,15 @@ impl Shared {
                 slot.state = NodeState::Down;
                 slot.exit = Some("killed on request".into());
                 drop(nodes);
+                lock(&self.kills).start("kill", &node, String::new());
                 self.save_state();
                 Ok(serde_json::Value::Null)
             }
-            Request::Restart { node } => json(self.restart(&node)?),
+            Request::Restart { node } => {
+                let report = self.restart(&node)?;
+                lock(&self.kills).heal("kill", Some(&node));
+                json(report)
+            }
             Request::HostProbe { node } => {
                 let ip = self.reachable_ip(&node)?;
                 // TCP: the whole report (UDP carries a compact one when it does not fit).
@@ -1013,7 +1021,15 @@ impl Shared {
     }
 
     fn status(&self, probe: bool) -> ClusterStatus {
-        let links: HashMap<String, bool> = SwitchClient::connect(&self.run_dir)
+        let mut switch = SwitchClient::connect(&self.run_dir);
+        let mut faults = switch
+            .as_mut()
+            .ok()
+            .and_then(|c| c.faults().ok())
+            .unwrap_or_default();
+        faults.extend(lock(&self.kills).events());
+        faults.sort_by_key(|f| f.started_ms);
+        let links: HashMap<String, bool> = switch
             .and_then(|mut c| c.stats())
             .map(|s| {
                 s.ports
@@ -1081,6 +1097,18 @@ impl Shared {
                     overlay_joined: r.get("overlay_joined") == Some("true"),
                     leaf_set: r.num("leaf_set"),
                     table_filled: r.num("table_filled"),
+                    heap_size: r.num("heap_size"),
+                    jobs_slots: r.num("jobs_slots"),
+                    jobs_running: r.num("jobs_running"),
+                    jobs_supervising: r.num("jobs_supervising"),
+                    jobs_works_run: r.num("jobs_works_run"),
+                    repl: r
+                        .fields
+                        .iter()
+                        .filter(|(k, _)| k.starts_with("repl"))
+                        .take(32)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 });
             }
         }
@@ -1092,6 +1120,7 @@ impl Shared {
             settings,
             server_delay_us: self.server_delay_us.load(Ordering::Relaxed),
             nodes,
+            faults,
         }
     }
 

@@ -239,6 +239,21 @@ pub struct DiagSummary {
     /// Routing-table entries filled.
     #[serde(default)]
     pub table_filled: u64,
+    /// The heap's size, bytes.
+    #[serde(default)]
+    pub heap_size: u64,
+    /// Task slots, tasks running, tasks supervised, task slices run (the job service).
+    #[serde(default)]
+    pub jobs_slots: u64,
+    #[serde(default)]
+    pub jobs_running: u64,
+    #[serde(default)]
+    pub jobs_supervising: u64,
+    #[serde(default)]
+    pub jobs_works_run: u64,
+    /// The replication service's report fields (`repl*`), as the node wrote them.
+    #[serde(default)]
+    pub repl: std::collections::BTreeMap<String, String>,
 }
 
 /// One node in a [`ClusterStatus`].
@@ -282,6 +297,9 @@ pub struct ClusterStatus {
     pub settings: Option<LaunchSettings>,
     pub server_delay_us: u64,
     pub nodes: Vec<NodeStatus>,
+    /// Faults injected: the switch's (network) and the daemon's (kills), oldest first.
+    #[serde(default)]
+    pub faults: Vec<crate::net::faults::FaultEvent>,
 }
 
 impl ClusterStatus {

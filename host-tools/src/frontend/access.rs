@@ -17,7 +17,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
-use super::HttpRequest;
+use super::RequestHead;
 use crate::owner_only;
 
 /// Environment variable holding a token for the front-ends the CLI talks to (instead of the
@@ -160,8 +160,39 @@ impl AccessRule {
         host_ok && port.unwrap_or(80) == self.port
     }
 
+    /// The port the API listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Checks `Host`, `Origin`, the token and (for `POST`) the content type, in that order.
-    pub fn check(&self, req: &HttpRequest) -> Result<(), AccessRefused> {
+    pub fn check(&self, req: &RequestHead) -> Result<(), AccessRefused> {
+        self.check_place(req)?;
+        let presented = req
+            .header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented {
+            Some(t) if same_secret(t.as_bytes(), self.token.as_bytes()) => {}
+            Some(_) => return Err(AccessRefused::WrongToken),
+            None => return Err(AccessRefused::NoToken),
+        }
+        if req.method == "POST" {
+            let json = req.header("content-type").is_some_and(|ct| {
+                ct.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+            if !json {
+                return Err(AccessRefused::NotJson);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `Host` and `Origin` only: the request was sent to this front-end by no page of
+    /// another site (what a browser's sign-in and session requests are held to).
+    pub fn check_place(&self, req: &RequestHead) -> Result<(), AccessRefused> {
         let host = req.header("host").ok_or(AccessRefused::NoHost)?;
         // A CONNECT's Host is its target (RFC 9110 9.3.6); any other names this front-end.
         let host_ok = if req.method == "CONNECT" {
@@ -182,25 +213,6 @@ impl AccessRule {
                 .is_some_and(|a| a.eq_ignore_ascii_case(host) && self.names_us(a));
             if !ours {
                 return Err(AccessRefused::ForeignOrigin(origin.to_string()));
-            }
-        }
-        let presented = req
-            .header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match presented {
-            Some(t) if same_secret(t.as_bytes(), self.token.as_bytes()) => {}
-            Some(_) => return Err(AccessRefused::WrongToken),
-            None => return Err(AccessRefused::NoToken),
-        }
-        if req.method == "POST" {
-            let json = req.header("content-type").is_some_and(|ct| {
-                ct.split(';')
-                    .next()
-                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-            });
-            if !json {
-                return Err(AccessRefused::NotJson);
             }
         }
         Ok(())
@@ -230,7 +242,7 @@ fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
 }
 
 /// Compares two secrets in time that depends only on their lengths.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -238,16 +250,14 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn req(method: &str, target: &str, headers: &[(&str, &str)]) -> HttpRequest {
-        HttpRequest {
+    fn req(method: &str, target: &str, headers: &[(&str, &str)]) -> RequestHead {
+        RequestHead {
             method: method.into(),
             target: target.into(),
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
-            body: Vec::new(),
-            rest: Vec::new(),
         }
     }
 
@@ -255,7 +265,7 @@ mod tests {
     fn the_rule_checks_host_origin_token_and_content_type() {
         let rule = AccessRule::new("t0k".into(), 7700, &["fe.example".into()]);
         let auth = ("authorization", "Bearer t0k");
-        let ok = |r: &HttpRequest| rule.check(r).map_err(|e| e.status());
+        let ok = |r: &RequestHead| rule.check(r).map_err(|e| e.status());
         assert_eq!(
             ok(&req("GET", "/v1/info", &[("host", "127.0.0.1:7700"), auth])),
             Ok(())

@@ -211,6 +211,17 @@ impl Frontend {
         self.call_json("GET", "/v1/info", None, CALL_TIMEOUT)
     }
 
+    /// `POST /v1/dashboard/login`: the URL that signs a browser in to the dashboard once
+    /// (its code lives a minute).
+    pub fn dashboard_url(&self) -> Result<String, ClientError> {
+        let v: serde_json::Value =
+            self.call_json("POST", "/v1/dashboard/login", Some(b"{}"), CALL_TIMEOUT)?;
+        let path = v["path"]
+            .as_str()
+            .ok_or_else(|| self.err(Some(200), "the sign-in answer has no path"))?;
+        Ok(format!("{}{path}", self.url.trim_end_matches('/')))
+    }
+
     /// `GET /v1/nodes`: every node of the cluster.
     pub fn nodes(&self) -> Result<Vec<NodeEntry>, ClientError> {
         self.call_json("GET", "/v1/nodes", None, CALL_TIMEOUT)

@@ -4,7 +4,7 @@
 //! addresses exist only inside the cluster's network namespace). The Application Agent talks to
 //! it through [`client::Frontend`].
 //!
-//! # API (HTTP/1.1, JSON bodies, every answer `Connection: close`)
+//! # API (HTTP/1.1 on `hyper`, JSON bodies, every answer `Connection: close`)
 //!
 //! Every request carries `Authorization: Bearer TOKEN` (the token file the front-end writes at
 //! start, [`access`]), a `Host` naming the front-end, no foreign `Origin`, and for a `POST`
@@ -17,7 +17,10 @@
 //! | `POST /v1/deploy` `{"image":"default","count":3,"memory_mb":64,"accel":"auto"}` | `{"server":"s1","image":"default","nodes":["n4","n5","n6"],"ready_ms":812.5}` once every new VM printed its ready line. `memory_mb` and `accel` are optional; the first deploy starts the cluster (with `accel`; later deploys use the cluster's accelerator), later ones add nodes; all tagged with this server. One deploy at a time, within [`limits::FrontendLimits`]. |
 //! | `POST /v1/nodes/{name}/kill` | `{"node":"n4","state":"down"}` |
 //! | `POST /v1/nodes/{name}/restart` | `{"node":"n4","state":"up","ready_ms":640.1}` |
-//! | `CONNECT n3:7003 HTTP/1.1` | `HTTP/1.1 200 Connection established` and a blank line, then the connection is a raw byte pipe to the client port ([`CONNECT_PORT`]) of node `n3` until either side closes, it is idle too long or its time is up; any other port is 403 |
+//! | `POST /v1/dashboard/login` | `{"path":"/login?code=...","expires_s":60}`: a one-time sign-in for a browser ([`dashboard`]) |
+//! | `GET /`, `/dashboard.js`, `/v1/dashboard/state`, `/v1/dashboard/events`, `/v1/dashboard/node/{name}` | the dashboard: page, script, snapshot, snapshots as server-sent events, a node's overlay links; with the token or a browser's session cookie |
+//! | `GET /login?code=...` | a valid code: `303` to `/` with the session cookie; else 401 |
+//! | `CONNECT n3:7003 HTTP/1.1` | `HTTP/1.1 200` (hyper's upgrade), then the connection is a raw byte pipe to the client port ([`CONNECT_PORT`]) of node `n3` until either side closes, it is idle too long or its time is up; any other port is 403 |
 //!
 //! Errors answer `{"error":"..."}` with 400 (malformed request, bad JSON, values or `Host`, a
 //! deploy over the per-deploy memory), 401 (no or wrong token), 403 (a foreign `Origin`, a
@@ -29,26 +32,35 @@
 //! source's share, [`limits::CONNECTIONS_PER_SOURCE`] / [`limits::PENDING_PER_SOURCE`]). Kill
 //! and restart act only on this server's nodes; `CONNECT` reaches any node.
 //!
-//! Limits: request line and headers at most [`HEAD_MAX`] bytes (431 beyond), a body at most
-//! [`BODY_MAX`] bytes and only with `Content-Length` (413 beyond; `Transfer-Encoding` is refused
-//! with 501), the head within [`HEAD_DEADLINE`] and a whole request within 30 s (408), one
-//! thread per connection, [`CONNECTIONS_MAX`] at once (open `CONNECT` pipes count).
+//! Limits ([`http`]): request line and headers at most [`HEAD_MAX`] bytes and
+//! [`http::HEADERS_MAX`] lines (431 beyond; a head hyper cannot parse is answered 400 with an
+//! empty body), a body at most [`BODY_MAX`] bytes and only with `Content-Length` (413 beyond;
+//! `Transfer-Encoding` is refused with 501), the head within [`HEAD_DEADLINE`] and a whole
+//! request within [`REQUEST_DEADLINE`] (408), [`CONNECTIONS_MAX`] connections at once (open
+//! `CONNECT` pipes and event streams count), served by a tokio runtime of two threads; the
+//! cluster calls (blocking) run on its blocking pool.
 
 pub mod access;
 pub mod client;
+pub mod dashboard;
+pub mod http;
 pub mod limits;
 
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper::{Request, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use self::access::AccessRule;
+use self::http::{BoxFuture, ResBody, http_err, json_response};
+pub use self::http::{HttpError, RequestHead};
 use self::limits::{FrontendLimits, SourceSlot, SourceTable};
 use crate::cluster::{self, ClusterError, GrowOptions, NodeState};
 use crate::hostinfo::{self, AccelChoice};
@@ -66,16 +78,13 @@ pub const DEPLOY_MAX: usize = 64;
 /// The only node port a `CONNECT` reaches: the client port, where the Application Agent and
 /// the node authenticate each other and seal every frame.
 pub const CONNECT_PORT: u16 = unipeer_node::jobs::client::CLIENT_PORT;
-/// Longest wait for one write of an answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a read waiting for a request wakes up to look at its deadlines.
-const READ_TICK: Duration = Duration::from_millis(250);
 /// Longest time a client may take to send a request's head (line and headers).
 pub const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest time a client may take to send a whole request.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
-/// Most header lines.
-const HEADERS_MAX: usize = 100;
+/// Most busy answers being given at once (each for at most two seconds); beyond, a
+/// connection over a cap is closed at once.
+const REFUSALS_MAX: usize = 16;
 
 /// An image the front-end can deploy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,15 +195,19 @@ pub struct FrontendServer {
     shared: Arc<Shared>,
 }
 
-struct Shared {
+/// The front-end's state, shared by its connections.
+pub struct Shared {
     cfg: FrontendConfig,
     access: AccessRule,
     /// One deploy at a time.
     deploying: Mutex<()>,
     active: AtomicUsize,
-    /// Busy answers lingering on their threads.
+    /// Busy answers being given.
     refusing: AtomicUsize,
     sources: Arc<SourceTable>,
+    /// The dashboard's sign-in codes and browser sessions.
+    sessions: dashboard::BrowserSessions,
+    snapshots: dashboard::SnapshotCache,
 }
 
 /// Whether `name` is a plausible node, server or image name (letters, digits, `-`, `_`, `.`,
@@ -231,14 +244,10 @@ impl FrontendServer {
         Ok(FrontendServer {
             listener,
             token_path,
-            shared: Arc::new(Shared {
-                access: AccessRule::new(token, addr.port(), &cfg.allow_hosts),
+            shared: Arc::new(Shared::new(
+                AccessRule::new(token, addr.port(), &cfg.allow_hosts),
                 cfg,
-                deploying: Mutex::new(()),
-                active: AtomicUsize::new(0),
-                refusing: AtomicUsize::new(0),
-                sources: Arc::new(SourceTable::default()),
-            }),
+            )),
         })
     }
 
@@ -251,24 +260,51 @@ impl FrontendServer {
         &self.token_path
     }
 
-    /// Serves connections until the process ends.
+    /// Serves connections until the process ends (on a runtime of its own).
     pub fn serve(self) {
-        for conn in self.listener.incoming() {
-            let Ok(stream) = conn else {
-                // Out of descriptors, say: do not spin.
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("frontend")
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                log::error!("front-end: cannot start its runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(self.run());
+    }
+
+    async fn run(self) {
+        let listener = match self
+            .listener
+            .set_nonblocking(true)
+            .and_then(|_| tokio::net::TcpListener::from_std(self.listener))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("front-end: cannot listen: {e}");
+                return;
+            }
+        };
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(_) => {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
             };
+            let _ = stream.set_nodelay(true);
             if self.shared.active.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
                 self.shared
                     .refuse_busy(stream, format!("{CONNECTIONS_MAX} connections already"));
                 continue;
             }
-            let source = stream
-                .peer_addr()
-                .map(|a| a.ip())
-                .unwrap_or(IpAddr::from([0u8; 4]));
-            let slot = match SourceTable::admit(&self.shared.sources, source) {
+            let slot = match SourceTable::admit(&self.shared.sources, peer.ip()) {
                 Ok(slot) => slot,
                 Err(why) => {
                     self.shared.refuse_busy(stream, why);
@@ -277,18 +313,19 @@ impl FrontendServer {
             };
             self.shared.active.fetch_add(1, Ordering::SeqCst);
             let guard = ActiveGuard(self.shared.clone());
-            let shared = self.shared.clone();
-            let _ = std::thread::Builder::new()
-                .name("frontend-conn".into())
-                .spawn(move || {
-                    let _guard = guard;
-                    shared.connection(stream, slot);
-                });
+            let conn = Arc::new(Connection {
+                shared: self.shared.clone(),
+                slot: Mutex::new(slot),
+            });
+            tokio::spawn(async move {
+                let _guard = guard;
+                http::serve_connection(stream, conn).await;
+            });
         }
     }
 }
 
-/// Counts a connection until its thread ends (or never starts).
+/// Counts a connection until its task ends.
 struct ActiveGuard(Arc<Shared>);
 
 impl Drop for ActiveGuard {
@@ -297,308 +334,53 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// A parsed request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpRequest {
-    pub method: String,
-    pub target: String,
-    /// Names lower-cased.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    /// Bytes the client sent after the request (a `CONNECT` client's first tunnel bytes).
-    pub rest: Vec<u8>,
+/// One admitted connection: the front-end and the source slot it holds.
+struct Connection {
+    shared: Arc<Shared>,
+    slot: Mutex<SourceSlot>,
 }
 
-impl HttpRequest {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+impl http::Service for Connection {
+    fn gate(&self, head: &RequestHead) -> Result<(), HttpError> {
+        self.shared.gate(head)
     }
 
-    /// The target's path (without the query).
-    pub fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
+    fn admitted(&self) {
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .authenticated();
     }
 
-    /// The value of query parameter `name`.
-    pub fn query(&self, name: &str) -> Option<&str> {
-        let (_, q) = self.target.split_once('?')?;
-        q.split('&').find_map(|kv| match kv.split_once('=') {
-            Some((k, v)) if k == name => Some(v),
-            None if kv == name => Some(""),
-            _ => None,
-        })
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        head: RequestHead,
+    ) -> BoxFuture<Response<ResBody>> {
+        Box::pin(self.shared.clone().handle(req, head))
+    }
+
+    fn deadlines(&self) -> (Duration, Duration) {
+        (HEAD_DEADLINE, REQUEST_DEADLINE)
     }
 }
 
-/// Why a request could not be read; `status` 0: the client closed without sending anything.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpError {
-    pub status: u16,
-    pub message: String,
-}
-
-fn http_err(status: u16, message: impl Into<String>) -> HttpError {
-    HttpError {
-        status,
-        message: message.into(),
+impl http::Service for Shared {
+    fn gate(&self, head: &RequestHead) -> Result<(), HttpError> {
+        Shared::gate(self, head)
     }
-}
 
-fn io_err(e: &io::Error) -> HttpError {
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => http_err(408, "request timed out"),
-        _ => http_err(400, format!("reading the request: {e}")),
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        head: RequestHead,
+    ) -> BoxFuture<Response<ResBody>> {
+        Box::pin(Shared::handle(self, req, head))
     }
-}
 
-/// Reads one request: head (at most [`HEAD_MAX`] bytes) within [`HEAD_DEADLINE`], then a body
-/// of `Content-Length` bytes (at most [`BODY_MAX`]), all within [`REQUEST_DEADLINE`]. A read
-/// that times out (the socket's read timeout) only makes it look at the deadlines, so set a
-/// short one.
-pub fn read_request(r: &mut impl Read) -> Result<HttpRequest, HttpError> {
-    read_request_within(r, HEAD_DEADLINE, REQUEST_DEADLINE)
-}
-
-/// A read that a timeout interrupted: `None` (try again) while `deadline` has not passed.
-fn read_some(
-    r: &mut impl Read,
-    buf: &mut [u8],
-    start: Instant,
-    deadline: Duration,
-) -> Result<usize, HttpError> {
-    loop {
-        match r.read(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) && start.elapsed() < deadline => {}
-            Err(e) => return Err(io_err(&e)),
-        }
-        if start.elapsed() >= deadline {
-            return Err(http_err(408, "request timed out"));
-        }
+    fn deadlines(&self) -> (Duration, Duration) {
+        (HEAD_DEADLINE, REQUEST_DEADLINE)
     }
-}
-
-/// [`read_request`] with the head's and the whole request's deadlines given.
-pub fn read_request_within(
-    r: &mut impl Read,
-    head_deadline: Duration,
-    request_deadline: Duration,
-) -> Result<HttpRequest, HttpError> {
-    read_request_checked(r, head_deadline, request_deadline, &|_| Ok(()))
-}
-
-/// [`read_request_within`] that runs `check` on the head before reading any body: a request
-/// the check refuses (no token, say) costs no body read.
-pub fn read_request_checked(
-    r: &mut impl Read,
-    head_deadline: Duration,
-    request_deadline: Duration,
-    check: &dyn Fn(&HttpRequest) -> Result<(), HttpError>,
-) -> Result<HttpRequest, HttpError> {
-    let start = Instant::now();
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        let from = buf.len().saturating_sub(3);
-        let n = read_some(r, &mut chunk, start, head_deadline)?;
-        if n == 0 {
-            return Err(if buf.is_empty() {
-                http_err(0, "closed")
-            } else {
-                http_err(400, "the connection closed before the request's head ended")
-            });
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = find(&buf[from..], b"\r\n\r\n") {
-            let end = from + i + 4;
-            if end > HEAD_MAX {
-                return Err(http_err(431, format!("request head over {HEAD_MAX} bytes")));
-            }
-            break end;
-        }
-        if buf.len() > HEAD_MAX {
-            return Err(http_err(431, format!("request head over {HEAD_MAX} bytes")));
-        }
-        if start.elapsed() > head_deadline {
-            return Err(http_err(408, "request head timed out"));
-        }
-    };
-    let (method, target, headers) = parse_head(&buf[..head_end - 4])?;
-    let mut req = HttpRequest {
-        method,
-        target,
-        headers,
-        body: Vec::new(),
-        rest: Vec::new(),
-    };
-    check(&req)?;
-    if req.header("transfer-encoding").is_some() {
-        return Err(http_err(
-            501,
-            "Transfer-Encoding is not supported; send a Content-Length",
-        ));
-    }
-    let lengths: Vec<&str> = req
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "content-length")
-        .map(|(_, v)| v.as_str())
-        .collect();
-    let length = match lengths.first() {
-        None => 0,
-        Some(first) => {
-            if lengths.iter().any(|l| l != first) {
-                return Err(http_err(400, "conflicting Content-Length headers"));
-            }
-            if first.is_empty() || first.len() > 19 || !first.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(http_err(400, format!("bad Content-Length {first:?}")));
-            }
-            let n: u64 = first
-                .parse()
-                .map_err(|_| http_err(400, format!("bad Content-Length {first:?}")))?;
-            if n > BODY_MAX as u64 {
-                return Err(http_err(
-                    413,
-                    format!("body of {n} bytes is over the limit of {BODY_MAX}"),
-                ));
-            }
-            n as usize
-        }
-    };
-    let mut after = buf.split_off(head_end);
-    if req.method == "CONNECT" {
-        if length != 0 {
-            return Err(http_err(400, "CONNECT takes no body"));
-        }
-        req.rest = after;
-        return Ok(req);
-    }
-    while after.len() < length {
-        if start.elapsed() > request_deadline {
-            return Err(http_err(408, "request timed out"));
-        }
-        let want = (length - after.len()).min(chunk.len());
-        match read_some(r, &mut chunk[..want], start, request_deadline) {
-            Ok(0) => {
-                return Err(http_err(
-                    400,
-                    format!(
-                        "the connection closed after {} of {length} body bytes",
-                        after.len()
-                    ),
-                ));
-            }
-            Ok(n) => after.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(e),
-        }
-    }
-    req.rest = after.split_off(length);
-    req.body = after;
-    Ok(req)
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-type Head = (String, String, Vec<(String, String)>);
-
-/// Parses the request line and headers (without the final blank line).
-pub fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
-    let text = std::str::from_utf8(head).map_err(|_| http_err(400, "request head is not UTF-8"))?;
-    let mut lines = text.split("\r\n");
-    let line = lines.next().unwrap_or("");
-    let parts: Vec<&str> = line.split(' ').collect();
-    let [method, target, version] = parts[..] else {
-        return Err(http_err(400, format!("bad request line {line:?}")));
-    };
-    if method.is_empty() || method.len() > 16 || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(http_err(400, format!("bad method {method:?}")));
-    }
-    if target.is_empty() || target.bytes().any(|b| b.is_ascii_control() || b >= 0x80) {
-        return Err(http_err(400, format!("bad request target {target:?}")));
-    }
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(http_err(
-            505,
-            format!("HTTP version {version:?} not supported (HTTP/1.1 or HTTP/1.0)"),
-        ));
-    }
-    let mut headers = Vec::new();
-    for l in lines {
-        if headers.len() >= HEADERS_MAX {
-            return Err(http_err(431, format!("more than {HEADERS_MAX} headers")));
-        }
-        let Some((name, value)) = l.split_once(':') else {
-            return Err(http_err(400, format!("bad header line {l:?}")));
-        };
-        if !is_token(name) {
-            return Err(http_err(400, format!("bad header name {name:?}")));
-        }
-        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
-            return Err(http_err(400, format!("bad value of header {name}")));
-        }
-        headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
-    }
-    Ok((method.to_string(), target.to_string(), headers))
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        415 => "Unsupported Media Type",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
-}
-
-/// Writes a whole JSON answer.
-pub fn respond(w: &mut impl Write, status: u16, body: &Value) -> io::Result<()> {
-    let mut text = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    text.push(b'\n');
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         {}Connection: close\r\n\r\n",
-        reason(status),
-        text.len(),
-        if status == 401 {
-            "WWW-Authenticate: Bearer realm=\"unipeer front-end\"\r\n"
-        } else {
-            ""
-        }
-    );
-    w.write_all(head.as_bytes())?;
-    w.write_all(&text)?;
-    w.flush()
 }
 
 fn error(status: u16, message: impl Into<String>) -> (u16, Value) {
@@ -651,65 +433,219 @@ fn parse_accel(s: &str) -> Option<AccelChoice> {
     }
 }
 
-/// Most busy answers lingering at once (each on a thread for at most a second).
-const REFUSALS_LINGERING_MAX: usize = 16;
-
 impl Shared {
-    /// Answers 503 and closes. While few refusals are in flight, on a thread that reads what
-    /// the client sent (so the answer is not cut off by a reset); beyond that, at once.
-    fn refuse_busy(self: &Arc<Self>, mut stream: TcpStream, why: String) {
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        let answer = json!({ "error": format!("busy: {why}") });
-        if self.refusing.fetch_add(1, Ordering::SeqCst) >= REFUSALS_LINGERING_MAX {
+    /// A front-end's state for `cfg`, its requests judged by `access`.
+    pub fn new(access: AccessRule, cfg: FrontendConfig) -> Shared {
+        Shared {
+            access,
+            cfg,
+            deploying: Mutex::new(()),
+            active: AtomicUsize::new(0),
+            refusing: AtomicUsize::new(0),
+            sources: Arc::new(SourceTable::default()),
+            sessions: Default::default(),
+            snapshots: Default::default(),
+        }
+    }
+
+    /// Answers 503 and closes, on a task of its own while few refusals are in flight; beyond
+    /// that, closes at once.
+    fn refuse_busy(self: &Arc<Self>, stream: tokio::net::TcpStream, why: String) {
+        if self.refusing.fetch_add(1, Ordering::SeqCst) >= REFUSALS_MAX {
             self.refusing.fetch_sub(1, Ordering::SeqCst);
-            let _ = respond(&mut stream, 503, &answer);
             return;
         }
         let shared = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("frontend-busy".into())
-            .spawn(move || {
-                let _ = respond(&mut stream, 503, &answer);
-                linger(stream);
-                shared.refusing.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            self.refusing.fetch_sub(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            http::refuse_busy(stream, why).await;
+            shared.refusing.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Host, Origin, token and content type, then the body's framing: judged on the head,
+    /// before any body byte is read.
+    ///
+    /// A browser (no `Authorization` header) passes with the dashboard's session cookie, for
+    /// the dashboard's `GET`s only, or to `GET /login` (whose code the handler checks).
+    pub fn gate(&self, head: &RequestHead) -> Result<(), HttpError> {
+        let refused = |r: access::AccessRefused| http_err(r.status(), r.to_string());
+        let path = head.path();
+        let browser = head.method == "GET" && head.header("authorization").is_none();
+        if browser && path == "/login" {
+            self.access.check_place(head).map_err(refused)?;
+        } else if browser && dashboard::is_browser_path(path) {
+            self.access.check_place(head).map_err(refused)?;
+            let name = dashboard::cookie_name(self.access.port());
+            let signed_in = head
+                .headers
+                .iter()
+                .filter(|(n, _)| n == "cookie")
+                .filter_map(|(_, v)| dashboard::cookie(v, &name))
+                .any(|session| self.sessions.valid(session));
+            if !signed_in {
+                return Err(http_err(
+                    401,
+                    "sign in with `unipeer dashboard`, which opens a one-time URL",
+                ));
+            }
+        } else {
+            self.access.check(head).map_err(refused)?;
+        }
+        http::check_body_framing(head)
+    }
+
+    /// Answers a request that passed the gate.
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        head: RequestHead,
+    ) -> Response<ResBody> {
+        if head.method == "CONNECT" {
+            return self.connect(req, head).await;
+        }
+        if let Some(answer) = self.dashboard(&head).await {
+            return answer;
+        }
+        let body = match http::read_body(req).await {
+            Ok(b) => b,
+            Err(e) => return http::error_response(&e),
+        };
+        let shared = self.clone();
+        // The cluster calls block (a deploy waits for VMs to boot): off the runtime's threads.
+        let answer = tokio::task::spawn_blocking(move || shared.route(&head, &body)).await;
+        let (status, value) =
+            answer.unwrap_or_else(|e| error(500, format!("the handler failed: {e}")));
+        json_response(status, &value)
+    }
+
+    /// The dashboard's requests; `None` for any other.
+    async fn dashboard(self: &Arc<Self>, head: &RequestHead) -> Option<Response<ResBody>> {
+        let page = |content_type: &str, text: &'static str| {
+            Response::builder()
+                .header("content-type", content_type)
+                .header("cache-control", "no-store")
+                .header(
+                    "content-security-policy",
+                    "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                )
+                .header("x-content-type-options", "nosniff")
+                .body(http::full(text))
+                .ok()
+        };
+        let blocking = |f: Box<dyn FnOnce(&Shared) -> Value + Send>| {
+            let shared = self.clone();
+            async move {
+                let v = tokio::task::spawn_blocking(move || f(&shared))
+                    .await
+                    .unwrap_or_else(|e| json!({"error": e.to_string()}));
+                json_response(200, &v)
+            }
+        };
+        match (head.method.as_str(), head.path()) {
+            ("GET", "/") => page("text/html; charset=utf-8", dashboard::INDEX_HTML),
+            ("GET", "/dashboard.js") => {
+                page("text/javascript; charset=utf-8", dashboard::DASHBOARD_JS)
+            }
+            ("GET", "/login") => Some(self.login(head)),
+            ("POST", "/v1/dashboard/login") => Some(match self.sessions.new_code() {
+                Ok(code) => json_response(
+                    200,
+                    &json!({"path": format!("/login?code={code}"),
+                            "expires_s": dashboard::CODE_TTL.as_secs()}),
+                ),
+                Err(e) => json_response(500, &json!({"error": e.to_string()})),
+            }),
+            ("GET", "/v1/dashboard/state") => Some(
+                blocking(Box::new(|s: &Shared| {
+                    serde_json::from_str(&s.snapshots.get(&s.cfg.run_dir)).unwrap_or(Value::Null)
+                }))
+                .await,
+            ),
+            ("GET", "/v1/dashboard/events") => Some(self.events()),
+            ("GET", p) if p.starts_with("/v1/dashboard/node/") => {
+                let node = p.trim_start_matches("/v1/dashboard/node/").to_string();
+                if !valid_name(&node) {
+                    return Some(json_response(400, &json!({"error": "bad node name"})));
+                }
+                Some(
+                    blocking(Box::new(move |s: &Shared| {
+                        dashboard::node_links(&s.cfg.run_dir, &node)
+                    }))
+                    .await,
+                )
+            }
+            (
+                _,
+                "/" | "/dashboard.js" | "/login" | "/v1/dashboard/state" | "/v1/dashboard/events",
+            ) => Some(json_response(405, &json!({"error": "use GET"}))),
+            _ => None,
         }
     }
 
-    fn connection(&self, mut stream: TcpStream, mut slot: SourceSlot) {
-        // Short reads: the head's deadline is checked between them.
-        let _ = stream.set_read_timeout(Some(READ_TICK));
-        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        let _ = stream.set_nodelay(true);
-        // Host, Origin, token and content type are judged on the head, before any body.
-        let check = |req: &HttpRequest| {
-            self.access
-                .check(req)
-                .map_err(|refusal| http_err(refusal.status(), refusal.to_string()))
+    /// `GET /login?code=...`: a valid code becomes a session cookie and a redirect to `/`.
+    fn login(&self, head: &RequestHead) -> Response<ResBody> {
+        let Some(session) = head.query("code").and_then(|c| self.sessions.redeem(c)) else {
+            return json_response(
+                401,
+                &json!({"error": "this sign-in code is unknown, used or expired; run `unipeer dashboard` again"}),
+            );
         };
-        let req = match read_request_checked(&mut stream, HEAD_DEADLINE, REQUEST_DEADLINE, &check) {
-            Ok(r) => r,
-            Err(e) if e.status == 0 => return,
-            Err(e) => {
-                let _ = respond(&mut stream, e.status, &json!({ "error": e.message }));
-                linger(stream);
-                return;
+        let cookie = format!(
+            "{}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            dashboard::cookie_name(self.access.port()),
+            dashboard::SESSION_TTL.as_secs()
+        );
+        Response::builder()
+            .status(303)
+            .header("location", "/")
+            .header("set-cookie", cookie)
+            .header("cache-control", "no-store")
+            .body(http::full(Vec::new()))
+            .unwrap_or_else(|_| json_response(500, &json!({"error": "building the answer"})))
+    }
+
+    /// `GET /v1/dashboard/events`: a snapshot as a server-sent event whenever it changed, at
+    /// most [`dashboard::EVENTS_PER_S`] a second, for at most [`dashboard::STREAM_MAX`].
+    fn events(self: &Arc<Self>) -> Response<ResBody> {
+        let (tx, body) = http::channel_body(2);
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let period = Duration::from_millis(1000 / u64::from(dashboard::EVENTS_PER_S));
+            let mut last: Option<Arc<String>> = None;
+            while start.elapsed() < dashboard::STREAM_MAX && !tx.is_closed() {
+                let s = shared.clone();
+                let Ok(snap) =
+                    tokio::task::spawn_blocking(move || s.snapshots.get(&s.cfg.run_dir)).await
+                else {
+                    break;
+                };
+                if last.as_ref() != Some(&snap) {
+                    let event = format!("event: snapshot\ndata: {snap}\n\n");
+                    if tx.send(bytes::Bytes::from(event)).await.is_err() {
+                        break;
+                    }
+                    last = Some(snap);
+                } else if tx
+                    .send(bytes::Bytes::from_static(b": idle\n\n"))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(period).await;
             }
-        };
-        slot.authenticated();
-        if req.method == "CONNECT" {
-            self.connect(stream, req);
-            return;
-        }
-        let (status, body) = self.route(&req);
-        let _ = respond(&mut stream, status, &body);
-        linger(stream);
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-store")
+            .body(body)
+            .unwrap_or_else(|_| json_response(500, &json!({"error": "building the answer"})))
     }
 
     /// Answers one non-`CONNECT` request.
-    fn route(&self, req: &HttpRequest) -> (u16, Value) {
+    fn route(&self, req: &RequestHead, body: &[u8]) -> (u16, Value) {
         let path = req.path();
         if !path.starts_with('/') {
             return error(400, format!("bad request target {:?}", req.target));
@@ -725,7 +661,7 @@ impl Shared {
                 let probe = matches!(req.query("probe"), Some("1" | "true" | ""));
                 self.nodes(probe)
             }
-            ("POST", ["v1", "deploy"]) => self.deploy(&req.body),
+            ("POST", ["v1", "deploy"]) => self.deploy(body),
             ("POST", ["v1", "nodes", name, action @ ("kill" | "restart")]) => {
                 self.node_action(name, action)
             }
@@ -934,53 +870,65 @@ impl Shared {
         }
     }
 
-    /// `CONNECT node:port`: a byte pipe to the node through the cluster daemon's relay.
-    fn connect(&self, mut stream: TcpStream, req: HttpRequest) {
-        let target = match parse_connect_target(&req.target) {
+    /// `CONNECT node:port`: a byte pipe to the node through the cluster daemon's relay, once
+    /// hyper has handed over the connection.
+    async fn connect(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        head: RequestHead,
+    ) -> Response<ResBody> {
+        let target = match parse_connect_target(&head.target) {
             Ok(t) => t,
-            Err(e) => {
-                let _ = respond(&mut stream, 400, &json!({ "error": e }));
-                linger(stream);
-                return;
-            }
+            Err(e) => return json_response(400, &json!({ "error": e })),
         };
         if target.1 != CONNECT_PORT {
-            let _ = respond(
-                &mut stream,
+            return json_response(
                 403,
                 &json!({ "error": format!(
                     "CONNECT {}: only a node's client port {CONNECT_PORT} is reachable",
-                    req.target
+                    head.target
                 ) }),
             );
-            linger(stream);
-            return;
         }
-        let relay = match cluster::relay(&self.cfg.run_dir, &target.0, target.1) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = respond(
-                    &mut stream,
+        let run_dir = self.cfg.run_dir.clone();
+        let (node, port) = target.clone();
+        let relay = tokio::task::spawn_blocking(move || {
+            let relay = cluster::relay(&run_dir, &node, port)?;
+            relay.set_read_timeout(None).map_err(ClusterError::Io)?;
+            relay.set_nonblocking(true).map_err(ClusterError::Io)?;
+            tokio::net::UnixStream::from_std(relay).map_err(ClusterError::Io)
+        })
+        .await;
+        let relay = match relay {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                return json_response(
                     502,
-                    &json!({ "error": format!("CONNECT {}: {e}", req.target) }),
+                    &json!({ "error": format!("CONNECT {}: {e}", head.target) }),
                 );
-                linger(stream);
-                return;
             }
+            Err(e) => return json_response(500, &json!({ "error": e.to_string() })),
         };
-        if stream
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .is_err()
-        {
-            return;
+        let upgrade = hyper::upgrade::on(&mut req);
+        let limits = self.cfg.limits.relay;
+        // A relay's client may stay silent up to the idle limit, as its writes may wait.
+        if let Some(stall) = req.extensions().get::<http::WriteStall>() {
+            let ms = limits.idle.as_millis().min(u128::from(u64::MAX)) as u64;
+            stall
+                .0
+                .store(ms.max(http::WRITE_STALL_MS), Ordering::Relaxed);
         }
-        // Bounded: idle and total time (`FrontendLimits::relay`).
-        let Ok(reader) = stream.try_clone() else {
-            return;
-        };
-        let client_in = io::Cursor::new(req.rest).chain(reader);
-        let end = cluster::relay::pipe_within(client_in, stream, relay, self.cfg.limits.relay);
-        log::debug!("front-end: CONNECT {} ended: {end:?}", req.target);
+        tokio::spawn(async move {
+            let Ok(client) = upgrade.await else {
+                return;
+            };
+            // Bounded: idle and total time (`FrontendLimits::relay`).
+            let end = http::pipe(hyper_util::rt::TokioIo::new(client), relay, limits).await;
+            log::debug!("front-end: CONNECT {} ended: {end:?}", head.target);
+        });
+        let mut ok = Response::new(http::full(Vec::new()));
+        *ok.status_mut() = hyper::StatusCode::OK;
+        ok
     }
 }
 
@@ -995,23 +943,6 @@ pub fn parse_connect_target(target: &str) -> Result<(String, u16), String> {
     match port.parse::<u16>() {
         Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok((node.to_string(), p)),
         _ => Err(format!("CONNECT target {target:?}: bad port")),
-    }
-}
-
-/// Ends a connection after an answer without cutting the answer off: half-closes, then reads
-/// (and drops) what the client still sends for a short while, so the kernel does not reset the
-/// connection over unread bytes.
-fn linger(mut stream: TcpStream) {
-    let _ = stream.shutdown(Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    let start = Instant::now();
-    let mut sink = [0u8; 4096];
-    let mut total = 0usize;
-    while start.elapsed() < Duration::from_secs(1) && total < BODY_MAX {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => total += n,
-        }
     }
 }
 

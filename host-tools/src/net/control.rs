@@ -84,6 +84,8 @@ pub enum Request {
     Reset,
     /// Answers a [`SwitchStats`].
     Stats,
+    /// Answers the network faults injected so far ([`super::faults::FaultEvent`]s).
+    Faults,
     /// Stops the switch: tap and socket are removed.
     Shutdown,
 }
@@ -437,6 +439,11 @@ impl SwitchClient {
 
     pub fn reset(&mut self) -> Result<(), ControlError> {
         self.call(&Request::Reset).map(drop)
+    }
+
+    /// The network faults injected so far, with their start and heal times.
+    pub fn faults(&mut self) -> Result<Vec<super::faults::FaultEvent>, ControlError> {
+        self.call_for(&Request::Faults)
     }
 
     pub fn stats(&mut self) -> Result<SwitchStats, ControlError> {

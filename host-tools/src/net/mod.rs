@@ -57,6 +57,7 @@ mod bench;
 mod control;
 mod fabric;
 pub mod fake;
+pub mod faults;
 mod frame;
 mod rng;
 mod stats;

@@ -112,6 +112,7 @@ pub fn start(config: SwitchConfig) -> Result<SwitchHandle, StartError> {
     let mut forwarder = Forwarder {
         poll,
         fabric: Fabric::new(config.seed),
+        faults: Default::default(),
         io: Vec::new(),
         ready: Vec::new(),
         is_ready: Vec::new(),
@@ -267,6 +268,7 @@ struct Delayed {
 struct Forwarder {
     poll: Poll,
     fabric: Fabric,
+    faults: super::faults::FaultLog,
     io: Vec<Option<Slot>>,
     ready: Vec<usize>,
     is_ready: Vec<bool>,
@@ -468,26 +470,76 @@ impl Forwarder {
                 Ok(None)
             }
             Request::Ports => Ok(Some(serde_json::to_value(f.infos()).expect("serialisable"))),
-            Request::Cut { port } => unit(f.set_link(&port, false)),
-            Request::Restore { port } => unit(f.set_link(&port, true)),
-            Request::Partition { groups } => unit(f.partition(&groups)),
-            Request::Heal => {
-                f.heal();
+            Request::Cut { port } => {
+                unit(f.set_link(&port, false))?;
+                self.faults.start("cut", &port, String::new());
                 Ok(None)
             }
-            Request::Loss { port, fraction } => unit(f.set_loss(port.as_deref(), fraction)),
-            Request::Delay { port, delay_us } => unit(f.set_link_delay(&port, delay_us)),
-            Request::DelayBetween { a, b, delay_us } => unit(f.set_delay_between(&a, &b, delay_us)),
+            Request::Restore { port } => {
+                unit(f.set_link(&port, true))?;
+                self.faults.heal("cut", Some(&port));
+                Ok(None)
+            }
+            Request::Partition { groups } => {
+                unit(f.partition(&groups))?;
+                let g: Vec<String> = groups.iter().map(|g| g.join(",")).collect();
+                self.faults.heal("partition", None);
+                self.faults
+                    .start("partition", &g.join(" | "), String::new());
+                Ok(None)
+            }
+            Request::Heal => {
+                f.heal();
+                self.faults.heal("partition", None);
+                Ok(None)
+            }
+            Request::Loss { port, fraction } => {
+                unit(f.set_loss(port.as_deref(), fraction))?;
+                let target = port.as_deref().unwrap_or("*");
+                if fraction > 0.0 {
+                    self.faults
+                        .start("loss", target, format!("{:.1}%", fraction * 100.0));
+                } else {
+                    self.faults.heal("loss", Some(target));
+                }
+                Ok(None)
+            }
+            Request::Delay { port, delay_us } => {
+                unit(f.set_link_delay(&port, delay_us))?;
+                if delay_us > 0 {
+                    let ms = delay_us as f64 / 1000.0;
+                    self.faults.start("delay", &port, format!("{ms:.1} ms"));
+                } else {
+                    self.faults.heal("delay", Some(&port));
+                }
+                Ok(None)
+            }
+            Request::DelayBetween { a, b, delay_us } => {
+                unit(f.set_delay_between(&a, &b, delay_us))?;
+                let target = format!("{} <-> {}", a.join(","), b.join(","));
+                if delay_us > 0 {
+                    let ms = delay_us as f64 / 1000.0;
+                    self.faults.start("delay", &target, format!("{ms:.1} ms"));
+                } else {
+                    self.faults.heal("delay", Some(&target));
+                }
+                Ok(None)
+            }
             Request::ClearDelays => {
                 f.clear_delays();
+                self.faults.heal("delay", None);
                 Ok(None)
             }
             Request::Servers { servers, delay_us } => unit(f.set_servers(&servers, delay_us)),
             Request::ServerDelay { delay_us } => unit(f.set_server_delay(delay_us)),
             Request::Reset => {
                 f.reset_faults();
+                self.faults.heal_all();
                 Ok(None)
             }
+            Request::Faults => Ok(Some(
+                serde_json::to_value(self.faults.events()).expect("serialisable"),
+            )),
             Request::Stats => {
                 let s = f.stats(self.uplink.clone(), self.queue.len());
                 Ok(Some(serde_json::to_value(s).expect("serialisable")))

@@ -1,8 +1,8 @@
 //! The host's surfaces as another local user tries them (issue 10, findings 1, 2 and 5): a real
 //! front-end (`unipeer frontend`, trust on) deploys 2 VMs, then user `nobody` (uid 65534,
 //! through `setpriv`) talks to the API without the token, with a foreign `Origin` and a bad
-//! `Host`, tries `CONNECT n1:7002`, reads the run directory, the token file and the VMs' files,
-//! and connects to `cluster.sock`, `switch.sock` and a QMP socket. The owner's own client checks
+//! `Host`, tries the dashboard without a session, tries `CONNECT n1:7002`, reads the run
+//! directory, the token file and the VMs' files, and connects to `cluster.sock`, `switch.sock` and a QMP socket. The owner's own client checks
 //! the limits, the modes of everything `up` made, and that the launch-config blobs are gone once
 //! the VMs are ready (also after a restart). One cluster serves every case.
 
@@ -176,6 +176,24 @@ fn another_local_user_cannot_use_the_hosts_surfaces() {
         &format!("GET /v1/info HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n"),
     );
     assert_eq!(status, 400, "{text}");
+    // Nobody at the dashboard: no page, no state, no events, no sign-in code, and a guessed
+    // code is refused.
+    for head in [
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        format!("GET /v1/dashboard/events HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        format!(
+            "GET /v1/dashboard/state HTTP/1.1\r\nHost: {host}\r\nCookie: unipeer_fe_{port}=00\r\n\r\n"
+        ),
+        format!(
+            "GET /login?code=00000000000000000000000000000000 HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        ),
+        format!(
+            "POST /v1/dashboard/login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        ),
+    ] {
+        let (status, text) = nobody_http(port, &head);
+        assert_eq!(status, 401, "{head}: {text}");
+    }
 
     // The owner deploys 2 VMs; over the limits is refused.
     let deployed = fe
