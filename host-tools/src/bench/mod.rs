@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod boot;
 pub mod cluster;
+pub mod directory;
 pub mod jobs;
 pub mod linux_baseline;
 pub mod overlay;

@@ -12,9 +12,7 @@
 use crate::{Outcome, Sim, SimConfig};
 use std::collections::{BTreeMap, HashMap};
 use unipeer_node::Instant;
-use unipeer_node::directory::{
-    Attributes, DirectoryConfig, NODE_SERVICE, Requirement, service_id,
-};
+use unipeer_node::directory::{Attributes, DirectoryConfig, NODE_SERVICE, Requirement, service_id};
 use unipeer_node::id::NodeId;
 use unipeer_node::node::OpId;
 
@@ -127,7 +125,8 @@ impl DirReport {
     }
 
     pub fn nearest_percent(&self) -> Option<f64> {
-        (self.nearest_total > 0).then(|| 100.0 * self.nearest_hits as f64 / self.nearest_total as f64)
+        (self.nearest_total > 0)
+            .then(|| 100.0 * self.nearest_hits as f64 / self.nearest_total as f64)
     }
 }
 
@@ -255,7 +254,9 @@ pub fn run(cfg: &DirSimConfig) -> DirReport {
         let churn_due = churn_total * tick / ticks;
         while churned < churn_due {
             churned += 1;
-            let Some(victim) = sim.random_live() else { break };
+            let Some(victim) = sim.random_live() else {
+                break;
+            };
             if unique.iter().any(|(s, _)| *s == victim) {
                 continue;
             }
@@ -265,7 +266,8 @@ pub fn run(cfg: &DirSimConfig) -> DirReport {
             sim.start(fresh, &[boot]);
         }
         // Lookups: only once the network is whole (a partition hides half the providers).
-        let in_partition = partitioned && healed_at.is_none_or(|h| sim.now.millis_since(h) < 10_000);
+        let in_partition =
+            partitioned && healed_at.is_none_or(|h| sim.now.millis_since(h) < 10_000);
         let due = total * tick / ticks;
         while issued < due && !in_partition {
             issued += 1;
@@ -334,9 +336,10 @@ pub fn run(cfg: &DirSimConfig) -> DirReport {
             .min();
         let Some(best) = best else { continue };
         report.nearest_total += 1;
-        let first = ans.providers.first().and_then(|p| {
-            sim.slots.iter().position(|s| s.id == p.contact.id)
-        });
+        let first = ans
+            .providers
+            .first()
+            .and_then(|p| sim.slots.iter().position(|s| s.id == p.contact.id));
         if first.is_some_and(|f| rank(f) <= best) {
             report.nearest_hits += 1;
         }
@@ -357,6 +360,45 @@ pub fn run(cfg: &DirSimConfig) -> DirReport {
             .is_some_and(|a| a.providers.iter().any(|p| p.contact.id == *provider))
         {
             report.unique_found += 1;
+        } else if std::env::var("DIR_DEBUG").is_ok() {
+            let now = sim.now;
+            let holders: Vec<(usize, usize)> = sim
+                .live_slots()
+                .into_iter()
+                .filter(|s| {
+                    sim.node(*s)
+                        .is_some_and(|n| n.directory_store().holds(now, service, *provider))
+                })
+                .map(|s| (s, sim.slots[s].id.shared_prefix_len(service)))
+                .collect();
+            let ans = sim
+                .discovered
+                .get(&(*from, *op))
+                .map(|a| (a.level, a.hops, a.answers));
+            let arc: Vec<usize> = sim
+                .live_slots()
+                .into_iter()
+                .filter(|s| sim.slots[*s].id.shared_prefix_len(service) >= 2)
+                .collect();
+            let short = arc
+                .iter()
+                .filter(|s| {
+                    sim.node(**s)
+                        .is_some_and(|n| n.leaf_set().len() < n.leaf_set().capacity())
+                })
+                .count();
+            let (we, wa) = sim.live_slots().into_iter().fold((0, 0), |(a, b), s| {
+                let c = sim.node(s).expect("live").directory_counters();
+                (a + c.walks_extended, b + c.walk_extension_asked)
+            });
+            eprintln!(
+                "arc size {} ({short} with short leaf sets); walks extended {we}, asked {wa}",
+                arc.len()
+            );
+            eprintln!(
+                "unique miss: holders (slot, level) {holders:?}, answer (level, hops, answers) {ans:?}, outcome {:?}",
+                sim.ops.get(&(*from, *op)).map(|t| t.outcome.clone())
+            );
         }
     }
 
@@ -386,8 +428,27 @@ pub fn run(cfg: &DirSimConfig) -> DirReport {
             })
             .map(|(a, b, c, d)| (a, b, c, d))
             .collect();
+        let hub = sim
+            .live_slots()
+            .into_iter()
+            .max_by_key(|s| sim.node(*s).expect("live").directory_store().len())
+            .expect("nodes");
+        let hn = sim.node(hub).expect("live");
+        let mut servers = std::collections::BTreeMap::new();
+        for a in hn.directory_store().adverts() {
+            *servers
+                .entry(a.provider.server.0 == hn.contact().server.0)
+                .or_insert(0) += 1;
+        }
+        eprintln!(
+            "hub same-server adverts: {servers:?}, leaf len {}",
+            hn.leaf_set().len()
+        );
         v.sort_by_key(|x| std::cmp::Reverse(x.0));
-        eprintln!("top records (records, examined, answered, level): {:?}", &v[..8]);
+        eprintln!(
+            "top records (records, examined, answered, level): {:?}",
+            &v[..8]
+        );
         v.sort_by_key(|x| std::cmp::Reverse(x.1));
         eprintln!("top lookups: {:?}", &v[..8]);
         let mut levels = std::collections::BTreeMap::new();
@@ -423,7 +484,8 @@ pub fn run(cfg: &DirSimConfig) -> DirReport {
         }
     }
     let crashed_at = sim.now;
-    let mut gone: BTreeMap<NodeId, Option<u64>> = victims.iter().map(|(_, id)| (*id, None)).collect();
+    let mut gone: BTreeMap<NodeId, Option<u64>> =
+        victims.iter().map(|(_, id)| (*id, None)).collect();
     let mut after_ops: Vec<(usize, OpId)> = Vec::new();
     let horizon = u64::from(cfg.directory.ttl_ms) * 2 + 5_000;
     while sim.now.millis_since(crashed_at) < horizon {
@@ -456,8 +518,7 @@ pub fn run(cfg: &DirSimConfig) -> DirReport {
     for (from, op) in &after_ops {
         if let Some(a) = sim.discovered.get(&(*from, *op)) {
             report.answers_after_crash += 1;
-            if a
-                .providers
+            if a.providers
                 .iter()
                 .any(|p| victims.iter().any(|(_, id)| *id == p.contact.id))
             {

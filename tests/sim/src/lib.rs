@@ -447,7 +447,11 @@ impl Sim {
     }
 
     /// Runs `f` on the node in `slot` (if up) and handles what it sent and emitted.
-    pub fn with_node<T>(&mut self, slot: usize, f: impl FnOnce(&mut Node, Instant) -> T) -> Option<T> {
+    pub fn with_node<T>(
+        &mut self,
+        slot: usize,
+        f: impl FnOnce(&mut Node, Instant) -> T,
+    ) -> Option<T> {
         let now = self.now;
         let out = f(self.slots[slot].node.as_mut()?, now);
         self.after_io(slot);

@@ -232,7 +232,9 @@ impl Requirement {
     /// Whether `a` meets every term.
     pub fn matches(&self, a: &Advert) -> bool {
         let x = &a.attrs;
-        self.apps.iter().all(|want| x.apps.iter().any(|have| have == want))
+        self.apps
+            .iter()
+            .all(|want| x.apps.iter().any(|have| have == want))
             && x.free_slots >= self.min_free_slots
             && x.memory_mib >= self.min_memory_mib
             && x.cores >= self.min_cores
@@ -323,6 +325,9 @@ pub struct DirectoryCounters {
     pub stray_answers: u64,
     /// Discovers that ended without any answer.
     pub discovers_failed: u64,
+    /// Arc walks passed on to this node past a leaf set's edge, and the nodes it then asked.
+    pub walks_extended: u64,
+    pub walk_extension_asked: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -498,7 +503,10 @@ mod tests {
         // An older advert does not replace a newer one.
         s.upsert(t0, advert(1, "s0", &["b"], 1, 4)).unwrap();
         let any = Requirement::default();
-        assert_eq!(s.matching(t0, service_id("node"), &any)[0].attrs.apps[0], "a");
+        assert_eq!(
+            s.matching(t0, service_id("node"), &any)[0].attrs.apps[0],
+            "a"
+        );
         s.upsert(t0, advert(2, "s0", &[], 1, 1)).unwrap();
         assert_eq!(s.upsert(t0, advert(3, "s0", &[], 1, 1)), Err(()));
         assert_eq!(s.len(), 2);

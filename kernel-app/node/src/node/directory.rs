@@ -3,12 +3,12 @@
 //! discovers (route, collect the arc's answers, probe RTTs, rank). See `crate::directory`.
 
 use super::*;
+use crate::directory::Advert;
 use crate::directory::{
     AdvertError, Attributes, DirectoryConfig, DirectoryCounters, DirectoryStore, MAX_ANSWER,
     MAX_DISCOVERS, MAX_OWN_ADVERTS, MAX_SERVICE_NAME, Provider, Requirement, select_for,
     service_id,
 };
-use crate::directory::Advert;
 use crate::wire::DirectoryBody;
 
 /// Most providers an asker collects from one discover's answers before ranking.
@@ -331,8 +331,8 @@ impl<S: Sealer> Node<S> {
     // ---- directory: acting as a directory node ----
 
     /// The next hop of a directory message: a known node sharing more digits with `key`,
-    /// never one on the path. A node of this server first (the nearest, then the longer
-    /// prefix): the lower levels stay local to each server. Else straight up: the longest
+    /// never one on the path. A node of this server first (the longer prefix, then a hash
+    /// of key and candidate, so a server's nodes agree): the lower levels stay local. Else straight up: the longest
     /// prefix, ties broken by a hash of the pair (not by RTT or closeness to the key, which
     /// would make the nodes of every server pick the same hub).
     fn directory_next(&self, key: Key, path: &[Id]) -> Option<Contact> {
@@ -350,8 +350,9 @@ impl<S: Sealer> Node<S> {
                 continue;
             }
             let rank = if c.server == self.me.server {
-                let rtt = self.known_rtt(c.id).unwrap_or(u32::MAX);
-                (false, rtt, usize::MAX - prefix, 0)
+                // The nodes of one server agree on the one they know best for this key
+                // (a hash of the key and the candidate), so that they meet there.
+                (false, 0, usize::MAX - prefix, rendezvous(key, c.id))
             } else {
                 (true, 0, usize::MAX - prefix, rendezvous(self.me.id, c.id))
             };
@@ -360,6 +361,30 @@ impl<S: Sealer> Node<S> {
             }
         }
         best.map(|(_, c)| c)
+    }
+
+    /// At the top level, the arc member (of those this node sees) that serves `who` (a
+    /// provider's advert, an asker's lookup): the winner of a rendezvous hash, so the top
+    /// level's records and lookups spread over its arc instead of piling on the nodes that
+    /// routes happen to reach. `None`: this node. Passed on once at most (a node already
+    /// reached from another top-level node serves).
+    fn top_owner(&self, key: Key, level: usize, who: NodeId, path: &[Id]) -> Option<Contact> {
+        let w = level.min(usize::from(self.dir.config.max_level));
+        let from_top = path
+            .iter()
+            .rev()
+            .skip(1)
+            .any(|id| id.shared_prefix_len(key) >= w);
+        if from_top {
+            return None;
+        }
+        let owner = self
+            .leaf
+            .contacts()
+            .filter(|c| c.id.shared_prefix_len(key) >= w && !path.contains(&c.id))
+            .copied()
+            .max_by_key(|c| rendezvous(who, c.id))?;
+        (rendezvous(who, owner.id) > rendezvous(who, self.me.id)).then_some(owner)
     }
 
     fn store_advert(&mut self, now: Instant, a: Advert) {
@@ -381,7 +406,10 @@ impl<S: Sealer> Node<S> {
         // Adverts stop (and lookups end, walking the arc) at level M, or where no node
         // sharing more digits is known (the deepest level there is).
         let terminal = next.is_none() || level >= usize::from(cfg.max_level);
-        let is_directory = terminal || level >= usize::from(cfg.min_level);
+        // Below the top a directory node serves its own server (adverts of its providers,
+        // lookups of its askers): that is where a near answer is; the rest climb.
+        let is_directory =
+            terminal || (level >= usize::from(cfg.min_level) && r.origin.server == self.me.server);
         match body {
             DirectoryBody::Advertise(a) => {
                 if a.provider.id != r.origin.id || a.service != key {
@@ -390,22 +418,10 @@ impl<S: Sealer> Node<S> {
                     return;
                 }
                 if terminal {
-                    // The top level's adverts spread over its arc: each to the member (of
-                    // those this node sees) that wins a rendezvous hash with the provider.
-                    let w = level.min(usize::from(cfg.max_level));
-                    let provider = a.provider.id;
-                    let owner = self
-                        .leaf
-                        .contacts()
-                        .filter(|c| c.id.shared_prefix_len(key) >= w && !r.path.contains(&c.id))
-                        .copied()
-                        .chain(core::iter::once(self.me))
-                        .max_by_key(|c| rendezvous(provider, c.id))
-                        .unwrap_or(self.me);
-                    if owner.id == self.me.id {
-                        self.store_advert(now, a.clone());
-                    } else {
-                        self.forward(now, r, owner, 0);
+                    // The top level's adverts spread over its arc (see `top_owner`).
+                    match self.top_owner(key, level, a.provider.id, &r.path) {
+                        Some(owner) => self.forward(now, r, owner, 0),
+                        None => self.store_advert(now, a.clone()),
                     }
                     return;
                 }
@@ -414,6 +430,11 @@ impl<S: Sealer> Node<S> {
                 }
             }
             DirectoryBody::Discover { requirement, k } => {
+                if terminal && let Some(owner) = self.top_owner(key, level, r.origin.id, &r.path) {
+                    // The top level's lookups spread over its arc like its adverts.
+                    self.forward(now, r, owner, 0);
+                    return;
+                }
                 if is_directory {
                     self.dir.counters.lookups_examined += 1;
                     let mut matches = self.dir.store.matching(now, key, requirement);
@@ -475,7 +496,12 @@ impl<S: Sealer> Node<S> {
         if self.leaf.len() < self.leaf.capacity() {
             // The leaf set holds the whole ring.
             if extend.is_none() {
-                targets.extend(self.leaf.contacts().filter(|c| in_arc(c)).map(|c| (*c, None)));
+                targets.extend(
+                    self.leaf
+                        .contacts()
+                        .filter(|c| in_arc(c))
+                        .map(|c| (*c, None)),
+                );
             }
         } else {
             for cw in [true, false] {
@@ -531,7 +557,10 @@ impl<S: Sealer> Node<S> {
         let adverts = select_for(matches, origin.server);
         let level = self.me.id.shared_prefix_len(walk.key) as u8;
         let asked = if extend.is_some() && level >= walk.level {
-            self.walk_arc(&walk, extend, budget)
+            let asked = self.walk_arc(&walk, extend, budget);
+            self.dir.counters.walks_extended += 1;
+            self.dir.counters.walk_extension_asked += u64::from(asked);
+            asked
         } else {
             0
         };
