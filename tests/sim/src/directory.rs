@@ -426,7 +426,6 @@ pub fn run(cfg: &DirSimConfig) -> DirReport {
                     n.contact().id.shared_prefix_len(service),
                 )
             })
-            .map(|(a, b, c, d)| (a, b, c, d))
             .collect();
         let hub = sim
             .live_slots()

@@ -35,7 +35,7 @@ fn check(
         ));
     }
     let (dh, ph) = (DirReport::mean(&r.hops), DirReport::mean(&r.plain_hops));
-    if !(dh <= ph + extra_hops) {
+    if dh.is_nan() || ph.is_nan() || dh > ph + extra_hops {
         return fail(format!("discover hops {dh:.2} > plain lookup hops {ph:.2}"));
     }
     for (name, load, base) in [
@@ -43,7 +43,7 @@ fn check(
         ("lookups", r.lookups_load, r.baseline_lookups),
     ] {
         let rel = load.ratio() / base.ratio();
-        if !(rel <= load_max) {
+        if rel.is_nan() || rel > load_max {
             return fail(format!(
                 "{name} max/mean {:.1} is {rel:.3} of the single-root {:.1} (> {load_max})",
                 load.ratio(),
