@@ -523,6 +523,73 @@ mod tests {
     }
 
     #[test]
+    fn worst_case_directory_messages_fit_a_datagram() {
+        use crate::wire::{
+            self, DirectoryBody, Header, MAX_DATAGRAM, MAX_PATH, Message, Packet, Routed,
+            RoutedBody, WIRE_VERSION,
+        };
+        let app = "a".repeat(MAX_ATTR_APP_NAME);
+        let apps: Vec<&str> = vec![app.as_str(); MAX_ATTR_APPS];
+        let mut a = advert(u128::MAX, "s0", &apps, u8::MAX, u64::MAX);
+        a.ttl_ms = u32::MAX;
+        a.attrs.memory_mib = u32::MAX;
+        let header = Header {
+            version: WIRE_VERSION,
+            sender: Id(u128::MAX),
+            server: ServerTag(u32::MAX),
+            joined: true,
+        };
+        let routed = |body| Packet {
+            header,
+            message: Message::Routed(Routed {
+                nonce: u64::MAX,
+                key: Id(u128::MAX),
+                origin: a.provider,
+                path: vec![Id(u128::MAX); MAX_PATH],
+                body,
+            }),
+        };
+        let req = Requirement {
+            apps: apps.iter().map(|s| s.to_string()).collect(),
+            min_free_slots: u8::MAX,
+            min_memory_mib: u32::MAX,
+            min_cores: u8::MAX,
+            server: Some(ServerTag(u32::MAX)),
+            max_load_pct: Some(100),
+        };
+        for p in [
+            routed(RoutedBody::Directory(DirectoryBody::Advertise(a.clone()))),
+            routed(RoutedBody::Directory(DirectoryBody::Discover {
+                requirement: req.clone(),
+                k: u8::MAX,
+            })),
+        ] {
+            let bytes = wire::encode(&p, MAX_DATAGRAM).unwrap();
+            assert_eq!(wire::decode(&bytes).unwrap(), p);
+        }
+        // An over-bound advert is refused both ways.
+        let mut big = a.clone();
+        big.attrs.apps.push("x".into());
+        let p = routed(RoutedBody::Directory(DirectoryBody::Advertise(big)));
+        assert!(wire::encode(&p, MAX_DATAGRAM).is_err());
+        // A full answer does not fit: the node trims it (`directory_answer`), at least 3 do.
+        let reply = |n: usize| Packet {
+            header,
+            message: Message::DirectoryReply {
+                nonce: u64::MAX,
+                key: Id(u128::MAX),
+                routed: true,
+                level: 32,
+                hops: 24,
+                asked: u8::MAX,
+                adverts: vec![a.clone(); n],
+            },
+        };
+        assert!(wire::encode(&reply(3), MAX_DATAGRAM).is_ok());
+        assert!(wire::encode(&reply(MAX_ANSWER + 1), MAX_DATAGRAM).is_err());
+    }
+
+    #[test]
     fn answers_prefer_the_askers_server() {
         let a = advert(1, "s1", &[], 1, 1);
         let b = advert(2, "s2", &[], 1, 1);
