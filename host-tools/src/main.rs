@@ -246,6 +246,9 @@ enum BenchCommand {
     /// Simulated overlay: hops against log16 N, lookup consistency with and without churn,
     /// upkeep bytes, memory per node, simulation speed.
     Overlay(bench::overlay::OverlayBenchArgs),
+    /// Simulated service directory: discover hops against a plain lookup, directory load
+    /// against a single root, nearest answers, freshness of failed providers.
+    Directory(bench::directory::DirectoryBenchArgs),
     /// Handshake time and per-message sealing overhead of the trust layer (host; `--vm`: with
     /// a node in a VM too).
     Auth(bench::auth::AuthBenchArgs),
@@ -470,6 +473,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Overlay(args),
         } => {
             bench::overlay::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Directory(args),
+        } => {
+            bench::directory::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -6,6 +6,7 @@ pub mod apps;
 pub mod auth;
 pub mod boot;
 pub mod cluster;
+pub mod directory;
 pub mod jobs;
 pub mod linux_baseline;
 pub mod overlay;

@@ -414,6 +414,10 @@ impl Overlay {
                 );
             }
             Event::PeerFailed { id } => log::info!("overlay: leaf-set member {id} failed"),
+            // No discover is issued from the kernel yet (the directory issue's kernel part).
+            Event::Discovered { service, .. } => {
+                log::debug!("overlay: directory answer for {service}")
+            }
             Event::LookupDone {
                 op,
                 key,
@@ -484,6 +488,7 @@ impl Overlay {
                         RequestKind::Get => "get",
                         RequestKind::Join => "join",
                         RequestKind::Handoff => "handoff",
+                        RequestKind::Discover => "discover",
                     };
                     let line = alloc::format!("{what} key={key} error=failed\n");
                     Self::reply(outbox, session, &line);

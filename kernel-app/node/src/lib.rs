@@ -12,6 +12,7 @@ extern crate std;
 
 pub mod auth;
 pub mod diag_command;
+pub mod directory;
 pub mod id;
 pub mod jobs;
 pub mod launch;

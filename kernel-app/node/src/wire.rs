@@ -4,6 +4,7 @@
 //! Every datagram in and out passes one seam, [`Sealer`], where the authentication issue will
 //! sign and encrypt; [`Plaintext`] is the identity implementation used until then.
 
+use crate::directory::{Advert, MAX_ANSWER, Requirement};
 use crate::id::{Id, ServerTag};
 use crate::launch::PeerAddr;
 use alloc::borrow::Cow;
@@ -74,6 +75,18 @@ pub enum RoutedBody {
         value: Vec<u8>,
         copies: u8,
     },
+    /// The service directory's traffic towards a ServiceId (see `directory`): examined by
+    /// every directory node on the way, not only by the root.
+    Directory(DirectoryBody),
+}
+
+/// What a directory message routed towards a ServiceId carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirectoryBody {
+    /// A provider's advert (TTL 0: withdrawn), kept by the directory nodes on the route.
+    Advertise(Advert),
+    /// A lookup of `k` providers meeting `requirement`.
+    Discover { requirement: Requirement, k: u8 },
 }
 
 /// A message on its way to the root of `key`; every hop acknowledges it to the previous hop.
@@ -201,6 +214,34 @@ pub enum Message {
         key: Id,
         version: u64,
     },
+    /// A terminal directory node asks a member of its arc for providers of service `key`
+    /// meeting `requirement`; the member answers `origin` directly.
+    DirectoryQuery {
+        nonce: u64,
+        key: Id,
+        origin: Contact,
+        requirement: Requirement,
+        k: u8,
+        /// The arc walked: the nodes sharing `level` digits with `key`.
+        level: u8,
+        /// The arc may go on past the sender's leaf set on this side (true: clockwise):
+        /// the receiver walks on that way.
+        extend: Option<bool>,
+        /// Nodes the walk may still ask.
+        budget: u8,
+    },
+    /// A directory node's answer to a discover: providers of service `key` it holds.
+    /// `routed`: from the node the discover stopped at (it names the level and hops, and how
+    /// many arc members it `asked` to answer too); else from an asked arc member.
+    DirectoryReply {
+        nonce: u64,
+        key: Id,
+        routed: bool,
+        level: u8,
+        hops: u8,
+        asked: u8,
+        adverts: Vec<Advert>,
+    },
     /// The root took a handed-off record (it holds `version` or newer).
     HandoffAck {
         key: Id,
@@ -279,6 +320,12 @@ impl Message {
                         RoutedBody::Put { value, .. } | RoutedBody::Handoff { value, .. } => {
                             value.len() <= MAX_VALUE_LEN
                         }
+                        RoutedBody::Directory(DirectoryBody::Advertise(a)) => {
+                            a.attrs.within_bounds()
+                        }
+                        RoutedBody::Directory(DirectoryBody::Discover { requirement, .. }) => {
+                            requirement.within_bounds()
+                        }
                         _ => true,
                     }
             }
@@ -287,6 +334,10 @@ impl Message {
                 value.as_ref().is_none_or(|v| v.len() <= MAX_VALUE_LEN)
             }
             Message::Store { value, .. } => value.len() <= MAX_VALUE_LEN,
+            Message::DirectoryQuery { requirement, .. } => requirement.within_bounds(),
+            Message::DirectoryReply { adverts, .. } => {
+                adverts.len() <= MAX_ANSWER && adverts.iter().all(|a| a.attrs.within_bounds())
+            }
             Message::Ping { .. }
             | Message::Pong { .. }
             | Message::RowRequest { .. }
@@ -304,7 +355,13 @@ impl Message {
     /// benchmark's upkeep figure counts these.
     pub fn is_maintenance(&self) -> bool {
         match self {
-            Message::Routed(r) => matches!(r.body, RoutedBody::Join | RoutedBody::Handoff { .. }),
+            Message::Routed(r) => matches!(
+                r.body,
+                RoutedBody::Join
+                    | RoutedBody::Handoff { .. }
+                    | RoutedBody::Directory(DirectoryBody::Advertise(_))
+            ),
+            Message::DirectoryQuery { .. } | Message::DirectoryReply { .. } => false,
             Message::RouteAck { .. }
             | Message::LookupReply { .. }
             | Message::PutAck { .. }

@@ -7,6 +7,7 @@
 //! [`scenario`] module adds the liveness phase; [`bench`] measures hops, consistency and upkeep.
 
 pub mod bench;
+pub mod directory;
 pub mod harness;
 pub mod heap;
 pub mod network;
@@ -20,6 +21,7 @@ static HEAP: &heap::CountingAlloc = &heap::COUNTING;
 use harness::{Clock, Incarnation, Simulation};
 use network::{Faults, Topology};
 use std::collections::{BTreeMap, HashMap};
+use unipeer_node::directory::{DirectoryConfig, Provider};
 use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
 use unipeer_node::node::{Event, Node, NodeConfig, OpId, PutError, RequestKind, Timing};
 use unipeer_node::rng::Rng;
@@ -41,6 +43,8 @@ pub struct SimConfig {
     /// A record must have its `k` copies once the network has been whole, with no crash or
     /// leave, this long.
     pub repair_bound_ms: u64,
+    /// The service directory's settings (R, M, TTL) every node starts with.
+    pub directory: DirectoryConfig,
 }
 
 impl SimConfig {
@@ -54,6 +58,7 @@ impl SimConfig {
             replicas: 3,
             timing: Timing::default(),
             repair_bound_ms: 30_000,
+            directory: DirectoryConfig::default(),
         }
     }
 }
@@ -101,6 +106,16 @@ pub struct TrackedOp {
     pub kind: RequestKind,
     pub issued: Instant,
     pub outcome: Outcome,
+}
+
+/// A discover's answer as the simulator saw it.
+#[derive(Clone, Debug)]
+pub struct DiscoverAnswer {
+    pub providers: Vec<Provider>,
+    pub level: u8,
+    pub hops: u8,
+    pub answers: u8,
+    pub at: Instant,
 }
 
 /// A record the overlay acknowledged.
@@ -168,6 +183,8 @@ pub struct Sim {
     pub values_got: HashMap<(usize, OpId), Option<Vec<u8>>>,
     /// Why each failed put failed.
     pub put_errors: HashMap<(usize, OpId), PutError>,
+    /// What each discover answered.
+    pub discovered: HashMap<(usize, OpId), DiscoverAnswer>,
 }
 
 impl Sim {
@@ -197,6 +214,7 @@ impl Sim {
             installed: BTreeMap::new(),
             put_errors: HashMap::new(),
             values_got: HashMap::new(),
+            discovered: HashMap::new(),
         }
     }
 
@@ -235,6 +253,7 @@ impl Sim {
         cfg.replicas = self.cfg.replicas;
         cfg.timing = self.cfg.timing;
         let mut node = Node::new(cfg, self.now).expect("simulator node config is valid");
+        node.set_directory_config(self.cfg.directory);
         let addrs: Vec<PeerAddr> = bootstrap.iter().map(|b| self.slots[*b].addr).collect();
         node.join(self.now, &addrs);
         let s = &mut self.slots[slot];
@@ -425,6 +444,36 @@ impl Sim {
         let op = node.put_if(now, key, value, expected).ok()?;
         self.written.insert((slot, op), value.to_vec());
         self.track(slot, key, RequestKind::Put, Some(op))
+    }
+
+    /// Runs `f` on the node in `slot` (if up) and handles what it sent and emitted.
+    pub fn with_node<T>(
+        &mut self,
+        slot: usize,
+        f: impl FnOnce(&mut Node, Instant) -> T,
+    ) -> Option<T> {
+        let now = self.now;
+        let out = f(self.slots[slot].node.as_mut()?, now);
+        self.after_io(slot);
+        Some(out)
+    }
+
+    /// A discover through `slot`, tracked like the other requests.
+    pub fn discover(
+        &mut self,
+        slot: usize,
+        service: &str,
+        requirement: unipeer_node::directory::Requirement,
+        k: u8,
+    ) -> Option<OpId> {
+        let now = self.now;
+        let op = self.slots[slot]
+            .node
+            .as_mut()?
+            .discover(now, service, requirement, k)
+            .ok();
+        let key = unipeer_node::directory::service_id(service);
+        self.track(slot, key, RequestKind::Discover, op)
     }
 
     pub fn get(&mut self, slot: usize, key: Key) -> Option<OpId> {
@@ -636,6 +685,32 @@ impl Sim {
                 }
             }
             Event::PeerFailed { .. } => {}
+            Event::Discovered {
+                op,
+                providers,
+                level,
+                hops,
+                answers,
+                ..
+            } => {
+                if let Some(t) = self.ops.get_mut(&(slot, op)) {
+                    t.outcome = Outcome::Done {
+                        root: providers.first().map_or(Id(0), |p| p.contact.id),
+                        hops: usize::from(hops),
+                        consistent: true,
+                    };
+                }
+                self.discovered.insert(
+                    (slot, op),
+                    DiscoverAnswer {
+                        providers,
+                        level,
+                        hops,
+                        answers,
+                        at: self.now,
+                    },
+                );
+            }
         }
     }
 

@@ -31,6 +31,7 @@ impl<S: Sealer> Node<S> {
                         m.rtt_us = Some(rtt);
                     }
                     self.table.set_rtt(sender.id, rtt);
+                    self.directory_pong(sender.id, rtt);
                     if sender_joined {
                         self.table.offer(sender, Some(rtt));
                         self.hood.offer(sender, Some(rtt));
@@ -149,6 +150,29 @@ impl<S: Sealer> Node<S> {
                 round,
                 version,
             } => self.version_held(now, sender.id, key, round, version),
+            Message::DirectoryQuery {
+                nonce,
+                key,
+                origin,
+                requirement,
+                k,
+                level,
+                extend,
+                budget,
+            } => {
+                if self.phase == Phase::Joined {
+                    let walk = directory::ArcWalk {
+                        nonce,
+                        key,
+                        origin,
+                        requirement,
+                        k,
+                        level,
+                    };
+                    self.directory_query(now, walk, extend, budget);
+                }
+            }
+            reply @ Message::DirectoryReply { .. } => self.directory_reply(now, sender, reply),
             Message::HandoffAck { key, version } => {
                 if !self.leaf.covers(key)
                     && self.store.get(key).is_some_and(|r| r.version <= version)

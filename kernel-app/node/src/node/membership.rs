@@ -161,6 +161,7 @@ impl<S: Sealer> Node<S> {
         if let Some(m) = was_leaf {
             self.counters.leaf_failures += 1;
             self.emit(Event::PeerFailed { id });
+            self.directory_peer_failed(id);
             log::debug!("{:?}: leaf member {:?} failed", self.me.id, id);
             self.records_changed(now);
             // Ask the far end of the side that lost a member for its leaf set: it knows the

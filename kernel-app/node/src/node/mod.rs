@@ -26,6 +26,7 @@
 //!   that holds fewer than a majority of a key's replicas cannot write it.
 
 mod config;
+mod directory;
 mod dispatch;
 mod membership;
 mod records;
@@ -118,6 +119,8 @@ pub enum RequestKind {
     Get,
     /// A stranded record handed to its root.
     Handoff,
+    /// A service-directory lookup (`discover`).
+    Discover,
 }
 
 /// A datagram to send.
@@ -167,6 +170,16 @@ pub enum Event {
     },
     /// A leaf-set member was declared failed.
     PeerFailed { id: NodeId },
+    /// A discover ended: providers ranked nearest first (same server, then RTT); `level`
+    /// and `hops`: where the lookup stopped; `answers`: directory nodes that answered.
+    Discovered {
+        op: OpId,
+        service: Key,
+        providers: Vec<crate::directory::Provider>,
+        level: u8,
+        hops: u8,
+        answers: u8,
+    },
 }
 
 /// Drops, failures and traffic, for `unipeer status` and the benchmark.
@@ -320,6 +333,7 @@ pub struct Node<S: Sealer = Plaintext> {
     record_cursor: Option<Key>,
     last_proximity_probe: Option<Instant>,
     counters: Counters,
+    dir: directory::DirectoryState,
 }
 
 impl Node<Plaintext> {
@@ -376,6 +390,7 @@ impl<S: Sealer> Node<S> {
             record_cursor: None,
             last_proximity_probe: None,
             counters: Counters::default(),
+            dir: directory::DirectoryState::new(),
         })
     }
 
@@ -452,6 +467,7 @@ impl<S: Sealer> Node<S> {
                 .map(|t| t.payload.capacity())
                 .sum::<usize>()
             + self.events.capacity() * size_of::<Event>()
+            + self.dir.heap_bytes()
     }
 
     // ---- outputs ----
@@ -494,6 +510,9 @@ impl<S: Sealer> Node<S> {
         }
         for w in &self.writes {
             at = at.min(w.expires);
+        }
+        if let Some(d) = self.directory_deadline() {
+            at = at.min(d);
         }
         Some(at)
     }
@@ -723,6 +742,7 @@ impl<S: Sealer> Node<S> {
         if now >= self.timers.record_pass {
             self.record_pass(now);
         }
+        self.directory_tick(now);
     }
 
     // ---- internals: sending ----

@@ -19,6 +19,11 @@ impl<S: Sealer> Node<S> {
             }
             r.path.push(self.me.id);
         }
+        if matches!(r.body, RoutedBody::Directory(_)) {
+            // Examined at every directory node on the way, routed by prefix (directory.rs).
+            self.directory_hop(now, r);
+            return;
+        }
         let key = r.key;
         // A joining node is never its own root, even if an old incarnation is still listed.
         let skip_key = matches!(r.body, RoutedBody::Join);
@@ -187,12 +192,18 @@ impl<S: Sealer> Node<S> {
 
     /// This node is the root of `r.key`: serve the request and answer the origin.
     pub(super) fn deliver(&mut self, now: Instant, r: Routed) {
+        if matches!(r.body, RoutedBody::Directory(_)) {
+            // A reroute found no next hop: the directory decides (here, or by prefix on).
+            self.directory_hop(now, r);
+            return;
+        }
         let kind = match r.body {
             RoutedBody::Lookup => RequestKind::Lookup,
             RoutedBody::Join => RequestKind::Join,
             RoutedBody::Put { .. } => RequestKind::Put,
             RoutedBody::Get => RequestKind::Get,
             RoutedBody::Handoff { .. } => RequestKind::Handoff,
+            RoutedBody::Directory(_) => RequestKind::Discover,
         };
         self.emit(Event::Delivered {
             key: r.key,
@@ -247,6 +258,7 @@ impl<S: Sealer> Node<S> {
                     version: held,
                 }
             }
+            RoutedBody::Directory(_) => return,
             RoutedBody::Get => {
                 let rec = self.store.get(r.key);
                 Message::GetReply {
