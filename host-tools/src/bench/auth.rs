@@ -64,7 +64,8 @@ pub fn run(args: &AuthBenchArgs) -> anyhow::Result<()> {
         psk: crate::ca::AuthorityStore::open(&store)?.user_psk(crate::ca::DEFAULT_USER)?,
     };
     opts.ca_store = Some(store);
-    let result = (|| -> anyhow::Result<(Vec<f64>, Vec<f64>, String, Option<GuestCpu>)> {
+    type VmFigures = (Vec<f64>, Vec<f64>, String, Option<GuestCpu>);
+    let result = (|| -> anyhow::Result<VmFigures> {
         cluster::up(&run_dir, &opts)?;
         // Let the lone node settle so its boot does not share the first handshakes' CPU.
         cluster::wait_answering(&run_dir, Duration::from_secs(30))?;

@@ -144,6 +144,10 @@ pub struct BootBenchResult {
     pub idle_cpu_percent: f64,
     pub idle_secs: u64,
     pub idle_timer_irqs: u64,
+    /// The event loop's wake-ups per second over the idle window (its `wakeups` counter).
+    pub idle_wakeups_per_s: f64,
+    /// Whose deadline ended the idle window's sleeps (`sleeps_until_<name>` deltas, nonzero).
+    pub idle_wake_causes: Vec<(String, u64)>,
     pub rtt_us: Option<Stats>,
     pub rtt_sent: usize,
     pub rtt_lost: usize,
@@ -432,6 +436,23 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
         pss_kib,
         idle_cpu_percent,
         idle_secs: args.idle_secs,
+        idle_wakeups_per_s: after_report
+            .require("wakeups")?
+            .saturating_sub(before_report.require("wakeups")?) as f64
+            / idle_wall.max(1e-9),
+        idle_wake_causes: {
+            let mut v: Vec<(String, u64)> = after_report
+                .fields
+                .keys()
+                .filter_map(|k| {
+                    let name = k.strip_prefix("sleeps_until_")?;
+                    let d = after_report.num(k).saturating_sub(before_report.num(k));
+                    (d > 0).then(|| (name.to_string(), d))
+                })
+                .collect();
+            v.sort_by_key(|c| std::cmp::Reverse(c.1));
+            v
+        },
         idle_timer_irqs: after_report
             .require("irq_timer")?
             .saturating_sub(before_report.require("irq_timer")?),
@@ -694,6 +715,22 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         format!("{} timer irqs", r.idle_timer_irqs),
         "<= 0.1",
         Some(Verdict::of(Some(r.idle_cpu_percent), |v| v <= 0.1)),
+    );
+    let causes: Vec<String> = r
+        .idle_wake_causes
+        .iter()
+        .map(|(n, c)| format!("{n}:{c}"))
+        .collect();
+    row(
+        "idle wake-ups per second",
+        format!("{:.2}", r.idle_wakeups_per_s),
+        if causes.is_empty() {
+            "no cause in the report".to_string()
+        } else {
+            causes.join(" ")
+        },
+        "",
+        None,
     );
     let us = |v: f64| format!("{v:.0}");
     row(

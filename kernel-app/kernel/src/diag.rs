@@ -137,6 +137,8 @@ impl Session {
 }
 
 pub struct Diag {
+    /// `(uptime_us, wakeups)` at the previous report, for `wakeups_per_s_recent`.
+    last_report: core::cell::Cell<(u64, u64)>,
     udp: SocketHandle,
     echo: SocketHandle,
     /// Client socket for `probe` (asks peers' diagnostic and echo ports).
@@ -202,6 +204,7 @@ impl Diag {
         seed_input.extend_from_slice(&crate::arch::cpu::rdtsc().to_le_bytes());
         let seed: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&seed_input).into();
         let mut diag = Diag {
+            last_report: core::cell::Cell::new((0, 0)),
             udp,
             echo,
             prober,
@@ -823,6 +826,17 @@ impl Diag {
             EntropySources(config),
             PhaseList(facts),
         );
+        // Wake-ups per second: since boot, and since the previous report (a rate over the
+        // window a poller chooses; equal to the first when there was none).
+        let per_s = |n: u64, us: u64| n as f64 * 1e6 / us.max(1) as f64;
+        let (t0, w0) = self.last_report.get();
+        let _ = writeln!(
+            out,
+            "wakeups_per_s={:.2}\nwakeups_per_s_recent={:.2}",
+            per_s(lc.wakeups, now_us),
+            per_s(lc.wakeups.saturating_sub(w0), now_us.saturating_sub(t0))
+        );
+        self.last_report.set((now_us, lc.wakeups));
         cx.peers.report_all(&mut out);
         // Sections the report always has: a node without the overlay says so.
         for name in ["overlay", "jobs"] {
@@ -954,6 +968,12 @@ const COMPACT_KEYS: &[&str] = &[
     "irq_timer",
     "irq_nic",
     "wakeups",
+    "wakeups_per_s",
+    "wakeups_per_s_recent",
+    "sleeps_until_stack",
+    "sleeps_until_diag",
+    "sleeps_until_overlay",
+    "sleeps_until_jobs",
     "busy_polls",
     "udp_requests",
     "echo_packets",
