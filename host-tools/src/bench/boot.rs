@@ -124,6 +124,14 @@ pub struct BootBenchResult {
     pub memory_mib: u32,
     pub boots: usize,
     pub launch_to_ready_ms: Option<Stats>,
+    /// QEMU's own floor on the same path: an empty PVH kernel that prints the ready marker at
+    /// entry and exits ([`floor_kernel`]), launched the same way, interleaved with our boots.
+    pub floor_launch_to_line_ms: Option<Stats>,
+    /// Our launch → ready p50 over the floor's p50 (NaN when either series is empty).
+    pub launch_over_floor: f64,
+    /// Each boot phase's duration (ms, over the timed boots), in boot order; `after_ready`
+    /// phases ran after the ready line.
+    pub phases: Vec<PhaseStats>,
     /// Over the boots whose guest reported `boot_entry_to_ready_us`.
     pub entry_to_ready_ms: Option<Stats>,
     /// The smallest `-m` (MiB) found to boot and answer, and each probe `(MiB, booted)`.
@@ -136,11 +144,148 @@ pub struct BootBenchResult {
     pub idle_cpu_percent: f64,
     pub idle_secs: u64,
     pub idle_timer_irqs: u64,
+    /// The event loop's wake-ups per second over the idle window (its `wakeups` counter).
+    pub idle_wakeups_per_s: f64,
+    /// Whose deadline ended the idle window's sleeps (`sleeps_until_<name>` deltas, nonzero).
+    pub idle_wake_causes: Vec<(String, u64)>,
     pub rtt_us: Option<Stats>,
     pub rtt_sent: usize,
     pub rtt_lost: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub linux_baseline: Option<LinuxComparison>,
+}
+
+/// One boot phase over the timed boots.
+#[derive(Debug, serde::Serialize)]
+pub struct PhaseStats {
+    pub name: String,
+    pub ms: Stats,
+    pub after_ready: bool,
+}
+
+/// The target for launch → ready over QEMU's floor (issue 14).
+pub const FLOOR_RATIO_TARGET: f64 = 1.3;
+
+/// An empty PVH kernel: an ELF64 whose one loadable segment (at 1 MiB) holds 32-bit code that
+/// writes the ready marker and ` floor` to COM1 and exits QEMU through `isa-debug-exit`
+/// (status 1), and a PT_NOTE with the Xen PVH entry (type 18, the address as a quad). Built by the
+/// bench, so the floor needs nothing outside the repository.
+pub fn floor_kernel() -> Vec<u8> {
+    const BASE: u64 = 0x10_0000;
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let note_off = EHDR + 2 * PHDR;
+    let code_off = note_off + 24;
+    let entry = BASE + code_off as u64;
+    let msg_addr = entry + 27;
+    let mut code: Vec<u8> = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    code.push(0xbe); // mov esi, msg
+    code.extend_from_slice(&(msg_addr as u32).to_le_bytes());
+    code.extend_from_slice(&[
+        0xac, // lodsb
+        0x84, 0xc0, // test al, al
+        0x74, 0x03, // jz done
+        0xee, // out dx, al
+        0xeb, 0xf8, // jmp lodsb
+        0x66, 0xba, 0xf4, 0x00, // done: mov dx, 0xf4
+        0x31, 0xc0, // xor eax, eax
+        0xef, // out dx, eax  (isa-debug-exit: QEMU exits with status 1)
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp hlt
+    ]);
+    debug_assert_eq!(code.len(), 27);
+    code.extend_from_slice(format!("{} floor\n\0", unipeer_node::launch::READY_MARKER).as_bytes());
+    let total = code_off + code.len();
+    let mut f = Vec::with_capacity(total);
+    // ELF header.
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    f.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    f.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    f.extend_from_slice(&2u16.to_le_bytes()); // e_phnum
+    f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    f.extend_from_slice(&0u16.to_le_bytes());
+    f.extend_from_slice(&0u16.to_le_bytes());
+    let mut phdr = |kind: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+        f.extend_from_slice(&kind.to_le_bytes());
+        f.extend_from_slice(&flags.to_le_bytes());
+        f.extend_from_slice(&off.to_le_bytes());
+        f.extend_from_slice(&addr.to_le_bytes());
+        f.extend_from_slice(&addr.to_le_bytes());
+        f.extend_from_slice(&size.to_le_bytes());
+        f.extend_from_slice(&size.to_le_bytes());
+        f.extend_from_slice(&align.to_le_bytes());
+    };
+    phdr(1, 5, 0, BASE, total as u64, 0x1000); // PT_LOAD, R+X, the whole file
+    phdr(4, 4, note_off as u64, BASE + note_off as u64, 24, 4); // PT_NOTE
+    // The PVH note: namesz 4, descsz 8, type 18 (XEN_ELFNOTE_PHYS32_ENTRY), "Xen\0", entry.
+    f.extend_from_slice(&4u32.to_le_bytes());
+    f.extend_from_slice(&8u32.to_le_bytes());
+    f.extend_from_slice(&18u32.to_le_bytes());
+    f.extend_from_slice(b"Xen\0");
+    f.extend_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(&code);
+    f
+}
+
+/// Boots the empty PVH kernel once the way [`vm::launch_ready`] boots ours; launch → its line.
+fn floor_boot(
+    img: &image::Image,
+    floor: &std::path::Path,
+    opts: &VmOptions,
+) -> anyhow::Result<Duration> {
+    let fake = image::Image {
+        dir: img.dir.clone(),
+        kernel: floor.to_path_buf(),
+        manifest: img.manifest.clone(),
+    };
+    let (spec, _ports, _config) = vm::user_net_spec(&fake, opts)?;
+    let mut vm = spec.spawn()?;
+    let (_, seen_at) = vm.wait_for_line(
+        unipeer_node::launch::READY_MARKER,
+        vm::ready_timeout(opts.accel),
+    )?;
+    let _ = vm.remove_config();
+    let took = seen_at.duration_since(vm.launched_at);
+    if vm.wait_exit(Duration::from_secs(10)).is_err() {
+        vm.kill();
+    }
+    Ok(took)
+}
+
+/// `name:us,...` (microseconds from entry at the end of each phase, as the guest logs them
+/// after its ready line) → each phase's duration in ms, and whether it ran after `ready`.
+pub fn phase_durations(line: &str) -> Vec<(String, f64, bool)> {
+    let Some(list) = line.split("boot phases (us from entry): ").nth(1) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let (mut last, mut after) = (0u64, false);
+    for item in list.trim().split(',') {
+        let Some((name, us)) = item.split_once(':') else {
+            continue;
+        };
+        let Ok(us) = us.trim().parse::<u64>() else {
+            continue;
+        };
+        out.push((
+            name.to_string(),
+            us.saturating_sub(last) as f64 / 1000.0,
+            after,
+        ));
+        if name == "ready" {
+            after = true;
+        }
+        last = us;
+    }
+    out
 }
 
 /// The Linux baseline and our figures divided by its.
@@ -160,7 +305,24 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
     let run_dir = image::repo_root().join("run").join("bench-boot");
     let mut launch = Vec::new();
     let mut entry = Vec::new();
+    let mut floor = Vec::new();
+    let mut phase_names: Vec<(String, bool)> = Vec::new();
+    let mut phase_ms: Vec<Vec<f64>> = Vec::new();
+    fs::create_dir_all(&run_dir).context("creating the bench's run directory")?;
+    let floor_path = run_dir.join("floor-pvh.elf");
+    fs::write(&floor_path, floor_kernel()).context("writing the empty PVH kernel")?;
     for i in 0..args.boots {
+        // QEMU's floor first, then ours: interleaved, so load on the host hits both alike.
+        let mut fopts = VmOptions::new(
+            &format!("bench-floor-{i}"),
+            run_dir.clone(),
+            args.machine,
+            accel.accel,
+        );
+        fopts.memory_mib = args.memory;
+        if let Ok(d) = floor_boot(&img, &floor_path, &fopts) {
+            floor.push(d.as_secs_f64() * 1000.0);
+        }
         let mut opts = VmOptions::new(
             &format!("bench-{i}"),
             run_dir.clone(),
@@ -175,7 +337,42 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
             entry.push(us as f64 / 1000.0);
         }
         ready.vm.wait_exit(Duration::from_secs(10))?;
+        if let Some(line) = ready
+            .vm
+            .serial()
+            .lines()
+            .find(|l| l.contains("boot phases (us from entry): "))
+        {
+            for (name, ms, after) in phase_durations(line) {
+                let k = match phase_names.iter().position(|(n, _)| *n == name) {
+                    Some(k) => k,
+                    None => {
+                        phase_names.push((name, after));
+                        phase_ms.push(Vec::new());
+                        phase_names.len() - 1
+                    }
+                };
+                phase_ms[k].push(ms);
+            }
+        }
     }
+    let phases = phase_names
+        .into_iter()
+        .zip(phase_ms)
+        .filter_map(|((name, after_ready), v)| {
+            Stats::of(v).map(|ms| PhaseStats {
+                name,
+                ms,
+                after_ready,
+            })
+        })
+        .collect();
+    let launch_stats = Stats::of(launch.clone());
+    let floor_stats = Stats::of(floor);
+    let launch_over_floor = match (launch_stats, floor_stats) {
+        (Some(l), Some(f)) if f.p50 > 0.0 => l.p50 / f.p50,
+        _ => f64::NAN,
+    };
     let ram_probes = smallest_memory(&img, args, accel.accel, &run_dir);
     let min_boot_memory_mib = ram_probes
         .iter()
@@ -224,7 +421,10 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
         image_bytes: img.manifest.size_bytes,
         memory_mib: args.memory,
         boots: args.boots,
-        launch_to_ready_ms: Stats::of(launch),
+        launch_to_ready_ms: launch_stats,
+        floor_launch_to_line_ms: floor_stats,
+        launch_over_floor,
+        phases,
         entry_to_ready_ms: Stats::of(entry),
         min_boot_memory_mib,
         ram_probes,
@@ -236,6 +436,23 @@ pub fn measure(args: &BootBenchArgs) -> anyhow::Result<BootBenchResult> {
         pss_kib,
         idle_cpu_percent,
         idle_secs: args.idle_secs,
+        idle_wakeups_per_s: after_report
+            .require("wakeups")?
+            .saturating_sub(before_report.require("wakeups")?) as f64
+            / idle_wall.max(1e-9),
+        idle_wake_causes: {
+            let mut v: Vec<(String, u64)> = after_report
+                .fields
+                .keys()
+                .filter_map(|k| {
+                    let name = k.strip_prefix("sleeps_until_")?;
+                    let d = after_report.num(k).saturating_sub(before_report.num(k));
+                    (d > 0).then(|| (name.to_string(), d))
+                })
+                .collect();
+            v.sort_by_key(|c| std::cmp::Reverse(c.1));
+            v
+        },
         idle_timer_irqs: after_report
             .require("irq_timer")?
             .saturating_sub(before_report.require("irq_timer")?),
@@ -364,6 +581,7 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         for (row, series) in [
             ("launch -> ready", r.launch_to_ready_ms.is_some()),
             ("entry -> ready", r.entry_to_ready_ms.is_some()),
+            ("QEMU floor", r.floor_launch_to_line_ms.is_some()),
             ("smallest RAM that boots", r.min_boot_memory_mib.is_some()),
             ("echo RTT", r.rtt_us.is_some()),
         ] {
@@ -401,6 +619,26 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         "<= 60",
         Some(Verdict::of(l.map(|s| s.p50), |v| v <= 60.0)),
     );
+    let f = r.floor_launch_to_line_ms;
+    row(
+        "QEMU floor: empty PVH kernel launch -> line",
+        cell(f.map(|s| s.p50), ms),
+        cell(f.map(|s| s.max), ms),
+        "",
+        Some(Verdict::of(f.map(|s| s.p50), |_| true)),
+    );
+    row(
+        "launch -> ready / QEMU floor (p50 ratio)",
+        cell(Some(r.launch_over_floor).filter(|v| v.is_finite()), |v| {
+            format!("{v:.2}")
+        }),
+        String::new(),
+        &format!("<= {FLOOR_RATIO_TARGET}"),
+        Some(Verdict::of(
+            Some(r.launch_over_floor).filter(|v| v.is_finite()),
+            |v| v <= FLOOR_RATIO_TARGET,
+        )),
+    );
     let entry_target = if r.accel == "tcg" { 5.0 } else { 1.0 };
     let e = r.entry_to_ready_ms;
     let ms2 = |v: f64| format!("{v:.2}");
@@ -415,6 +653,19 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         &format!("<= {entry_target}"),
         Some(Verdict::of(e.map(|s| s.p50), |v| v <= entry_target)),
     );
+    for p in &r.phases {
+        let label = format!(
+            "  phase {}{} (ms)",
+            p.name,
+            if p.after_ready { ", after ready" } else { "" }
+        );
+        println!(
+            "{:<40} {:>14} {:>18}",
+            label,
+            format!("{:.3}", p.ms.p50),
+            format!("{:.3}", p.ms.max)
+        );
+    }
     row(
         "image size (KiB)",
         format!("{:.1}", r.image_bytes as f64 / 1024.0),
@@ -464,6 +715,22 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         format!("{} timer irqs", r.idle_timer_irqs),
         "<= 0.1",
         Some(Verdict::of(Some(r.idle_cpu_percent), |v| v <= 0.1)),
+    );
+    let causes: Vec<String> = r
+        .idle_wake_causes
+        .iter()
+        .map(|(n, c)| format!("{n}:{c}"))
+        .collect();
+    row(
+        "idle wake-ups per second",
+        format!("{:.2}", r.idle_wakeups_per_s),
+        if causes.is_empty() {
+            "no cause in the report".to_string()
+        } else {
+            causes.join(" ")
+        },
+        "",
+        None,
     );
     let us = |v: f64| format!("{v:.0}");
     row(
@@ -535,6 +802,37 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_floor_kernel_is_a_pvh_elf() {
+        let k = floor_kernel();
+        assert_eq!(&k[..4], b"\x7fELF");
+        assert_eq!(k[4], 2, "ELF64");
+        let entry = u64::from_le_bytes(k[24..32].try_into().unwrap());
+        // The note after the two program headers: type 18, "Xen", the entry as a quad.
+        let note = &k[176..200];
+        assert_eq!(u32::from_le_bytes(note[8..12].try_into().unwrap()), 18);
+        assert_eq!(&note[12..16], b"Xen\0");
+        assert_eq!(u64::from_le_bytes(note[16..24].try_into().unwrap()), entry);
+        // The code's message address points at the marker inside the loaded segment.
+        let off = (entry - 0x10_0000) as usize;
+        let msg = u32::from_le_bytes(k[off + 5..off + 9].try_into().unwrap()) as usize - 0x10_0000;
+        assert!(k[msg..].starts_with(unipeer_node::launch::READY_MARKER.as_bytes()));
+        assert_eq!(*k.last().unwrap(), 0);
+    }
+
+    #[test]
+    fn phase_durations_are_differences_and_know_the_ready_line() {
+        let p = phase_durations(
+            "[info] boot phases (us from entry): cpu:100,tsc:900,diag:1500,ready:1600,overlay:4600",
+        );
+        let names: Vec<&str> = p.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["cpu", "tsc", "diag", "ready", "overlay"]);
+        assert_eq!(p[1].1, 0.8);
+        assert!(!p[3].2 && p[4].2, "only what follows `ready` ran after it");
+        assert_eq!(p[4].1, 3.0);
+        assert!(phase_durations("no phases here").is_empty());
+    }
 
     #[test]
     fn an_empty_series_has_no_statistics() {

@@ -39,7 +39,29 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
     facts.transport = nic.kind;
     let _ = facts.phases.push(("nic", cpu::rdtsc()));
     let mut stack = Stack::new(&config, nic, clock::now_us());
+    let _ = facts.phases.push(("stack", cpu::rdtsc()));
     let diag = Diag::new(&mut stack, &config);
+    facts.ready_tsc = cpu::rdtsc();
+    let _ = facts.phases.push(("diag", facts.ready_tsc));
+    // Ready: the NIC, the stack (echo) and the diagnostic ports are up. The ready line goes
+    // out now; the overlay, the job host and the client port are built right after it, before
+    // the first poll, so a frame that arrives meanwhile waits in the NIC's ring (issue 14:
+    // entry → ready).
+    let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
+    let ip = config.net.ipv4;
+    console::println(format_args!(
+        "{READY_MARKER} name={} ip={}.{}.{}.{} diag_udp={} diag_tcp={} echo={} entry_to_ready_us={}",
+        config.node_name,
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        config.net.diag_udp_port,
+        config.net.diag_tcp_port,
+        config.net.echo_port,
+        entry_to_ready_us
+    ));
+    let _ = facts.phases.push(("ready", cpu::rdtsc()));
     let entropy = cpu::hardware_entropy();
     // `overlay=0` in the launch config leaves the overlay off (VM density measurements).
     let mut overlay = if config.extra("overlay") == Some(&[0]) {
@@ -53,7 +75,7 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
             }
         }
     };
-    let _ = facts.phases.push(("services", cpu::rdtsc()));
+    let _ = facts.phases.push(("overlay", cpu::rdtsc()));
     // The job host (agent, job channel) and the client port run wherever the overlay does.
     let jobs = overlay.as_mut().map(|o| {
         let host = JobHost::new(
@@ -86,22 +108,7 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         set.add(Box::new(client));
         set.add(Box::new(repl));
     }
-    facts.ready_tsc = cpu::rdtsc();
-    let _ = facts.phases.push(("jobs", facts.ready_tsc));
-    let entry_to_ready_us = clock::tsc_delta_us(facts.ready_tsc.wrapping_sub(clock::boot_tsc()));
-    let ip = config.net.ipv4;
-    console::println(format_args!(
-        "{READY_MARKER} name={} ip={}.{}.{}.{} diag_udp={} diag_tcp={} echo={} entry_to_ready_us={}",
-        config.node_name,
-        ip[0],
-        ip[1],
-        ip[2],
-        ip[3],
-        config.net.diag_udp_port,
-        config.net.diag_tcp_port,
-        config.net.echo_port,
-        entry_to_ready_us
-    ));
+    let _ = facts.phases.push(("jobs", cpu::rdtsc()));
     // Details go out after the ready line: the serial port is slow under emulation.
     log::info!(
         "booted {} on {}: tsc {} kHz ({:?}, PIT check {} kHz), apic {} ticks/ms, {}, ram {} KiB, heap {} KiB, nic {} mac {:02x?}",
@@ -116,6 +123,10 @@ pub fn run(config: LaunchConfig, cmdline: &str, mut facts: BootFacts) -> ! {
         facts.heap_bytes / 1024,
         facts.transport,
         stack.phy.nic.mac,
+    );
+    log::info!(
+        "boot phases (us from entry): {}",
+        crate::diag::PhaseList(&facts)
     );
     set.log_summaries();
     if config.extra("exit_after_ready").is_some() {

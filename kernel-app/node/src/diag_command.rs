@@ -28,6 +28,8 @@ pub const PRIMES_TASKS_MAX: u32 = 256;
 pub const SHA256_TASKS_MAX: u32 = 16;
 /// Most datagrams per size one `bench-seal` runs (it holds the event loop while it runs).
 pub const BENCH_SEAL_MAX: u32 = 20_000;
+/// Most handshakes one `bench-handshake` runs (it holds the event loop: ~10 ms each under TCG).
+pub const BENCH_HANDSHAKE_MAX: u32 = 500;
 /// Most echo round trips one `probe` may ask for.
 pub const PROBE_COUNT_MAX: u32 = 1000;
 /// Round trips of a `probe` without a count.
@@ -116,6 +118,7 @@ pub const COMMANDS: &[CommandSpec] = &[
         "app-create NAME SERVICE REPLICAS async|sync PORT",
     ),
     spec("app-delete", 1, 1, Operator, false, "app-delete NAME"),
+    spec("bench-handshake", 1, 1, Operator, true, "bench-handshake N"),
 ];
 
 /// Most slaves `app-create` may ask for.
@@ -185,6 +188,8 @@ pub enum DiagCommand<'a> {
     },
     AppDelete {
         name: &'a str,
+    BenchHandshake {
+        n: u32,
     },
 }
 
@@ -209,6 +214,7 @@ impl DiagCommand<'_> {
             DiagCommand::AppStatus { .. } => "app-status",
             DiagCommand::AppCreate { .. } => "app-create",
             DiagCommand::AppDelete { .. } => "app-delete",
+            DiagCommand::BenchHandshake { .. } => "bench-handshake",
         };
         find(name).expect("every variant has a table row")
     }
@@ -441,6 +447,15 @@ pub fn parse(line: &[u8]) -> Result<DiagCommand<'_>, CommandError> {
                     }
                 }
             }
+        "bench-handshake" => {
+            let n: u32 = number(args[0], usage, "N must be a number")?;
+            if !(1..=BENCH_HANDSHAKE_MAX).contains(&n) {
+                return Err(CommandError::BadNumber {
+                    usage,
+                    why: "N must be 1..=500",
+                });
+            }
+            DiagCommand::BenchHandshake { n }
         }
         _ => return Err(CommandError::Unknown),
     })
@@ -631,6 +646,8 @@ mod tests {
             b"job-sha256 4294967296",
             b"bench-seal 0",
             b"bench-seal 20001",
+            b"bench-handshake 0",
+            b"bench-handshake 501",
             b"probe 10.0.0.1 0",
             b"probe 10.0.0.1 1001",
             b"probe 10.0.0.256",

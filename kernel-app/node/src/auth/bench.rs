@@ -73,20 +73,31 @@ fn now() -> Instant {
 impl SealPair {
     /// Runs a full handshake between two fresh layers; `None` if it did not complete.
     pub fn new() -> Option<SealPair> {
+        Self::new_timed(&mut |_| {})
+    }
+
+    /// [`SealPair::new`], calling `mark(step)` after each step (the layers built, the first
+    /// send, each datagram handled: `"a<-"`/`"b<-"` with the handling end), so a caller with
+    /// a clock sees where the time goes.
+    pub fn new_timed(mark: &mut dyn FnMut(&'static str)) -> Option<SealPair> {
         let authority = IdentityKey::from_seed(&[0xa0; 32]);
         let mut p = SealPair {
             a: layer(&authority, 1),
             b: layer(&authority, 2),
         };
+        mark("layers");
         p.a.send(now(), addr(2), Channel::Overlay, b"x").ok()?;
+        mark("send");
         for _ in 0..16 {
             let mut moved = false;
             while let Some(t) = p.a.poll_transmit() {
                 p.b.handle_datagram(now(), addr(1), &t.payload);
+                mark("b<-");
                 moved = true;
             }
             while let Some(t) = p.b.poll_transmit() {
                 p.a.handle_datagram(now(), addr(2), &t.payload);
+                mark("a<-");
                 moved = true;
             }
             if !moved {
@@ -166,6 +177,126 @@ pub fn user_handshake_x25519(seed: u8) -> [u8; 32] {
     }
 }
 
+/// The curve operations a peer handshake is made of, one at a time: `bench auth` times each on
+/// the host and (through `bench-seal`) in the node, so a slow one shows by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Primitive {
+    /// An Ed25519 key from its seed (a fixed-base scalar multiplication).
+    KeyFromSeed,
+    /// An Ed25519 signature over a handshake-sized message (SHA-512 and a fixed-base mul).
+    Sign,
+    /// A strict Ed25519 verification (a double-base multiplication).
+    Verify,
+    /// An ephemeral X25519 public key (fixed base).
+    X25519Public,
+    /// An X25519 agreement (the Montgomery ladder on a peer's key).
+    X25519Agree,
+    /// One end's setup in [`SealPair::new`]: key from seed, certificate issued by the
+    /// authority, session layer built.
+    Layer,
+    /// 100 small heap allocations and frees in the pattern of a session's maps (not
+    /// cryptography: the allocator's share).
+    Alloc100,
+}
+
+impl Primitive {
+    pub const ALL: [Primitive; 7] = [
+        Primitive::KeyFromSeed,
+        Primitive::Sign,
+        Primitive::Verify,
+        Primitive::X25519Public,
+        Primitive::X25519Agree,
+        Primitive::Layer,
+        Primitive::Alloc100,
+    ];
+
+    /// Its `key` in the node's `bench-seal` line.
+    pub fn key(self) -> &'static str {
+        match self {
+            Primitive::KeyFromSeed => "keygen_us",
+            Primitive::Sign => "sign_us",
+            Primitive::Verify => "verify_us",
+            Primitive::X25519Public => "x25519_public_us",
+            Primitive::X25519Agree => "x25519_agree_us",
+            Primitive::Layer => "layer_us",
+            Primitive::Alloc100 => "alloc100_us",
+        }
+    }
+}
+
+/// Inputs prepared once, so that [`Primitives::run`] times the operation alone.
+pub struct Primitives {
+    key: IdentityKey,
+    authority: IdentityKey,
+    public: super::PublicKey,
+    message: [u8; 96],
+    sig: super::Sig,
+    secret: x25519_dalek::StaticSecret,
+    peer: x25519_dalek::PublicKey,
+}
+
+impl core::fmt::Debug for Primitives {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Primitives")
+    }
+}
+
+impl Default for Primitives {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Primitives {
+    pub fn new() -> Primitives {
+        let key = IdentityKey::from_seed(&[0x31; 32]);
+        let message = [0x6d; 96];
+        let sig = key.sign(&message);
+        let peer_secret = x25519_dalek::StaticSecret::from([0x44; 32]);
+        Primitives {
+            authority: IdentityKey::from_seed(&[0xa0; 32]),
+            public: key.public(),
+            key,
+            message,
+            sig,
+            secret: x25519_dalek::StaticSecret::from([0x55; 32]),
+            peer: x25519_dalek::PublicKey::from(&peer_secret),
+        }
+    }
+
+    /// Runs `p` once (`seed` varies its input where that is free); whether it gave the
+    /// expected answer.
+    pub fn run(&self, p: Primitive, seed: u8) -> bool {
+        match p {
+            Primitive::KeyFromSeed => IdentityKey::from_seed(&[seed; 32]).public() != [0; 32],
+            Primitive::Sign => {
+                let mut m = self.message;
+                m[0] = seed;
+                self.key.sign(&m).0 != [0; 64]
+            }
+            Primitive::Verify => super::keys::verify(&self.public, &self.message, &self.sig),
+            Primitive::X25519Public => {
+                let s = x25519_dalek::StaticSecret::from([seed; 32]);
+                x25519_dalek::PublicKey::from(&s).to_bytes() != [0; 32]
+            }
+            Primitive::X25519Agree => self.secret.diffie_hellman(&self.peer).was_contributory(),
+            Primitive::Layer => {
+                let l = throwaway_layer(&self.authority, seed, [seed; 32]);
+                core::hint::black_box(&l);
+                true
+            }
+            Primitive::Alloc100 => {
+                let mut m = alloc::collections::BTreeMap::new();
+                for i in 0..100u32 {
+                    m.insert(i, alloc::vec![seed; 48 + (i as usize % 7) * 16]);
+                }
+                core::hint::black_box(&m);
+                m.len() == 100
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +306,14 @@ mod tests {
     fn the_user_handshake_agrees_on_a_key() {
         assert!(user_handshake(1) && user_handshake(2));
         assert_ne!(user_handshake_x25519(1), [0; 32]);
+    }
+
+    #[test]
+    fn every_primitive_answers_as_expected() {
+        let p = Primitives::new();
+        for prim in Primitive::ALL {
+            assert!(p.run(prim, 3), "{prim:?}");
+        }
     }
 
     #[test]
