@@ -10,6 +10,7 @@ pub mod bench;
 pub mod harness;
 pub mod heap;
 pub mod network;
+pub mod ranked;
 pub mod scenario;
 
 // The crate's own tests measure memory like the bench binary does.
@@ -19,6 +20,7 @@ static HEAP: &heap::CountingAlloc = &heap::COUNTING;
 
 use harness::{Clock, Incarnation, Simulation};
 use network::{Faults, Topology};
+use ranked::RankedIds;
 use std::collections::{BTreeMap, HashMap};
 use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
 use unipeer_node::node::{Event, Node, NodeConfig, OpId, PutError, RequestKind, Timing};
@@ -41,6 +43,10 @@ pub struct SimConfig {
     /// A record must have its `k` copies once the network has been whole, with no crash or
     /// leave, this long.
     pub repair_bound_ms: u64,
+    /// `Some((floor_us, side_us))`: instead of `servers` with `near_us`/`far_us`, every node
+    /// is a point of its own in a square ([`Topology::plane`]); the model of proximity routing
+    /// experiments, where the relative delay penalty is measured.
+    pub plane: Option<(u64, u64)>,
 }
 
 impl SimConfig {
@@ -54,6 +60,7 @@ impl SimConfig {
             replicas: 3,
             timing: Timing::default(),
             repair_bound_ms: 30_000,
+            plane: None,
         }
     }
 }
@@ -119,6 +126,9 @@ pub struct SimStats {
     pub lookups_done: u64,
     pub lookups_consistent: u64,
     pub requests_failed: u64,
+    /// Requests still pending when the node that issued them crashed or left: no answer can
+    /// reach a client that is gone, so they count neither for nor against consistency.
+    pub orphaned: u64,
     pub joins: u64,
     pub crashes: u64,
     /// Maintenance bytes of nodes that are gone (live nodes keep theirs in their counters).
@@ -142,19 +152,29 @@ pub struct Sim {
     pub topology: Topology,
     pub faults: Faults,
     pub slots: Vec<Slot>,
-    by_addr: HashMap<([u8; 4], u16), usize>,
+    /// Each slot's server, apart from the slots themselves: `transmit` needs only this, and a
+    /// slot (with its node inline) is a cache miss of its own at 100,000 nodes.
+    server_of: Vec<u32>,
     clock: Clock<Ev>,
     /// Ground truth: joined nodes that are up, by id.
     live: BTreeMap<NodeId, usize>,
+    /// The same ids, for a uniform pick without walking `live`.
+    live_ranked: RankedIds,
     /// Since when the network has had no partition and no node has crashed or left.
     stable_since: Instant,
     last_record_check: Instant,
     pub ops: HashMap<(usize, OpId), TrackedOp>,
+    /// Tracked requests still pending, per slot.
+    pending: HashMap<usize, u64>,
     pub acked: BTreeMap<Key, AckedRecord>,
     pub violations: Vec<String>,
     pub stats: SimStats,
     /// Hop counts of answered lookups since the last `take_hops`.
     pub hops: Vec<u32>,
+    /// When set, the relative delay penalty of each answered lookup whose path is all live:
+    /// the sum of the base one-way latencies along its hops over the base latency from its
+    /// origin to its root (lookups answered by their origin, 0 hops, have none).
+    pub rdp: Option<Vec<f32>>,
     /// When set, bytes sent per message kind (a diagnostic; costs a decode per datagram).
     pub bytes_by_kind: Option<BTreeMap<String, u64>>,
     /// Counted with `bytes_by_kind`: datagrams sent per message kind.
@@ -173,7 +193,10 @@ pub struct Sim {
 impl Sim {
     pub fn new(cfg: SimConfig) -> Self {
         let mut rng = Rng::from_u64(cfg.seed);
-        let topology = Topology::random(&mut rng, cfg.servers, cfg.near_us, cfg.far_us);
+        let topology = match cfg.plane {
+            Some((floor_us, side_us)) => Topology::plane(floor_us, side_us),
+            None => Topology::random(&mut rng, cfg.servers, cfg.near_us, cfg.far_us),
+        };
         Sim {
             clock: Clock::new(cfg.seed),
             cfg,
@@ -182,15 +205,18 @@ impl Sim {
             topology,
             faults: Faults::default(),
             slots: Vec::new(),
-            by_addr: HashMap::new(),
+            server_of: Vec::new(),
             live: BTreeMap::new(),
+            live_ranked: RankedIds::default(),
             stable_since: Instant::ZERO,
             last_record_check: Instant::ZERO,
             ops: HashMap::new(),
+            pending: HashMap::new(),
             acked: BTreeMap::new(),
             violations: Vec::new(),
             stats: SimStats::default(),
             hops: Vec::new(),
+            rdp: None,
             bytes_by_kind: None,
             datagrams_by_kind: BTreeMap::new(),
             written: HashMap::new(),
@@ -203,7 +229,15 @@ impl Sim {
     /// Adds a node slot (not started) on a random server; returns its index.
     pub fn add_node(&mut self) -> usize {
         let i = self.slots.len();
-        let server = self.rng.below(self.cfg.servers as u64) as usize;
+        assert!(
+            i < 1 << 24,
+            "the simulator addresses at most 2^24 node slots"
+        );
+        let server = if self.topology.is_plane() {
+            self.topology.add_point(&mut self.rng)
+        } else {
+            self.rng.below(self.cfg.servers as u64) as usize
+        };
         let public_key = placeholder_public_key(&format!("sim-{}-node-{i}", self.cfg.seed));
         let addr = PeerAddr {
             ipv4: [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
@@ -217,7 +251,7 @@ impl Sim {
             public_key,
             timer: Incarnation::default(),
         });
-        self.by_addr.insert((addr.ipv4, addr.port), i);
+        self.server_of.push(server as u32);
         i
     }
 
@@ -248,9 +282,12 @@ impl Sim {
         let s = &mut self.slots[slot];
         if let Some(node) = s.node.take() {
             self.stats.crashes += 1;
+            self.stats.orphaned += self.pending.remove(&slot).unwrap_or(0);
             self.stable_since = self.now;
             self.stats.retired_maintenance_bytes += node.counters().maintenance_bytes_out;
-            self.live.remove(&s.id);
+            if self.live.remove(&s.id).is_some() {
+                self.live_ranked.remove(s.id);
+            }
             s.timer.crash();
         }
     }
@@ -291,7 +328,8 @@ impl Sim {
             return None;
         }
         let n = self.rng.below(self.live.len() as u64) as usize;
-        self.live.values().nth(n).copied()
+        let id = self.live_ranked.nth(n)?;
+        self.live.get(&id).copied()
     }
 
     /// Sets or clears a partition (group per slot).
@@ -392,6 +430,7 @@ impl Sim {
         op: Option<OpId>,
     ) -> Option<OpId> {
         let op = op?;
+        *self.pending.entry(slot).or_default() += 1;
         self.ops.insert(
             (slot, op),
             TrackedOp {
@@ -463,6 +502,14 @@ impl Sim {
         }
     }
 
+    /// The slot an address belongs to: `add_node` gives slot `i` the address `10.i.i.i:7000`
+    /// (its 24 low bits), so no map is needed; `None` for any other address.
+    fn slot_of_addr(&self, a: PeerAddr) -> Option<usize> {
+        let [ten, hi, mid, lo] = a.ipv4;
+        let i = (usize::from(hi) << 16) | (usize::from(mid) << 8) | usize::from(lo);
+        (ten == 10 && a.port == 7000 && i < self.slots.len()).then_some(i)
+    }
+
     fn transmit(&mut self, from: usize, dst: PeerAddr, mut bytes: Vec<u8>) {
         self.stats.datagrams_sent += 1;
         if let Some(tally) = self.bytes_by_kind.as_mut()
@@ -483,7 +530,7 @@ impl Sim {
             *tally.entry(name.clone()).or_default() += bytes.len() as u64;
             *self.datagrams_by_kind.entry(name).or_default() += 1;
         }
-        let Some(&to) = self.by_addr.get(&(dst.ipv4, dst.port)) else {
+        let Some(to) = self.slot_of_addr(dst) else {
             self.stats.datagrams_lost += 1;
             return;
         };
@@ -492,8 +539,8 @@ impl Sim {
             &self.topology,
             &self.faults,
             self.now,
-            (from, self.slots[from].server),
-            (to, self.slots[to].server),
+            (from, self.server_of[from] as usize),
+            (to, self.server_of[to] as usize),
             0,
         );
         if fate.is_lost() {
@@ -531,7 +578,9 @@ impl Sim {
         match e {
             Event::Joined => {
                 self.stats.joins += 1;
-                self.live.insert(me, slot);
+                if self.live.insert(me, slot).is_none() {
+                    self.live_ranked.insert(me);
+                }
             }
             Event::Delivered { key, kind, .. } => {
                 // Safety: the root knows no live node closer to the key in its leaf set.
@@ -566,13 +615,21 @@ impl Sim {
                 }
                 let hops = path.len().saturating_sub(1);
                 self.hops.push(hops as u32);
-                if let Some(t) = self.ops.get_mut(&(slot, op)) {
-                    t.outcome = Outcome::Done {
+                if self.rdp.is_some()
+                    && let Some(r) = self.relative_delay_penalty(&path)
+                    && let Some(v) = self.rdp.as_mut()
+                {
+                    v.push(r);
+                }
+                self.settle(
+                    slot,
+                    op,
+                    Outcome::Done {
                         root: root.id,
                         hops,
                         consistent,
-                    };
-                }
+                    },
+                );
             }
             Event::PutDone {
                 op,
@@ -593,13 +650,15 @@ impl Sim {
                     }
                 }
                 let truth = self.truth_root(key);
-                if let Some(t) = self.ops.get_mut(&(slot, op)) {
-                    t.outcome = Outcome::Done {
+                self.settle(
+                    slot,
+                    op,
+                    Outcome::Done {
                         root: root.id,
                         hops: 0,
                         consistent: truth == Some(root.id),
-                    };
-                }
+                    },
+                );
                 if let Some(a) = self.acked.get_mut(&key) {
                     a.acked_at = self.now;
                 }
@@ -617,13 +676,15 @@ impl Sim {
                 }
                 let truth = self.truth_root(key);
                 self.values_got.insert((slot, op), value.clone());
-                if let Some(t) = self.ops.get_mut(&(slot, op)) {
-                    t.outcome = Outcome::Done {
+                self.settle(
+                    slot,
+                    op,
+                    Outcome::Done {
                         root: root.id,
                         hops: usize::from(value.is_some()),
                         consistent: truth == Some(root.id),
-                    };
-                }
+                    },
+                );
             }
             Event::RequestFailed { op, .. } | Event::PutFailed { op, .. } => {
                 if let Event::PutFailed { error, .. } = e {
@@ -631,11 +692,42 @@ impl Sim {
                     self.put_errors.insert((slot, op), error);
                 }
                 self.stats.requests_failed += 1;
-                if let Some(t) = self.ops.get_mut(&(slot, op)) {
-                    t.outcome = Outcome::Failed;
-                }
+                self.settle(slot, op, Outcome::Failed);
             }
             Event::PeerFailed { .. } => {}
+        }
+    }
+
+    /// A route's base latency over its origin's base latency to its end; `None` for a path of
+    /// no hop or through a node no longer live.
+    fn relative_delay_penalty(&self, path: &[NodeId]) -> Option<f32> {
+        if path.len() < 2 {
+            return None;
+        }
+        let servers: Option<Vec<usize>> = path
+            .iter()
+            .map(|id| self.live.get(id).map(|s| self.server_of[*s] as usize))
+            .collect();
+        let servers = servers?;
+        let route: u64 = servers
+            .windows(2)
+            .map(|w| self.topology.base_us(w[0], w[1]))
+            .sum();
+        let direct = self
+            .topology
+            .base_us(servers[0], *servers.last().expect("two or more"));
+        (direct > 0).then(|| route as f32 / direct as f32)
+    }
+
+    /// Records a tracked request's outcome.
+    fn settle(&mut self, slot: usize, op: OpId, outcome: Outcome) {
+        if let Some(t) = self.ops.get_mut(&(slot, op)) {
+            if t.outcome == Outcome::Pending
+                && let Some(p) = self.pending.get_mut(&slot)
+            {
+                *p = p.saturating_sub(1);
+            }
+            t.outcome = outcome;
         }
     }
 
