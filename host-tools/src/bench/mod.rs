@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod jobs;
 pub mod linux_baseline;
 pub mod overlay;
+pub mod plot;
 
 use std::fmt;
 
