@@ -360,7 +360,8 @@ mod tests {
         ] {
             assert!(texts.iter().any(|t| t == want), "{want} not in {texts:?}");
         }
-        assert!(crate::bench::plot::tests::svg_polylines(&svg) >= 7, "{svg}");
+        // One consistency line per N, four regimes each.
+        assert_eq!(crate::bench::plot::tests::svg_polylines(&svg, 4), 2, "{svg}");
         let json = report(&OverlayBenchArgs {
             json: true,
             plot: None,

@@ -250,11 +250,16 @@ pub mod tests {
             .collect()
     }
 
-    /// How many drawn lines (polylines) the document has.
-    pub fn svg_polylines(svg: &str) -> usize {
+    /// How many drawn lines (polylines) of at least `min_points` points the document has
+    /// (a legend's sample line has two).
+    pub fn svg_polylines(svg: &str, min_points: usize) -> usize {
         let doc = roxmltree::Document::parse(svg).expect("the SVG parses as XML");
         doc.descendants()
             .filter(|n| n.has_tag_name("polyline"))
+            .filter(|n| {
+                let pts = n.attribute("points").unwrap_or("");
+                pts.split_whitespace().count() >= min_points
+            })
             .count()
     }
 
@@ -279,7 +284,7 @@ pub mod tests {
             assert!(texts.iter().any(|t| t == want), "{want} not in {texts:?}");
         }
         // Three drawn lines: two series and one CDF (the empty series draws none).
-        assert!(svg_polylines(&svg) >= 3, "{svg}");
+        assert_eq!(svg_polylines(&svg, 3), 3, "{svg}");
         // Ticks on the log axis are labelled with N, not its logarithm.
         assert!(texts.iter().any(|t| t == "10000"), "{texts:?}");
     }
