@@ -80,7 +80,10 @@ pub fn panels(r: &BootBenchResult) -> Vec<crate::bench::plot::Panel> {
             by_percentile(linux.map(|l| &l.launch_to_user_ms)),
         ));
     let rtt = Panel::new("UDP echo round trip", "percentile", "us")
-        .with(Series::line("unipeer echo RTT", by_percentile(r.rtt_us.as_ref())))
+        .with(Series::line(
+            "unipeer echo RTT",
+            by_percentile(r.rtt_us.as_ref()),
+        ))
         .with(Series::line(
             "Linux echo RTT",
             by_percentile(linux.map(|l| &l.rtt_us)),
@@ -609,7 +612,11 @@ mod tests {
         ] {
             assert!(texts.iter().any(|t| t == want), "{want} not in {texts:?}");
         }
-        assert_eq!(crate::bench::plot::tests::svg_polylines(&svg, 4), 2, "{svg}");
+        assert_eq!(
+            crate::bench::plot::tests::svg_polylines(&svg, 4),
+            2,
+            "{svg}"
+        );
     }
 
     #[test]

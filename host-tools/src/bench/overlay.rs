@@ -124,14 +124,18 @@ pub fn panels(results: &[BenchResult]) -> Vec<Panel> {
         .collect();
         churn = churn.with(Series::line(&format!("N={}", r.nodes), points));
     }
-    let rdp = Panel::new("Relative delay penalty", "N (nodes)", "route / direct latency")
-        .log_x()
-        .with(Series::line("mean RDP", by_n(|r| r.rdp_mean)))
-        .with(Series::line("median RDP", by_n(|r| r.rdp_p50)))
-        .with(Series::line(
-            &format!("target {RDP_TARGET}"),
-            by_n(|_| RDP_TARGET),
-        ));
+    let rdp = Panel::new(
+        "Relative delay penalty",
+        "N (nodes)",
+        "route / direct latency",
+    )
+    .log_x()
+    .with(Series::line("mean RDP", by_n(|r| r.rdp_mean)))
+    .with(Series::line("median RDP", by_n(|r| r.rdp_p50)))
+    .with(Series::line(
+        &format!("target {RDP_TARGET}"),
+        by_n(|_| RDP_TARGET),
+    ));
     vec![hops, churn, rdp]
 }
 
@@ -141,6 +145,8 @@ fn consistency_json(c: &Consistency) -> serde_json::Value {
         "orphaned": c.orphaned,
         "answered": c.answered,
         "consistent": c.consistent,
+        "consistent_at_answer": c.consistent_at_answer,
+        "consistent_percent_at_answer": c.percent_at_answer(),
         "failed": c.failed,
         "consistent_percent_of_issued": c.percent(),
         "churn_events": c.churn_events,
@@ -236,6 +242,14 @@ fn table(args: &OverlayBenchArgs, results: &[BenchResult]) -> String {
         }),
         ("consistent, sessions median 1.4 min", ">= 99.9%", |r| {
             consistency_cell(&r.churn_bamboo, BAMBOO_TARGET_PERCENT)
+        }),
+        ("  same, judged at the root's answer", ">= 99.9%", |r| {
+            let p = r.churn_bamboo.percent_at_answer();
+            format!(
+                "{} {}",
+                cell(p, |p| format!("{p:.4}%")),
+                mark(Verdict::of(p, |p| p >= BAMBOO_TARGET_PERCENT))
+            )
         }),
         ("answered/issued, no churn", "-", |r| {
             format!("{}/{}", r.no_churn.answered, r.no_churn.issued)
@@ -361,7 +375,11 @@ mod tests {
             assert!(texts.iter().any(|t| t == want), "{want} not in {texts:?}");
         }
         // One consistency line per N, four regimes each.
-        assert_eq!(crate::bench::plot::tests::svg_polylines(&svg, 4), 2, "{svg}");
+        assert_eq!(
+            crate::bench::plot::tests::svg_polylines(&svg, 4),
+            2,
+            "{svg}"
+        );
         let json = report(&OverlayBenchArgs {
             json: true,
             plot: None,
@@ -373,7 +391,10 @@ mod tests {
         assert!(v[0]["rdp_samples"].as_u64().unwrap() > 0, "{json}");
         assert!(v[0]["rdp_mean"].as_f64().unwrap() >= 1.0, "{json}");
         assert!(
-            v[0]["churn_median_1_4min"]["churn_events"].as_u64().unwrap() > 0,
+            v[0]["churn_median_1_4min"]["churn_events"]
+                .as_u64()
+                .unwrap()
+                > 0,
             "{json}"
         );
         assert_eq!(

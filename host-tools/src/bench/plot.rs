@@ -153,7 +153,10 @@ fn range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
         return None;
     }
     let (lo, hi) = if hi - lo < 1e-9 {
-        (lo - 0.5_f64.max(lo.abs() * 0.05), hi + 0.5_f64.max(hi.abs() * 0.05))
+        (
+            lo - 0.5_f64.max(lo.abs() * 0.05),
+            hi + 0.5_f64.max(hi.abs() * 0.05),
+        )
     } else {
         (lo, hi)
     };
@@ -267,8 +270,14 @@ pub mod tests {
     fn panels_render_to_valid_svg_naming_their_series() {
         let p1 = Panel::new("hops against N", "N", "hops")
             .log_x()
-            .with(Series::line("mean hops", vec![(1e3, 2.4), (1e4, 3.2), (1e5, 4.1)]))
-            .with(Series::line("log16 N", vec![(1e3, 2.5), (1e4, 3.3), (1e5, 4.2)]));
+            .with(Series::line(
+                "mean hops",
+                vec![(1e3, 2.4), (1e4, 3.2), (1e5, 4.1)],
+            ))
+            .with(Series::line(
+                "log16 N",
+                vec![(1e3, 2.5), (1e4, 3.3), (1e5, 4.2)],
+            ));
         let p2 = Panel::new("RTT CDF", "us", "fraction")
             .with(Series::line("ours", cdf(&[3.0, 1.0, 2.0])))
             .with(Series::points("Linux", vec![]));

@@ -54,6 +54,9 @@ pub struct Consistency {
     pub issued: u64,
     pub answered: u64,
     pub consistent: u64,
+    /// Answered by the node that was the true root when it answered (a root that died while
+    /// its answer was in flight counts here, not in `consistent`).
+    pub consistent_at_answer: u64,
     pub failed: u64,
     /// Lookups whose issuing node crashed before the answer (not counted in `issued`).
     pub orphaned: u64,
@@ -68,6 +71,11 @@ impl Consistency {
     /// consistent. `None` when none was issued (no figure, not 0 % nor 100 %).
     pub fn percent(&self) -> Option<f64> {
         (self.issued > 0).then(|| 100.0 * self.consistent as f64 / self.issued as f64)
+    }
+
+    /// [`Consistency::percent`] judged when the root answered.
+    pub fn percent_at_answer(&self) -> Option<f64> {
+        (self.issued > 0).then(|| 100.0 * self.consistent_at_answer as f64 / self.issued as f64)
     }
 }
 
@@ -263,6 +271,7 @@ fn measure(sim: &mut Sim, cfg: &BenchConfig, median_session_s: Option<f64>) -> C
         orphaned,
         answered: s.lookups_done - before.lookups_done,
         consistent: s.lookups_consistent - before.lookups_consistent,
+        consistent_at_answer: s.lookups_consistent_at_answer - before.lookups_consistent_at_answer,
         failed: s.requests_failed - before.requests_failed,
         churn_events,
         upkeep_bytes_per_node_s: bytes as f64 / (cfg.nodes as f64 * cfg.measure_s as f64),

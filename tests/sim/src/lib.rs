@@ -73,6 +73,8 @@ pub struct Slot {
     pub server: usize,
     public_key: [u8; 32],
     timer: Incarnation,
+    /// When the node last joined (for diagnostics).
+    pub joined_at: Option<Instant>,
 }
 
 /// What the overlay simulator's agenda carries.
@@ -125,6 +127,9 @@ pub struct SimStats {
     pub datagrams_lost: u64,
     pub lookups_done: u64,
     pub lookups_consistent: u64,
+    /// Lookups whose root was the ground-truth root when it answered (it may have died before
+    /// the answer arrived, which `lookups_consistent` counts against it).
+    pub lookups_consistent_at_answer: u64,
     pub requests_failed: u64,
     /// Requests still pending when the node that issued them crashed or left: no answer can
     /// reach a client that is gone, so they count neither for nor against consistency.
@@ -166,6 +171,9 @@ pub struct Sim {
     pub ops: HashMap<(usize, OpId), TrackedOp>,
     /// Tracked requests still pending, per slot.
     pending: HashMap<usize, u64>,
+    /// Lookups delivered at a root, until their answer arrives: whether that root was the
+    /// ground-truth root when it answered.
+    answered_as_root: HashMap<(NodeId, Key), bool>,
     pub acked: BTreeMap<Key, AckedRecord>,
     pub violations: Vec<String>,
     pub stats: SimStats,
@@ -179,6 +187,8 @@ pub struct Sim {
     pub bytes_by_kind: Option<BTreeMap<String, u64>>,
     /// Counted with `bytes_by_kind`: datagrams sent per message kind.
     pub datagrams_by_kind: BTreeMap<String, u64>,
+    /// `SIM_DEBUG` was set: print diagnostics.
+    debug: bool,
     /// Values of the puts issued, until they end.
     written: HashMap<(usize, OpId), Vec<u8>>,
     /// Every acknowledged write: (key, version) -> value. Two different values acknowledged at
@@ -212,6 +222,7 @@ impl Sim {
             last_record_check: Instant::ZERO,
             ops: HashMap::new(),
             pending: HashMap::new(),
+            answered_as_root: HashMap::new(),
             acked: BTreeMap::new(),
             violations: Vec::new(),
             stats: SimStats::default(),
@@ -220,6 +231,7 @@ impl Sim {
             bytes_by_kind: None,
             datagrams_by_kind: BTreeMap::new(),
             written: HashMap::new(),
+            debug: std::env::var("SIM_DEBUG").is_ok(),
             installed: BTreeMap::new(),
             put_errors: HashMap::new(),
             values_got: HashMap::new(),
@@ -250,6 +262,7 @@ impl Sim {
             server,
             public_key,
             timer: Incarnation::default(),
+            joined_at: None,
         });
         self.server_of.push(server as u32);
         i
@@ -578,11 +591,16 @@ impl Sim {
         match e {
             Event::Joined => {
                 self.stats.joins += 1;
+                self.slots[slot].joined_at = Some(self.now);
                 if self.live.insert(me, slot).is_none() {
                     self.live_ranked.insert(me);
                 }
             }
             Event::Delivered { key, kind, .. } => {
+                if kind == RequestKind::Lookup {
+                    let was_root = self.truth_root(key) == Some(me);
+                    self.answered_as_root.insert((me, key), was_root);
+                }
                 // Safety: the root knows no live node closer to the key in its leaf set.
                 let node = self.slots[slot]
                     .node
@@ -608,10 +626,17 @@ impl Sim {
             } => {
                 let truth = self.truth_root(key);
                 let consistent = truth == Some(root.id);
+                if !consistent && self.debug {
+                    self.explain_inconsistent(key, root.id, truth, &path);
+                }
                 self.check_path(&path, key);
                 self.stats.lookups_done += 1;
                 if consistent {
                     self.stats.lookups_consistent += 1;
+                }
+                let at_answer = self.answered_as_root.remove(&(root.id, key));
+                if consistent || at_answer == Some(true) {
+                    self.stats.lookups_consistent_at_answer += 1;
                 }
                 let hops = path.len().saturating_sub(1);
                 self.hops.push(hops as u32);
@@ -717,6 +742,35 @@ impl Sim {
             .topology
             .base_us(servers[0], *servers.last().expect("two or more"));
         (direct > 0).then(|| route as f32 / direct as f32)
+    }
+
+    /// Diagnostics (`SIM_DEBUG`): why a lookup ended at another node than the true root.
+    fn explain_inconsistent(&self, key: Key, root: NodeId, truth: Option<NodeId>, path: &[NodeId]) {
+        let age = |id: NodeId| {
+            self.live
+                .get(&id)
+                .and_then(|s| self.slots[*s].joined_at)
+                .map(|t| self.now.millis_since(t))
+        };
+        let knows = |who: NodeId, whom: Option<NodeId>| {
+            let (Some(s), Some(w)) = (self.live.get(&who), whom) else {
+                return false;
+            };
+            self.slots[*s]
+                .node
+                .as_ref()
+                .is_some_and(|n| n.leaf_set().contacts().any(|c| c.id == w))
+        };
+        eprintln!(
+            "t={:?} inconsistent {key:?}: root {root:?} (live {}, joined {:?} ms ago, knows truth {}) truth {truth:?} (joined {:?} ms ago, knows root {}) hops {}",
+            self.now,
+            self.live.contains_key(&root),
+            age(root),
+            knows(root, truth),
+            truth.and_then(age),
+            truth.is_some_and(|t| knows(t, Some(root))),
+            path.len().saturating_sub(1)
+        );
     }
 
     /// Records a tracked request's outcome.
