@@ -221,7 +221,7 @@ fn table(args: &OverlayBenchArgs, results: &[BenchResult]) -> String {
             )
         }),
         ("p99 hops", "-", |r| format!("{}", r.p99_hops)),
-        ("relative delay penalty mean (p50, p90)", "<= 1.4", |r| {
+        ("relative delay penalty (p50, p90)", "<= 1.4", |r| {
             let v = (r.rdp_samples > 0).then_some(r.rdp_mean);
             format!(
                 "{} ({:.2}, {:.2}) {}",
@@ -263,7 +263,7 @@ fn table(args: &OverlayBenchArgs, results: &[BenchResult]) -> String {
         ("answered/issued, 1.4 min", "-", |r| {
             format!("{}/{}", r.churn_bamboo.answered, r.churn_bamboo.issued)
         }),
-        ("nodes replaced, 3 h / 10 min / 1.4 min", "-", |r| {
+        ("nodes replaced 3h / 10min / 1.4min", "-", |r| {
             format!(
                 "{} / {} / {}",
                 r.churn_3h.churn_events, r.churn_10min.churn_events, r.churn_bamboo.churn_events
