@@ -53,6 +53,42 @@ pub struct BootBenchArgs {
     /// Guest RAM in MiB for the Linux baseline.
     #[arg(long, default_value_t = linux_baseline::DEFAULT_LINUX_MEMORY_MIB)]
     pub linux_memory: u32,
+    /// Also draw launch -> ready and the echo RTT by percentile, ours beside Linux's (with
+    /// `--baseline-linux`), into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
+}
+
+/// A series' summary as points `(percentile, value)`: min, p50, p99, max (none when empty).
+fn by_percentile(s: Option<&Stats>) -> Vec<(f64, f64)> {
+    s.filter(|s| s.n > 0)
+        .map(|s| vec![(0.0, s.min), (50.0, s.p50), (99.0, s.p99), (100.0, s.max)])
+        .unwrap_or_default()
+}
+
+/// The figures of `--plot`: boot time and echo RTT by percentile, ours and Linux's.
+pub fn panels(r: &BootBenchResult) -> Vec<crate::bench::plot::Panel> {
+    use crate::bench::plot::{Panel, Series};
+    let linux = r.linux_baseline.as_ref().map(|c| &c.linux);
+    let boot = Panel::new("Boot: QEMU launch to ready", "percentile", "ms")
+        .with(Series::line(
+            "unipeer launch -> ready",
+            by_percentile(r.launch_to_ready_ms.as_ref()),
+        ))
+        .with(Series::line(
+            "Linux launch -> user space",
+            by_percentile(linux.map(|l| &l.launch_to_user_ms)),
+        ));
+    let rtt = Panel::new("UDP echo round trip", "percentile", "us")
+        .with(Series::line(
+            "unipeer echo RTT",
+            by_percentile(r.rtt_us.as_ref()),
+        ))
+        .with(Series::line(
+            "Linux echo RTT",
+            by_percentile(linux.map(|l| &l.rtt_us)),
+        ));
+    vec![boot, rtt]
 }
 
 /// Summary statistics of a series, in the series' unit.
@@ -575,6 +611,10 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
             linux,
         });
     }
+    if let Some(path) = &args.plot {
+        crate::bench::plot::write_svg(path, &panels(&r))?;
+        eprintln!("bench boot: plot written to {}", path.display());
+    }
     let mut unmeasured = Unmeasured::default();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -832,6 +872,49 @@ mod tests {
         assert!(!p[3].2 && p[4].2, "only what follows `ready` ran after it");
         assert_eq!(p[4].1, 3.0);
         assert!(phase_durations("no phases here").is_empty());
+    }
+
+    #[test]
+    fn the_plot_draws_ours_and_marks_a_missing_linux_baseline() {
+        let r = BootBenchResult {
+            accel: "tcg".into(),
+            accel_reason: String::new(),
+            machine: "microvm".into(),
+            image_bytes: 1,
+            memory_mib: 16,
+            boots: 3,
+            launch_to_ready_ms: Stats::of(vec![40.0, 42.0, 55.0]),
+            entry_to_ready_ms: None,
+            min_boot_memory_mib: None,
+            ram_probes: Vec::new(),
+            heap_high_water_bytes: 0,
+            heap_size_bytes: 0,
+            rss_kib: 0,
+            pss_kib: 0,
+            idle_cpu_percent: 0.0,
+            idle_secs: 1,
+            idle_timer_irqs: 0,
+            rtt_us: Stats::of(vec![300.0, 350.0]),
+            rtt_sent: 2,
+            rtt_lost: 0,
+            linux_baseline: None,
+        };
+        let svg = crate::bench::plot::render_svg(&panels(&r)).unwrap();
+        let texts = crate::bench::plot::tests::svg_texts(&svg);
+        for want in [
+            "Boot: QEMU launch to ready",
+            "unipeer launch -> ready",
+            "Linux launch -> user space (no samples)",
+            "unipeer echo RTT",
+            "Linux echo RTT (no samples)",
+        ] {
+            assert!(texts.iter().any(|t| t == want), "{want} not in {texts:?}");
+        }
+        assert_eq!(
+            crate::bench::plot::tests::svg_polylines(&svg, 4),
+            2,
+            "{svg}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod linux_baseline;
 pub mod overlay;
 pub mod redis_benchmark;
+pub mod plot;
 
 use std::fmt;
 

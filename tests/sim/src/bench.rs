@@ -1,7 +1,12 @@
-//! The simulated overlay benchmark behind `unipeer bench overlay`: hops against log16 N,
-//! lookup consistency without churn and under two churn regimes (exponential sessions), upkeep
-//! bytes per node, memory per node (measured by a counting allocator, see [`crate::heap`]), and
-//! the simulator's own speed.
+//! The simulated overlay benchmark behind `unipeer bench overlay`: hops against log16 N, the
+//! relative delay penalty of routes (proximity neighbour selection on a latency model), lookup
+//! consistency without churn and under three churn regimes (exponential sessions, down to
+//! Bamboo's hardest, a median session of 1.4 minutes), upkeep bytes per node, memory per node
+//! (measured by a counting allocator, see [`crate::heap`]), and the simulator's own speed.
+//!
+//! The latency model is Pastry's for its proximity experiments: every node a point of its own
+//! in a square, one-way latency a 200 µs floor plus the distance at 100 ms per side
+//! ([`crate::network::Topology::plane`]).
 //!
 //! Consistent means what the overlay issue says: the lookup's answer is the ground-truth root
 //! (the live node numerically closest to the key) at the instant the answer arrives.
@@ -13,6 +18,13 @@ use unipeer_node::id::Id;
 
 /// Simulated seconds after each regime in which the last lookups finish.
 const DRAIN_S: u64 = 20;
+
+/// The latency model: a floor and the square's side, microseconds one way.
+pub const PLANE_FLOOR_US: u64 = 200;
+pub const PLANE_SIDE_US: u64 = 100_000;
+
+/// Bamboo's hardest churn: exponential sessions with a median of 1.4 minutes.
+pub const BAMBOO_MEDIAN_SESSION_S: f64 = 84.0;
 
 /// One benchmark run's parameters.
 #[derive(Clone, Debug)]
@@ -42,7 +54,12 @@ pub struct Consistency {
     pub issued: u64,
     pub answered: u64,
     pub consistent: u64,
+    /// Answered by the node that was the true root when it answered (a root that died while
+    /// its answer was in flight counts here, not in `consistent`).
+    pub consistent_at_answer: u64,
     pub failed: u64,
+    /// Lookups whose issuing node crashed before the answer (not counted in `issued`).
+    pub orphaned: u64,
     /// Nodes that crashed (and were replaced by new ones) during the regime.
     pub churn_events: u64,
     /// Upkeep bytes sent per node per second during the regime.
@@ -54,6 +71,11 @@ impl Consistency {
     /// consistent. `None` when none was issued (no figure, not 0 % nor 100 %).
     pub fn percent(&self) -> Option<f64> {
         (self.issued > 0).then(|| 100.0 * self.consistent as f64 / self.issued as f64)
+    }
+
+    /// [`Consistency::percent`] judged when the root answered.
+    pub fn percent_at_answer(&self) -> Option<f64> {
+        (self.issued > 0).then(|| 100.0 * self.consistent_at_answer as f64 / self.issued as f64)
     }
 }
 
@@ -69,12 +91,26 @@ pub struct BenchResult {
     pub churn_3h: Consistency,
     /// Exponential sessions, median 10 minutes.
     pub churn_10min: Consistency,
+    /// Exponential sessions, median 1.4 minutes (Bamboo's hardest regime).
+    pub churn_bamboo: Consistency,
+    /// Relative delay penalty of the lookups answered without churn: mean, median, p90, and
+    /// how many lookups it is over. NaN when none.
+    pub rdp_mean: f64,
+    pub rdp_p50: f64,
+    pub rdp_p90: f64,
+    pub rdp_samples: usize,
     /// Heap bytes a node holds, measured by the counting allocator (what dropping each live
     /// node at the end of the run frees, averaged), plus the node's own struct. `None` when
     /// the binary did not install [`crate::heap::COUNTING`].
     pub memory_per_node_bytes: Option<usize>,
     /// Wall-clock seconds per simulated minute (whole overlay), without churn.
     pub wall_s_per_sim_minute: f64,
+    /// CPU seconds of the simulating thread per simulated minute, without churn (the wall time
+    /// less what other processes on the machine took); `None` where Linux's
+    /// `/proc/thread-self/schedstat` is missing.
+    pub cpu_s_per_sim_minute: Option<f64>,
+    /// Simulator events (datagram deliveries, timers) per simulated second, without churn.
+    pub events_per_sim_s: f64,
     /// Wall-clock seconds of the whole run (formation included).
     pub wall_s_total: f64,
     /// Simulated seconds it took the overlay to form.
@@ -85,7 +121,7 @@ pub struct BenchResult {
 pub fn run(cfg: &BenchConfig) -> BenchResult {
     let wall_start = WallClock::now();
     let mut sc = SimConfig::new(cfg.seed);
-    sc.servers = (cfg.nodes / 50).clamp(4, 64);
+    sc.plane = Some((PLANE_FLOOR_US, PLANE_SIDE_US));
     let mut sim = Sim::new(sc);
     if std::env::var("SIM_BYTES").is_ok() {
         sim.bytes_by_kind = Some(Default::default());
@@ -114,14 +150,34 @@ pub fn run(cfg: &BenchConfig) -> BenchResult {
     sim.run_until(t);
 
     let wall = WallClock::now();
+    let cpu = thread_cpu_s();
+    let events = sim.stats.events;
+    sim.rdp = Some(Vec::new());
     let no_churn = measure(&mut sim, cfg, None);
     // The regime runs `measure_s` and then `DRAIN_S` for the last answers.
-    let wall_s_per_sim_minute =
-        wall.elapsed().as_secs_f64() / ((cfg.measure_s + DRAIN_S) as f64 / 60.0);
+    let sim_minutes = (cfg.measure_s + DRAIN_S) as f64 / 60.0;
+    let wall_s_per_sim_minute = wall.elapsed().as_secs_f64() / sim_minutes;
+    let cpu_s_per_sim_minute = thread_cpu_s()
+        .zip(cpu)
+        .map(|(after, before)| (after - before) / sim_minutes);
+    let events_per_sim_s = (sim.stats.events - events) as f64 / (sim_minutes * 60.0);
+    let mut rdp = sim.rdp.take().unwrap_or_default();
     let hops = sim.take_hops();
     let churn_3h = measure(&mut sim, cfg, Some(3.0 * 3600.0));
     let churn_10min = measure(&mut sim, cfg, Some(600.0));
+    let churn_bamboo = measure(&mut sim, cfg, Some(BAMBOO_MEDIAN_SESSION_S));
     let memory_per_node_bytes = measure_memory(&mut sim);
+
+    rdp.sort_unstable_by(f32::total_cmp);
+    let quantile = |q: f64| {
+        rdp.get(((rdp.len() as f64 * q) as usize).min(rdp.len().saturating_sub(1)))
+            .map_or(f64::NAN, |r| f64::from(*r))
+    };
+    let rdp_mean = if rdp.is_empty() {
+        f64::NAN
+    } else {
+        rdp.iter().map(|r| f64::from(*r)).sum::<f64>() / rdp.len() as f64
+    };
 
     let mut sorted = hops.clone();
     sorted.sort_unstable();
@@ -143,8 +199,15 @@ pub fn run(cfg: &BenchConfig) -> BenchResult {
         no_churn,
         churn_3h,
         churn_10min,
+        churn_bamboo,
+        rdp_mean,
+        rdp_p50: quantile(0.5),
+        rdp_p90: quantile(0.9),
+        rdp_samples: rdp.len(),
         memory_per_node_bytes,
         wall_s_per_sim_minute,
+        cpu_s_per_sim_minute,
+        events_per_sim_s,
         wall_s_total: wall_start.elapsed().as_secs_f64(),
         formation_s,
     }
@@ -202,10 +265,13 @@ fn measure(sim: &mut Sim, cfg: &BenchConfig, median_session_s: Option<f64>) -> C
     let t = sim.now.plus_ms(DRAIN_S * 1000);
     sim.run_until(t);
     let s = &sim.stats;
+    let orphaned = s.orphaned - before.orphaned;
     Consistency {
-        issued,
+        issued: issued - orphaned,
+        orphaned,
         answered: s.lookups_done - before.lookups_done,
         consistent: s.lookups_consistent - before.lookups_consistent,
+        consistent_at_answer: s.lookups_consistent_at_answer - before.lookups_consistent_at_answer,
         failed: s.requests_failed - before.requests_failed,
         churn_events,
         upkeep_bytes_per_node_s: bytes as f64 / (cfg.nodes as f64 * cfg.measure_s as f64),
@@ -223,6 +289,13 @@ fn measure_memory(sim: &mut Sim) -> Option<usize> {
         freed += crate::heap::freed_by(|| drop(node))?;
     }
     Some(freed / live.len().max(1) + std::mem::size_of::<unipeer_node::Node>())
+}
+
+/// CPU seconds the calling thread has run, from Linux's scheduler statistics.
+fn thread_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
 }
 
 /// An exponential interval in milliseconds for a rate per millisecond (at least 1 ms).

@@ -11,6 +11,7 @@ pub mod directory;
 pub mod harness;
 pub mod heap;
 pub mod network;
+pub mod ranked;
 pub mod scenario;
 
 // The crate's own tests measure memory like the bench binary does.
@@ -20,6 +21,7 @@ static HEAP: &heap::CountingAlloc = &heap::COUNTING;
 
 use harness::{Clock, Incarnation, Simulation};
 use network::{Faults, Topology};
+use ranked::RankedIds;
 use std::collections::{BTreeMap, HashMap};
 use unipeer_node::directory::{DirectoryConfig, Provider};
 use unipeer_node::id::{Id, Key, NodeId, ServerTag, placeholder_public_key};
@@ -45,6 +47,10 @@ pub struct SimConfig {
     pub repair_bound_ms: u64,
     /// The service directory's settings (R, M, TTL) every node starts with.
     pub directory: DirectoryConfig,
+    /// `Some((floor_us, side_us))`: instead of `servers` with `near_us`/`far_us`, every node
+    /// is a point of its own in a square ([`Topology::plane`]); the model of proximity routing
+    /// experiments, where the relative delay penalty is measured.
+    pub plane: Option<(u64, u64)>,
 }
 
 impl SimConfig {
@@ -59,6 +65,7 @@ impl SimConfig {
             timing: Timing::default(),
             repair_bound_ms: 30_000,
             directory: DirectoryConfig::default(),
+            plane: None,
         }
     }
 }
@@ -71,6 +78,8 @@ pub struct Slot {
     pub server: usize,
     public_key: [u8; 32],
     timer: Incarnation,
+    /// When the node last joined (for diagnostics).
+    pub joined_at: Option<Instant>,
 }
 
 /// What the overlay simulator's agenda carries.
@@ -133,7 +142,13 @@ pub struct SimStats {
     pub datagrams_lost: u64,
     pub lookups_done: u64,
     pub lookups_consistent: u64,
+    /// Lookups whose root was the ground-truth root when it answered (it may have died before
+    /// the answer arrived, which `lookups_consistent` counts against it).
+    pub lookups_consistent_at_answer: u64,
     pub requests_failed: u64,
+    /// Requests still pending when the node that issued them crashed or left: no answer can
+    /// reach a client that is gone, so they count neither for nor against consistency.
+    pub orphaned: u64,
     pub joins: u64,
     pub crashes: u64,
     /// Maintenance bytes of nodes that are gone (live nodes keep theirs in their counters).
@@ -157,23 +172,38 @@ pub struct Sim {
     pub topology: Topology,
     pub faults: Faults,
     pub slots: Vec<Slot>,
-    by_addr: HashMap<([u8; 4], u16), usize>,
+    /// Each slot's server, apart from the slots themselves: `transmit` needs only this, and a
+    /// slot (with its node inline) is a cache miss of its own at 100,000 nodes.
+    server_of: Vec<u32>,
     clock: Clock<Ev>,
     /// Ground truth: joined nodes that are up, by id.
     live: BTreeMap<NodeId, usize>,
+    /// The same ids, for a uniform pick without walking `live`.
+    live_ranked: RankedIds,
     /// Since when the network has had no partition and no node has crashed or left.
     stable_since: Instant,
     last_record_check: Instant,
     pub ops: HashMap<(usize, OpId), TrackedOp>,
+    /// Tracked requests still pending, per slot.
+    pending: HashMap<usize, u64>,
+    /// Lookups delivered at a root, until their answer arrives: whether that root was the
+    /// ground-truth root when it answered.
+    answered_as_root: HashMap<(NodeId, Key), bool>,
     pub acked: BTreeMap<Key, AckedRecord>,
     pub violations: Vec<String>,
     pub stats: SimStats,
     /// Hop counts of answered lookups since the last `take_hops`.
     pub hops: Vec<u32>,
+    /// When set, the relative delay penalty of each answered lookup whose path is all live:
+    /// the sum of the base one-way latencies along its hops over the base latency from its
+    /// origin to its root (lookups answered by their origin, 0 hops, have none).
+    pub rdp: Option<Vec<f32>>,
     /// When set, bytes sent per message kind (a diagnostic; costs a decode per datagram).
     pub bytes_by_kind: Option<BTreeMap<String, u64>>,
     /// Counted with `bytes_by_kind`: datagrams sent per message kind.
     pub datagrams_by_kind: BTreeMap<String, u64>,
+    /// `SIM_DEBUG` was set: print diagnostics.
+    debug: bool,
     /// Values of the puts issued, until they end.
     written: HashMap<(usize, OpId), Vec<u8>>,
     /// Every acknowledged write: (key, version) -> value. Two different values acknowledged at
@@ -190,7 +220,10 @@ pub struct Sim {
 impl Sim {
     pub fn new(cfg: SimConfig) -> Self {
         let mut rng = Rng::from_u64(cfg.seed);
-        let topology = Topology::random(&mut rng, cfg.servers, cfg.near_us, cfg.far_us);
+        let topology = match cfg.plane {
+            Some((floor_us, side_us)) => Topology::plane(floor_us, side_us),
+            None => Topology::random(&mut rng, cfg.servers, cfg.near_us, cfg.far_us),
+        };
         Sim {
             clock: Clock::new(cfg.seed),
             cfg,
@@ -199,18 +232,23 @@ impl Sim {
             topology,
             faults: Faults::default(),
             slots: Vec::new(),
-            by_addr: HashMap::new(),
+            server_of: Vec::new(),
             live: BTreeMap::new(),
+            live_ranked: RankedIds::default(),
             stable_since: Instant::ZERO,
             last_record_check: Instant::ZERO,
             ops: HashMap::new(),
+            pending: HashMap::new(),
+            answered_as_root: HashMap::new(),
             acked: BTreeMap::new(),
             violations: Vec::new(),
             stats: SimStats::default(),
             hops: Vec::new(),
+            rdp: None,
             bytes_by_kind: None,
             datagrams_by_kind: BTreeMap::new(),
             written: HashMap::new(),
+            debug: std::env::var("SIM_DEBUG").is_ok(),
             installed: BTreeMap::new(),
             put_errors: HashMap::new(),
             values_got: HashMap::new(),
@@ -221,7 +259,15 @@ impl Sim {
     /// Adds a node slot (not started) on a random server; returns its index.
     pub fn add_node(&mut self) -> usize {
         let i = self.slots.len();
-        let server = self.rng.below(self.cfg.servers as u64) as usize;
+        assert!(
+            i < 1 << 24,
+            "the simulator addresses at most 2^24 node slots"
+        );
+        let server = if self.topology.is_plane() {
+            self.topology.add_point(&mut self.rng)
+        } else {
+            self.rng.below(self.cfg.servers as u64) as usize
+        };
         let public_key = placeholder_public_key(&format!("sim-{}-node-{i}", self.cfg.seed));
         let addr = PeerAddr {
             ipv4: [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
@@ -234,8 +280,9 @@ impl Sim {
             server,
             public_key,
             timer: Incarnation::default(),
+            joined_at: None,
         });
-        self.by_addr.insert((addr.ipv4, addr.port), i);
+        self.server_of.push(server as u32);
         i
     }
 
@@ -267,9 +314,12 @@ impl Sim {
         let s = &mut self.slots[slot];
         if let Some(node) = s.node.take() {
             self.stats.crashes += 1;
+            self.stats.orphaned += self.pending.remove(&slot).unwrap_or(0);
             self.stable_since = self.now;
             self.stats.retired_maintenance_bytes += node.counters().maintenance_bytes_out;
-            self.live.remove(&s.id);
+            if self.live.remove(&s.id).is_some() {
+                self.live_ranked.remove(s.id);
+            }
             s.timer.crash();
         }
     }
@@ -310,7 +360,8 @@ impl Sim {
             return None;
         }
         let n = self.rng.below(self.live.len() as u64) as usize;
-        self.live.values().nth(n).copied()
+        let id = self.live_ranked.nth(n)?;
+        self.live.get(&id).copied()
     }
 
     /// Sets or clears a partition (group per slot).
@@ -411,6 +462,7 @@ impl Sim {
         op: Option<OpId>,
     ) -> Option<OpId> {
         let op = op?;
+        *self.pending.entry(slot).or_default() += 1;
         self.ops.insert(
             (slot, op),
             TrackedOp {
@@ -512,6 +564,14 @@ impl Sim {
         }
     }
 
+    /// The slot an address belongs to: `add_node` gives slot `i` the address `10.i.i.i:7000`
+    /// (its 24 low bits), so no map is needed; `None` for any other address.
+    fn slot_of_addr(&self, a: PeerAddr) -> Option<usize> {
+        let [ten, hi, mid, lo] = a.ipv4;
+        let i = (usize::from(hi) << 16) | (usize::from(mid) << 8) | usize::from(lo);
+        (ten == 10 && a.port == 7000 && i < self.slots.len()).then_some(i)
+    }
+
     fn transmit(&mut self, from: usize, dst: PeerAddr, mut bytes: Vec<u8>) {
         self.stats.datagrams_sent += 1;
         if let Some(tally) = self.bytes_by_kind.as_mut()
@@ -532,7 +592,7 @@ impl Sim {
             *tally.entry(name.clone()).or_default() += bytes.len() as u64;
             *self.datagrams_by_kind.entry(name).or_default() += 1;
         }
-        let Some(&to) = self.by_addr.get(&(dst.ipv4, dst.port)) else {
+        let Some(to) = self.slot_of_addr(dst) else {
             self.stats.datagrams_lost += 1;
             return;
         };
@@ -541,8 +601,8 @@ impl Sim {
             &self.topology,
             &self.faults,
             self.now,
-            (from, self.slots[from].server),
-            (to, self.slots[to].server),
+            (from, self.server_of[from] as usize),
+            (to, self.server_of[to] as usize),
             0,
         );
         if fate.is_lost() {
@@ -580,9 +640,16 @@ impl Sim {
         match e {
             Event::Joined => {
                 self.stats.joins += 1;
-                self.live.insert(me, slot);
+                self.slots[slot].joined_at = Some(self.now);
+                if self.live.insert(me, slot).is_none() {
+                    self.live_ranked.insert(me);
+                }
             }
             Event::Delivered { key, kind, .. } => {
+                if kind == RequestKind::Lookup {
+                    let was_root = self.truth_root(key) == Some(me);
+                    self.answered_as_root.insert((me, key), was_root);
+                }
                 // Safety: the root knows no live node closer to the key in its leaf set.
                 let node = self.slots[slot]
                     .node
@@ -608,20 +675,35 @@ impl Sim {
             } => {
                 let truth = self.truth_root(key);
                 let consistent = truth == Some(root.id);
+                if !consistent && self.debug {
+                    self.explain_inconsistent(key, root.id, truth, &path);
+                }
                 self.check_path(&path, key);
                 self.stats.lookups_done += 1;
                 if consistent {
                     self.stats.lookups_consistent += 1;
                 }
+                let at_answer = self.answered_as_root.remove(&(root.id, key));
+                if consistent || at_answer == Some(true) {
+                    self.stats.lookups_consistent_at_answer += 1;
+                }
                 let hops = path.len().saturating_sub(1);
                 self.hops.push(hops as u32);
-                if let Some(t) = self.ops.get_mut(&(slot, op)) {
-                    t.outcome = Outcome::Done {
+                if self.rdp.is_some()
+                    && let Some(r) = self.relative_delay_penalty(&path)
+                    && let Some(v) = self.rdp.as_mut()
+                {
+                    v.push(r);
+                }
+                self.settle(
+                    slot,
+                    op,
+                    Outcome::Done {
                         root: root.id,
                         hops,
                         consistent,
-                    };
-                }
+                    },
+                );
             }
             Event::PutDone {
                 op,
@@ -642,13 +724,15 @@ impl Sim {
                     }
                 }
                 let truth = self.truth_root(key);
-                if let Some(t) = self.ops.get_mut(&(slot, op)) {
-                    t.outcome = Outcome::Done {
+                self.settle(
+                    slot,
+                    op,
+                    Outcome::Done {
                         root: root.id,
                         hops: 0,
                         consistent: truth == Some(root.id),
-                    };
-                }
+                    },
+                );
                 if let Some(a) = self.acked.get_mut(&key) {
                     a.acked_at = self.now;
                 }
@@ -666,13 +750,15 @@ impl Sim {
                 }
                 let truth = self.truth_root(key);
                 self.values_got.insert((slot, op), value.clone());
-                if let Some(t) = self.ops.get_mut(&(slot, op)) {
-                    t.outcome = Outcome::Done {
+                self.settle(
+                    slot,
+                    op,
+                    Outcome::Done {
                         root: root.id,
                         hops: usize::from(value.is_some()),
                         consistent: truth == Some(root.id),
-                    };
-                }
+                    },
+                );
             }
             Event::RequestFailed { op, .. } | Event::PutFailed { op, .. } => {
                 if let Event::PutFailed { error, .. } = e {
@@ -680,9 +766,7 @@ impl Sim {
                     self.put_errors.insert((slot, op), error);
                 }
                 self.stats.requests_failed += 1;
-                if let Some(t) = self.ops.get_mut(&(slot, op)) {
-                    t.outcome = Outcome::Failed;
-                }
+                self.settle(slot, op, Outcome::Failed);
             }
             Event::PeerFailed { .. } => {}
             Event::Discovered {
@@ -711,6 +795,68 @@ impl Sim {
                     },
                 );
             }
+        }
+    }
+
+    /// A route's base latency over its origin's base latency to its end; `None` for a path of
+    /// no hop or through a node no longer live.
+    fn relative_delay_penalty(&self, path: &[NodeId]) -> Option<f32> {
+        if path.len() < 2 {
+            return None;
+        }
+        let servers: Option<Vec<usize>> = path
+            .iter()
+            .map(|id| self.live.get(id).map(|s| self.server_of[*s] as usize))
+            .collect();
+        let servers = servers?;
+        let route: u64 = servers
+            .windows(2)
+            .map(|w| self.topology.base_us(w[0], w[1]))
+            .sum();
+        let direct = self
+            .topology
+            .base_us(servers[0], *servers.last().expect("two or more"));
+        (direct > 0).then(|| route as f32 / direct as f32)
+    }
+
+    /// Diagnostics (`SIM_DEBUG`): why a lookup ended at another node than the true root.
+    fn explain_inconsistent(&self, key: Key, root: NodeId, truth: Option<NodeId>, path: &[NodeId]) {
+        let age = |id: NodeId| {
+            self.live
+                .get(&id)
+                .and_then(|s| self.slots[*s].joined_at)
+                .map(|t| self.now.millis_since(t))
+        };
+        let knows = |who: NodeId, whom: Option<NodeId>| {
+            let (Some(s), Some(w)) = (self.live.get(&who), whom) else {
+                return false;
+            };
+            self.slots[*s]
+                .node
+                .as_ref()
+                .is_some_and(|n| n.leaf_set().contacts().any(|c| c.id == w))
+        };
+        eprintln!(
+            "t={:?} inconsistent {key:?}: root {root:?} (live {}, joined {:?} ms ago, knows truth {}) truth {truth:?} (joined {:?} ms ago, knows root {}) hops {}",
+            self.now,
+            self.live.contains_key(&root),
+            age(root),
+            knows(root, truth),
+            truth.and_then(age),
+            truth.is_some_and(|t| knows(t, Some(root))),
+            path.len().saturating_sub(1)
+        );
+    }
+
+    /// Records a tracked request's outcome.
+    fn settle(&mut self, slot: usize, op: OpId, outcome: Outcome) {
+        if let Some(t) = self.ops.get_mut(&(slot, op)) {
+            if t.outcome == Outcome::Pending
+                && let Some(p) = self.pending.get_mut(&slot)
+            {
+                *p = p.saturating_sub(1);
+            }
+            t.outcome = outcome;
         }
     }
 

@@ -3,11 +3,23 @@
 
 use unipeer_node::rng::Rng;
 
-/// Per-pair one-way latency from the servers the two nodes run on.
+/// Per-pair one-way latency from the "servers" the two nodes run on.
 #[derive(Clone, Debug)]
 pub struct Topology {
+    kind: Kind,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
     /// One-way base latency in microseconds, `[server][server]`, symmetric.
-    latency_us: Vec<Vec<u64>>,
+    Matrix(Vec<Vec<u64>>),
+    /// Each server a point in the unit square; latency grows with the distance (see
+    /// [`Topology::plane`]).
+    Plane {
+        points: Vec<[f32; 2]>,
+        floor_us: u64,
+        side_us: f64,
+    },
 }
 
 impl Topology {
@@ -23,15 +35,63 @@ impl Topology {
                 latency_us[b][a] = l;
             }
         }
-        Topology { latency_us }
+        Topology {
+            kind: Kind::Matrix(latency_us),
+        }
+    }
+
+    /// The latency model of Pastry's proximity experiments: every node a point drawn uniformly
+    /// in a square (added with [`Topology::add_point`]), one-way latency `floor_us` plus the
+    /// Euclidean distance at `side_us` per side of the square. Triangle inequality holds, so a
+    /// route's latency over the direct one (the relative delay penalty) is at least 1.
+    pub fn plane(floor_us: u64, side_us: u64) -> Self {
+        Topology {
+            kind: Kind::Plane {
+                points: Vec::new(),
+                floor_us,
+                side_us: side_us as f64,
+            },
+        }
+    }
+
+    /// Whether servers are points added one per node ([`Topology::plane`]).
+    pub fn is_plane(&self) -> bool {
+        matches!(self.kind, Kind::Plane { .. })
+    }
+
+    /// Adds a random point (a server of its own) to a plane topology; returns its index.
+    ///
+    /// # Panics
+    /// On a matrix topology, whose servers are fixed.
+    pub fn add_point(&mut self, rng: &mut Rng) -> usize {
+        let Kind::Plane { points, .. } = &mut self.kind else {
+            panic!("add_point on a matrix topology");
+        };
+        let p = [rng.unit_f64() as f32, rng.unit_f64() as f32];
+        points.push(p);
+        points.len() - 1
     }
 
     pub fn servers(&self) -> usize {
-        self.latency_us.len()
+        match &self.kind {
+            Kind::Matrix(m) => m.len(),
+            Kind::Plane { points, .. } => points.len(),
+        }
     }
 
     pub fn base_us(&self, a: usize, b: usize) -> u64 {
-        self.latency_us[a][b]
+        match &self.kind {
+            Kind::Matrix(m) => m[a][b],
+            Kind::Plane {
+                points,
+                floor_us,
+                side_us,
+            } => {
+                let (p, q) = (points[a], points[b]);
+                let (dx, dy) = (f64::from(p[0] - q[0]), f64::from(p[1] - q[1]));
+                floor_us + ((dx * dx + dy * dy).sqrt() * side_us) as u64
+            }
+        }
     }
 }
 

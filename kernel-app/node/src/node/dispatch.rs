@@ -39,6 +39,7 @@ impl<S: Sealer> Node<S> {
                 }
             }
             Message::LeafSet { kind, members } => {
+                self.announce_answered(sender.id);
                 if kind == LeafKind::Announce {
                     // It restarted (or is new): whatever we believed it stored is gone.
                     self.store.forget_holder(sender.id);

@@ -10,12 +10,51 @@ impl<S: Sealer> Node<S> {
         self.phase = Phase::Joined;
         self.timers.join = None;
         self.timers.record_pass = self.timers.record_pass.min(now.plus_ms(200));
-        self.emit(Event::Joined);
+        // It routes from now on, but counts itself a member (`Event::Joined`) once its nearest
+        // neighbour on each side has answered its announce (MSPastry's activation): until
+        // then they still answer, as roots, for keys that are now ours. Bounded by a hop
+        // timeout, so a lost answer only delays the event.
+        self.awaiting_announce.clear();
+        for c in [
+            self.leaf.successors().first(),
+            self.leaf.predecessors().first(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !self.awaiting_announce.contains(&c.id) {
+                self.awaiting_announce.push(c.id);
+            }
+        }
+        if self.awaiting_announce.is_empty() {
+            self.activate();
+        } else {
+            self.timers.activation = Some(now.plus_ms(self.timing.hop_timeout_ms));
+        }
         log::debug!("{:?} joined, leaf set {}", self.me.id, self.leaf.len());
         let members: Vec<Contact> = self.leaf.contacts().copied().collect();
         for c in members {
             self.send_leaf_set(c.addr, LeafKind::Announce);
         }
+    }
+
+    /// A leaf-set message from `from`: if it is a neighbour our announce waits for, it knows
+    /// us now.
+    pub(super) fn announce_answered(&mut self, from: NodeId) {
+        if self.timers.activation.is_none() {
+            return;
+        }
+        self.awaiting_announce.retain(|id| *id != from);
+        if self.awaiting_announce.is_empty() {
+            self.activate();
+        }
+    }
+
+    /// Reports `Event::Joined` (once per join).
+    pub(super) fn activate(&mut self) {
+        self.timers.activation = None;
+        self.awaiting_announce.clear();
+        self.emit(Event::Joined);
     }
 
     pub(super) fn send_join(&mut self, now: Instant) {

@@ -304,6 +304,9 @@ struct Timers {
     record_pass: Instant,
     graveyard_probe: Instant,
     join: Option<Instant>,
+    /// Until when a node that just joined waits for its nearest neighbours to answer its
+    /// announce before it reports `Event::Joined` anyway.
+    activation: Option<Instant>,
 }
 
 /// One overlay peer. `S` is the seal layer every datagram passes (identity until
@@ -332,6 +335,9 @@ pub struct Node<S: Sealer = Plaintext> {
     timers: Timers,
     record_cursor: Option<Key>,
     last_proximity_probe: Option<Instant>,
+    /// The nearest neighbours (one per side) whose answer to our announce `Event::Joined`
+    /// waits for.
+    awaiting_announce: Vec<NodeId>,
     counters: Counters,
     dir: directory::DirectoryState,
 }
@@ -364,6 +370,7 @@ impl<S: Sealer> Node<S> {
             record_pass: phase(t.record_refresh_ms),
             graveyard_probe: phase(t.graveyard_probe_ms),
             join: None,
+            activation: None,
         };
         Ok(Node {
             me,
@@ -389,6 +396,7 @@ impl<S: Sealer> Node<S> {
             timers,
             record_cursor: None,
             last_proximity_probe: None,
+            awaiting_announce: Vec::new(),
             counters: Counters::default(),
             dir: directory::DirectoryState::new(),
         })
@@ -499,7 +507,7 @@ impl<S: Sealer> Node<S> {
         ] {
             at = at.min(x);
         }
-        if let Some(j) = t.join {
+        for j in [t.join, t.activation].into_iter().flatten() {
             at = at.min(j);
         }
         for p in &self.pending {
@@ -711,6 +719,9 @@ impl<S: Sealer> Node<S> {
             if self.phase == Phase::Joining || self.leaf.is_empty() {
                 self.send_join(now);
             }
+        }
+        if self.timers.activation.is_some_and(|a| now >= a) {
+            self.activate();
         }
         self.expire_in_flight(now);
         self.expire_pending(now);
