@@ -10,8 +10,8 @@ pub mod directory;
 pub mod jobs;
 pub mod linux_baseline;
 pub mod overlay;
-pub mod redis_benchmark;
 pub mod plot;
+pub mod redis_benchmark;
 
 use std::fmt;
 

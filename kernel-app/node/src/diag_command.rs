@@ -188,6 +188,7 @@ pub enum DiagCommand<'a> {
     },
     AppDelete {
         name: &'a str,
+    },
     BenchHandshake {
         n: u32,
     },
@@ -447,6 +448,7 @@ pub fn parse(line: &[u8]) -> Result<DiagCommand<'_>, CommandError> {
                     }
                 }
             }
+        }
         "bench-handshake" => {
             let n: u32 = number(args[0], usage, "N must be a number")?;
             if !(1..=BENCH_HANDSHAKE_MAX).contains(&n) {
