@@ -610,6 +610,12 @@ impl ReplicationAgent {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // Nothing to tick for (no instance, connection or store operation): an idle node
+        // sleeps instead of waking every half heartbeat. Anything new makes a deadline again
+        // (possibly already past, so it runs at once).
+        if self.instances.is_empty() && self.conns.is_empty() && self.pending_ops.is_empty() {
+            return None;
+        }
         Some(self.next_tick)
     }
 
