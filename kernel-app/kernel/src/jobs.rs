@@ -1565,14 +1565,7 @@ impl Service for JobHost {
                         Err(e) => (alloc::format!("error: {e}\n"), true),
                     }
                 };
-                cx.outbox.send_to(
-                    from,
-                    ServiceEvent::CommandReply {
-                        session,
-                        text,
-                        failed,
-                    },
-                );
+                cx.outbox.reply(from, session, text, failed);
                 None
             }
             ServiceEvent::JobRequest { session, request } => {

@@ -741,14 +741,7 @@ impl Service for Overlay {
                         Err(e) => (alloc::format!("error: {e}\n"), true),
                     }
                 };
-                cx.outbox.send_to(
-                    from,
-                    ServiceEvent::CommandReply {
-                        session,
-                        text,
-                        failed,
-                    },
-                );
+                cx.outbox.reply(from, session, text, failed);
                 None
             }
             other => Some(other),

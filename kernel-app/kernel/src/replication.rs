@@ -1421,14 +1421,7 @@ impl Service for ReplicationHost {
         self.service(cx.now_us, cx.stack, overlay);
         self.edits_read(cx.now_us, overlay);
         for (session, from, text, failed) in self.replies.drain(..) {
-            cx.outbox.send_to(
-                from,
-                ServiceEvent::CommandReply {
-                    session,
-                    text,
-                    failed,
-                },
-            );
+            cx.outbox.reply(from, session, text, failed);
         }
     }
 
@@ -1438,14 +1431,7 @@ impl Service for ReplicationHost {
         };
         self.drain(cx.now_us, cx.stack, overlay);
         for (session, from, text, failed) in self.replies.drain(..) {
-            cx.outbox.send_to(
-                from,
-                ServiceEvent::CommandReply {
-                    session,
-                    text,
-                    failed,
-                },
-            );
+            cx.outbox.reply(from, session, text, failed);
         }
     }
 
@@ -1480,14 +1466,7 @@ impl Service for ReplicationHost {
                     }
                 };
                 if let Some((text, failed)) = answer {
-                    cx.outbox.send_to(
-                        from,
-                        ServiceEvent::CommandReply {
-                            session,
-                            text,
-                            failed,
-                        },
-                    );
+                    cx.outbox.reply(from, session, text, failed);
                 }
                 None
             }

@@ -358,6 +358,19 @@ impl Outbox<'_> {
     }
 
     /// Sends `event` to the service named `to` only (a reply).
+    /// Answers a diagnostic session's command: a [`ServiceEvent::CommandReply`] to the service
+    /// that routed it.
+    pub fn reply(&mut self, to: &'static str, session: SessionId, text: String, failed: bool) {
+        self.send_to(
+            to,
+            ServiceEvent::CommandReply {
+                session,
+                text,
+                failed,
+            },
+        );
+    }
+
     pub fn send_to(&mut self, to: &'static str, event: ServiceEvent) {
         let from = self.from;
         self.bus.push(Envelope {
